@@ -1,0 +1,26 @@
+# syntax=docker/dockerfile:1
+#
+# Container image of embed-url-operator.
+#
+#   docker build -t embed-url-operator:dev .
+#
+# Then push it to a registry your cluster can pull from and point the Helm
+# chart's image.repository / image.tag at it.
+
+# ---- build ------------------------------------------------------------------
+FROM rust:1-bookworm AS builder
+WORKDIR /src
+COPY . .
+RUN --mount=type=cache,target=/usr/local/cargo/registry \
+    --mount=type=cache,target=/src/target \
+    cargo build --release --locked --bin embed-url-operator \
+    && cp target/release/embed-url-operator /embed-url-operator
+
+# ---- runtime ----------------------------------------------------------------
+# distroless/cc: glibc, libgcc and CA certificates, no shell; the :nonroot
+# variant runs as UID/GID 65532, which the Helm chart also enforces.
+FROM gcr.io/distroless/cc-debian12:nonroot
+COPY --from=builder /embed-url-operator /usr/local/bin/embed-url-operator
+USER 65532:65532
+EXPOSE 8080
+ENTRYPOINT ["/usr/local/bin/embed-url-operator", "run"]

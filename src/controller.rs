@@ -1,0 +1,154 @@
+//! Wires the kube-runtime controller(s): watches, caches, concurrency and shutdown.
+
+use crate::crd::EmbedUrlRequest;
+use crate::providers::Providers;
+use crate::reconciler::{self, Context, Settings};
+use crate::secret::MANAGED_SECRETS_SELECTOR;
+use crate::telemetry::Metrics;
+use futures::{StreamExt, TryStreamExt, future};
+use k8s_openapi::api::core::v1::Secret;
+use kube::core::DeserializeGuard;
+use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::reflector::{self, Store};
+use kube::runtime::{Controller, WatchStreamExt, controller, watcher};
+use kube::{Api, Client, ResourceExt};
+use std::sync::Arc;
+use tokio::sync::{Semaphore, watch};
+use tracing::{debug, warn};
+
+/// Name that events and the leader lease report the operator under.
+pub const CONTROLLER_NAME: &str = "embed-url-operator";
+
+/// What the controllers need besides the Kubernetes client.
+#[derive(Clone)]
+pub struct ControllerConfig {
+    /// Namespaces to watch; empty means all.
+    pub namespaces: Vec<String>,
+    /// Most reconciles (and AWS calls) in flight at once, across all namespaces.
+    pub concurrency: u16,
+    pub settings: Settings,
+    /// This replica's name, reported in events.
+    pub instance: Option<String>,
+}
+
+/// Handle on the running controllers: whether their caches are synced.
+#[derive(Clone, Default)]
+pub struct Readiness {
+    stores: Vec<(Store<DeserializeGuard<EmbedUrlRequest>>, Store<Secret>)>,
+}
+
+impl Readiness {
+    /// Waits until every watch has listed once.
+    pub async fn wait_synced(&self) {
+        for (requests, secrets) in &self.stores {
+            // An error means the writer was dropped: the controller stopped, nothing to wait for.
+            let _ = requests.wait_until_ready().await;
+            let _ = secrets.wait_until_ready().await;
+        }
+    }
+}
+
+/// Runs one controller per watched namespace (or one for all) until `shutdown` turns true.
+///
+/// Returns the readiness handle right away and a future that completes when the controllers
+/// have drained after shutdown.
+pub fn run(
+    client: Client,
+    providers: Providers,
+    config: ControllerConfig,
+    metrics: Arc<Metrics>,
+    shutdown: watch::Receiver<bool>,
+) -> (Readiness, impl Future<Output = ()>) {
+    let aws_permits = Arc::new(Semaphore::new(usize::from(config.concurrency.max(1))));
+    let recorder = Recorder::new(
+        client.clone(),
+        Reporter {
+            controller: CONTROLLER_NAME.to_string(),
+            instance: config.instance.clone(),
+        },
+    );
+    let scopes: Vec<Option<String>> = if config.namespaces.is_empty() {
+        vec![None]
+    } else {
+        config.namespaces.iter().cloned().map(Some).collect()
+    };
+
+    let mut readiness = Readiness::default();
+    let mut controllers = Vec::new();
+    for namespace in scopes {
+        let requests: Api<DeserializeGuard<EmbedUrlRequest>> =
+            scoped_api(&client, namespace.as_deref());
+        let secrets: Api<Secret> = scoped_api(&client, namespace.as_deref());
+
+        // Only the Secrets the operator owns are watched and cached, and managedFields are
+        // dropped from every cached object: memory grows with the operator's own objects only.
+        let (secret_store, secret_writer) = reflector::store();
+        let secret_events = watcher(
+            secrets,
+            watcher::Config::default().labels(MANAGED_SECRETS_SELECTOR),
+        )
+        .default_backoff()
+        .modify(|s: &mut Secret| s.managed_fields_mut().clear())
+        .reflect(secret_writer)
+        .touched_objects();
+
+        let (request_store, request_writer) = reflector::store();
+        let forget_metrics = metrics.clone();
+        let request_events = watcher(requests, watcher::Config::default())
+            .default_backoff()
+            .modify(|r: &mut DeserializeGuard<EmbedUrlRequest>| r.managed_fields_mut().clear())
+            .reflect(request_writer)
+            .inspect_ok(move |event| {
+                if let watcher::Event::Delete(request) = event {
+                    forget_metrics.forget_request(
+                        &request.namespace().unwrap_or_default(),
+                        &request.name_any(),
+                    );
+                }
+            })
+            .touched_objects();
+
+        readiness
+            .stores
+            .push((request_store.clone(), secret_store.clone()));
+        let context = Arc::new(Context {
+            client: client.clone(),
+            providers: providers.clone(),
+            settings: config.settings.clone(),
+            recorder: recorder.clone(),
+            secrets: secret_store,
+            aws_permits: aws_permits.clone(),
+            metrics: metrics.clone(),
+        });
+        let mut stop = shutdown.clone();
+        let controller = Controller::for_stream(request_events, request_store)
+            .owns_stream(secret_events)
+            .with_config(controller::Config::default().concurrency(config.concurrency.max(1)))
+            .graceful_shutdown_on(async move {
+                let _ = stop.wait_for(|stop| *stop).await;
+            })
+            .run(reconciler::reconcile, reconciler::error_policy, context)
+            .for_each(|result| {
+                match result {
+                    Ok((object, _)) => debug!(object = %object, "reconciled"),
+                    Err(error) => warn!(error = %error, "controller error"),
+                }
+                future::ready(())
+            });
+        controllers.push(controller);
+    }
+    (readiness, async move {
+        future::join_all(controllers).await;
+    })
+}
+
+fn scoped_api<K>(client: &Client, namespace: Option<&str>) -> Api<K>
+where
+    K: kube::Resource<Scope = kube::core::NamespaceResourceScope>,
+    K::DynamicType: Default,
+{
+    match namespace {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    }
+}

@@ -1,0 +1,278 @@
+//! The `EmbedUrlRequest` custom resource: the user-facing API of the operator.
+//!
+//! Every constraint that can be expressed in OpenAPI or CEL lives in the generated schema, so
+//! `kubectl apply` refuses a bad spec with the field's name; [`crate::validation`] checks the same
+//! rules again for objects that reached the cluster around the schema (an older CRD, say).
+
+use kube::CustomResource;
+use kube::{CustomResourceExt, KubeSchema};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+/// API group of every kind this operator serves.
+pub const GROUP: &str = "embedurl.io";
+/// Annotation a user sets to a new value to ask for one immediate refresh.
+pub const REFRESH_REQUESTED_AT_ANNOTATION: &str = "embedurl.io/refresh-requested-at";
+/// Type of the one condition the operator maintains.
+pub const READY_CONDITION: &str = "Ready";
+
+/// Pattern of a Go/Kubernetes duration as accepted by `refreshBefore` (for example `150s`, `2m30s`).
+pub const DURATION_PATTERN: &str = r"^([0-9]+(\.[0-9]+)?(ms|s|m|h))+$";
+/// Pattern of an AWS region name such as `us-east-1` or `us-gov-west-1`.
+pub const REGION_PATTERN: &str = r"^[a-z]{2}(-[a-z]+)+-[0-9]+$";
+/// Pattern of a DNS-1123 subdomain, the rule for Secret names.
+pub const SECRET_NAME_PATTERN: &str =
+    r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$";
+/// Pattern of a QuickSight console entry point.
+pub const ENTRY_POINT_PATTERN: &str = r"^(/start|/start/analyses|/start/dashboards|/start/favorites|/dashboards/[^/]+|/analyses/[^/]+)$";
+
+/// Asks the operator to keep a fresh, short-lived AWS sign-in URL in a Secret.
+///
+/// Exactly one of `quickSight`, `qBusiness` or `flink` selects the AWS API that mints the URL.
+/// The operator writes the URL into the Secret named by `secretName` and replaces it before its
+/// use-by time, for as long as this object exists.
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[kube(
+    group = "embedurl.io",
+    version = "v1alpha1",
+    kind = "EmbedUrlRequest",
+    doc = "Asks the operator to keep a fresh, short-lived AWS sign-in URL in a Secret (see spec).",
+    plural = "embedurlrequests",
+    shortname = "eur",
+    namespaced,
+    status = "EmbedUrlRequestStatus",
+    printcolumn = r#"{"name":"Service","type":"string","jsonPath":".status.service"}"#,
+    printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
+    printcolumn = r#"{"name":"Secret","type":"string","jsonPath":".status.secretName"}"#,
+    printcolumn = r#"{"name":"Expires","type":"string","jsonPath":".status.urlExpiresAt","description":"Use-by time of the URL now in the Secret"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+)]
+#[x_kube(
+    validation = Rule::new("[has(self.quickSight), has(self.qBusiness), has(self.flink)].filter(x, x).size() == 1")
+        .message("exactly one of spec.quickSight, spec.qBusiness or spec.flink must be set"),
+    validation = Rule::new("!has(self.refreshBefore) || duration(self.refreshBefore) < duration(has(self.flink) ? '180s' : '300s')")
+        .message("spec.refreshBefore must be shorter than the service's use-by window (5m for QuickSight and Q Business, 3m for Flink)")
+        .field_path(".refreshBefore"),
+    validation = Rule::new("!has(self.refreshBefore) || duration(self.refreshBefore) > duration('0s')")
+        .message("spec.refreshBefore must be longer than zero")
+        .field_path(".refreshBefore"),
+    validation = Rule::new("!has(self.secretTemplate) || !has(self.secretTemplate.labels) || !('app.kubernetes.io/managed-by' in self.secretTemplate.labels)")
+        .message("spec.secretTemplate.labels must not set app.kubernetes.io/managed-by: the operator sets it")
+        .field_path(".secretTemplate.labels")
+)]
+#[serde(rename_all = "camelCase")]
+pub struct EmbedUrlRequestSpec {
+    /// Mint an Amazon QuickSight console session URL with GetSessionEmbedUrl.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quick_sight: Option<QuickSightSpec>,
+
+    /// Mint an Amazon Q Business anonymous web experience URL with CreateAnonymousWebExperienceUrl.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub q_business: Option<QBusinessSpec>,
+
+    /// Mint an Amazon Managed Service for Apache Flink dashboard URL with
+    /// CreateApplicationPresignedUrl (Kinesis Analytics V2).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub flink: Option<FlinkSpec>,
+
+    /// AWS region to call, for example `eu-west-1`. Default: the operator's own AWS region
+    /// (its `AWS_REGION`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(pattern(REGION_PATTERN), length(max = 32))]
+    pub region: Option<String>,
+
+    /// Name of the Secret, in this namespace, that receives the URL. Default: the name of this
+    /// EmbedUrlRequest. The operator creates and owns the Secret; it refuses to overwrite a Secret
+    /// of that name that it does not own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(pattern(SECRET_NAME_PATTERN), length(min = 1, max = 253))]
+    pub secret_name: Option<String>,
+
+    /// Extra labels and annotations copied onto the Secret.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret_template: Option<SecretTemplate>,
+
+    /// How long before the URL's use-by time the operator replaces it, as a duration such as
+    /// `150s` or `2m`. Default: half the service's use-by window (150s for QuickSight and Q Business,
+    /// 90s for Flink), which leaves pods time to see the new Secret content (the kubelet syncs
+    /// mounted Secrets with a delay of up to a minute or more). Must be shorter than the window.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(pattern(DURATION_PATTERN), length(max = 32))]
+    pub refresh_before: Option<String>,
+
+    /// When true the operator stops refreshing; the Secret keeps its last URL, which then expires.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub suspend: Option<bool>,
+}
+
+/// Inputs of QuickSight GetSessionEmbedUrl. The URL must be used within 5 minutes, once.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct QuickSightSpec {
+    /// ID of the AWS account that holds the QuickSight subscription: 12 digits, quoted in YAML.
+    #[schemars(pattern(r"^[0-9]{12}$"))]
+    pub aws_account_id: String,
+
+    /// Page the console opens on: `/start`, `/start/analyses`, `/start/dashboards`,
+    /// `/start/favorites`, `/dashboards/<DashboardId>` or `/analyses/<AnalysisId>`. Default: `/start`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(pattern(ENTRY_POINT_PATTERN), length(min = 1, max = 1000))]
+    pub entry_point: Option<String>,
+
+    /// How long the console session opened by the URL lasts, 15 to 600 minutes. Default: 600.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 15, max = 600))]
+    pub session_lifetime_in_minutes: Option<i64>,
+
+    /// ARN of the QuickSight user the session signs in as (for QUICKSIGHT-identity users, AD users
+    /// and invited users). Leave it out to sign in as the IAM identity the operator calls with.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 2048))]
+    pub user_arn: Option<String>,
+}
+
+/// Inputs of Amazon Q Business CreateAnonymousWebExperienceUrl. The URL must be used within
+/// 5 minutes, once.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct QBusinessSpec {
+    /// ID of the Amazon Q Business application: 36 characters.
+    #[schemars(pattern(r"^[a-zA-Z0-9][a-zA-Z0-9-]{35}$"))]
+    pub application_id: String,
+
+    /// ID of the anonymous web experience of that application: 36 characters.
+    #[schemars(pattern(r"^[a-zA-Z0-9][a-zA-Z0-9-]{35}$"))]
+    pub web_experience_id: String,
+
+    /// How long the chat session opened by the URL lasts, 15 to 60 minutes. Default: 60.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 15, max = 60))]
+    pub session_duration_in_minutes: Option<i64>,
+}
+
+/// Inputs of Kinesis Analytics V2 CreateApplicationPresignedUrl (Managed Service for Apache
+/// Flink). The URL must be used within 3 minutes.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct FlinkSpec {
+    /// Name of the Managed Flink application: 1 to 128 of `a-z A-Z 0-9 _ . -`.
+    #[schemars(pattern(r"^[a-zA-Z0-9_.-]{1,128}$"))]
+    pub application_name: String,
+
+    /// Which UI the URL opens: `FLINK_DASHBOARD_URL` (the Apache Flink dashboard) or
+    /// `ZEPPELIN_UI_URL` (Studio notebooks).
+    pub url_type: FlinkUrlType,
+
+    /// How long the session opened by the URL lasts, 1800 to 43200 seconds. Default: 43200 (12 h).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1800, max = 43200))]
+    pub session_expiration_duration_in_seconds: Option<i64>,
+}
+
+/// The UI a Flink presigned URL opens.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema, Default)]
+pub enum FlinkUrlType {
+    /// The Apache Flink dashboard of the application.
+    #[default]
+    #[serde(rename = "FLINK_DASHBOARD_URL")]
+    FlinkDashboardUrl,
+    /// The Apache Zeppelin UI of a Studio notebook.
+    #[serde(rename = "ZEPPELIN_UI_URL")]
+    ZeppelinUiUrl,
+}
+
+impl FlinkUrlType {
+    /// The value AWS expects on the wire.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FlinkUrlType::FlinkDashboardUrl => "FLINK_DASHBOARD_URL",
+            FlinkUrlType::ZeppelinUiUrl => "ZEPPELIN_UI_URL",
+        }
+    }
+}
+
+/// Metadata copied onto the Secret the operator writes.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct SecretTemplate {
+    /// Labels added to the Secret. `app.kubernetes.io/managed-by` is always set by the operator.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+    /// Annotations added to the Secret.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub annotations: BTreeMap<String, String>,
+}
+
+/// What the operator last did for this request. Never contains the URL.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct EmbedUrlRequestStatus {
+    /// The AWS service that mints the URL: `QuickSight`, `QBusiness` or `Flink`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service: Option<String>,
+    /// The Secret that holds the URL.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret_name: Option<String>,
+    /// Use-by time of the URL in the Secret (RFC 3339): after it the URL no longer signs in.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url_expires_at: Option<String>,
+    /// End of the session that the URL opens once used (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub session_expires_at: Option<String>,
+    /// When the URL in the Secret was minted (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_refresh_time: Option<String>,
+    /// When the operator will next mint a URL, or retry after a failure (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_refresh_time: Option<String>,
+    /// The `metadata.generation` of the spec the operator last acted on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// Failed mint attempts since the last success.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub consecutive_failures: Option<u32>,
+    /// The value of the `embedurl.io/refresh-requested-at` annotation last acted on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_handled_refresh_request: Option<String>,
+    /// `Ready` tells whether the Secret holds a usable URL, and why not.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+}
+
+/// A status condition, in the shape of the standard `metav1.Condition`.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct Condition {
+    /// Condition type; the operator sets `Ready`.
+    #[serde(rename = "type")]
+    pub type_: String,
+    /// `True`, `False` or `Unknown`.
+    pub status: String,
+    /// One-word CamelCase reason, for example `UrlReady`, `AwsThrottled` or `InvalidSpec`.
+    pub reason: String,
+    /// Human-readable explanation. Never contains the URL.
+    pub message: String,
+    /// The `metadata.generation` this condition was computed from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// When `status` last changed (RFC 3339).
+    pub last_transition_time: String,
+}
+
+impl EmbedUrlRequestStatus {
+    /// The `Ready` condition, if set.
+    pub fn ready(&self) -> Option<&Condition> {
+        self.conditions.iter().find(|c| c.type_ == READY_CONDITION)
+    }
+}
+
+/// The CustomResourceDefinition of every kind the operator serves, as YAML documents.
+///
+/// `crds/` and the Helm chart's `crds/` hold exactly this output (a test compares them).
+pub fn crd_yaml() -> Result<String, serde_yaml_ng::Error> {
+    let body = serde_yaml_ng::to_string(&EmbedUrlRequest::crd())?;
+    Ok(format!(
+        "# Generated by `embed-url-operator crd` from src/crd.rs. Do not edit by hand.\n---\n{body}"
+    ))
+}

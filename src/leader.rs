@@ -1,0 +1,239 @@
+//! Leader election with a `coordination.k8s.io/v1` Lease, as client-go does it.
+//!
+//! One replica holds the Lease and runs the controllers; the others stand by and never mint. The
+//! refresh schedule lives in the cluster, so a new leader picks up exactly where the old one
+//! stopped. A leader that cannot renew in time stops its controllers and exits, so two replicas
+//! never act at once for longer than the renewal deadline.
+
+use crate::controller::Readiness;
+use crate::http::ReadyFlag;
+use jiff::Timestamp;
+use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
+use kube::api::{Api, PostParams};
+use kube::{Client, ResourceExt};
+use std::time::Duration;
+use tokio::sync::watch;
+use tracing::{info, warn};
+
+#[derive(Clone, Debug)]
+pub struct LeaseConfig {
+    pub namespace: String,
+    pub name: String,
+    /// This replica's identity (its pod name).
+    pub identity: String,
+    /// How long a Lease stays valid without renewal.
+    pub duration: Duration,
+}
+
+impl LeaseConfig {
+    /// How often the holder renews, and a candidate retries: a third of the duration.
+    fn retry_period(&self) -> Duration {
+        (self.duration / 3).max(Duration::from_millis(200))
+    }
+
+    /// A leader that has not renewed for this long gives up (two thirds of the duration), so it
+    /// stops before any other replica may consider the Lease expired.
+    fn renew_deadline(&self) -> Duration {
+        self.duration.mul_f64(2.0 / 3.0)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LeaderError {
+    #[error("lost the leader lease {0}: stopped the controllers; restarting is the safe way back")]
+    LostLease(String),
+}
+
+/// Stands by until this replica holds the Lease, then runs the controllers built by `start`
+/// until `stop` turns true (then releases the Lease) or the Lease is lost (then returns an error).
+pub async fn run_while_leading<F, Fut>(
+    client: Client,
+    lease: LeaseConfig,
+    ready: ReadyFlag,
+    mut stop: watch::Receiver<bool>,
+    start: F,
+) -> Result<(), LeaderError>
+where
+    F: Fn(Client, watch::Receiver<bool>) -> (Readiness, Fut),
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let api: Api<Lease> = Api::namespaced(client.clone(), &lease.namespace);
+    // Standing by is a healthy state: the replica is ready to take over.
+    ready.set(true);
+    info!(lease = %lease.name, identity = %lease.identity, "standing by for the leader lease");
+    loop {
+        if *stop.borrow() {
+            return Ok(());
+        }
+        match try_acquire_or_renew(&api, &lease).await {
+            Ok(true) => break,
+            Ok(false) => {}
+            Err(error) => warn!(error = %error, "could not read or take the leader lease"),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(lease.retry_period()) => {},
+            _ = stop.changed() => {},
+        }
+    }
+
+    info!(lease = %lease.name, identity = %lease.identity, "became leader, starting controllers");
+    ready.set(false);
+    let (controllers_stop_tx, controllers_stop_rx) = watch::channel(false);
+    let (readiness, controllers) = start(client.clone(), controllers_stop_rx);
+    let controllers = tokio::spawn(controllers);
+    let ready_flag = ready.clone();
+    tokio::spawn(async move {
+        readiness.wait_synced().await;
+        ready_flag.set(true);
+    });
+
+    let mut last_renewal = tokio::time::Instant::now();
+    let outcome = loop {
+        tokio::select! {
+            _ = tokio::time::sleep(lease.retry_period()) => {},
+            _ = stop.changed() => {},
+        }
+        if *stop.borrow() {
+            break Ok(());
+        }
+        match try_acquire_or_renew(&api, &lease).await {
+            Ok(true) => last_renewal = tokio::time::Instant::now(),
+            Ok(false) => break Err(LeaderError::LostLease(lease.name.clone())),
+            Err(error) => {
+                warn!(error = %error, "could not renew the leader lease");
+                if last_renewal.elapsed() >= lease.renew_deadline() {
+                    break Err(LeaderError::LostLease(lease.name.clone()));
+                }
+            }
+        }
+    };
+
+    let _ = controllers_stop_tx.send(true);
+    let _ = controllers.await;
+    if outcome.is_ok() {
+        release(&api, &lease).await;
+    }
+    outcome
+}
+
+/// Takes the Lease if it is free, expired or already ours; renews it if ours. Returns whether
+/// this replica holds it afterwards. Every write carries the resourceVersion it was based on, so
+/// two candidates racing for an expired Lease cannot both win.
+async fn try_acquire_or_renew(api: &Api<Lease>, config: &LeaseConfig) -> Result<bool, kube::Error> {
+    let now = Timestamp::now();
+    let duration_secs = i32::try_from(config.duration.as_secs().max(1)).unwrap_or(i32::MAX);
+    let Some(mut existing) = api.get_opt(&config.name).await? else {
+        let lease = Lease {
+            metadata: ObjectMeta {
+                name: Some(config.name.clone()),
+                ..Default::default()
+            },
+            spec: Some(LeaseSpec {
+                holder_identity: Some(config.identity.clone()),
+                lease_duration_seconds: Some(duration_secs),
+                acquire_time: Some(MicroTime(now)),
+                renew_time: Some(MicroTime(now)),
+                lease_transitions: Some(0),
+                ..Default::default()
+            }),
+        };
+        return match api.create(&PostParams::default(), &lease).await {
+            Ok(_) => Ok(true),
+            Err(kube::Error::Api(status)) if status.code == 409 => Ok(false),
+            Err(error) => Err(error),
+        };
+    };
+
+    let spec = existing.spec.clone().unwrap_or_default();
+    let holder = spec.holder_identity.clone().filter(|h| !h.is_empty());
+    let ours = holder.as_deref() == Some(config.identity.as_str());
+    if !ours && holder.is_some() && !expired(&spec, now) {
+        return Ok(false);
+    }
+    let transitions = spec.lease_transitions.unwrap_or(0);
+    existing.spec = Some(LeaseSpec {
+        holder_identity: Some(config.identity.clone()),
+        lease_duration_seconds: Some(duration_secs),
+        acquire_time: if ours {
+            spec.acquire_time
+        } else {
+            Some(MicroTime(now))
+        },
+        renew_time: Some(MicroTime(now)),
+        lease_transitions: Some(if ours { transitions } else { transitions + 1 }),
+        ..spec
+    });
+    match api
+        .replace(&existing.name_any(), &PostParams::default(), &existing)
+        .await
+    {
+        Ok(_) => Ok(true),
+        Err(kube::Error::Api(status)) if status.code == 409 => Ok(false),
+        Err(error) => Err(error),
+    }
+}
+
+fn expired(spec: &LeaseSpec, now: Timestamp) -> bool {
+    let Some(MicroTime(renewed)) = spec.renew_time else {
+        return true;
+    };
+    let duration =
+        jiff::SignedDuration::from_secs(i64::from(spec.lease_duration_seconds.unwrap_or(0)));
+    renewed
+        .checked_add(duration)
+        .map_or(true, |until| until <= now)
+}
+
+/// Gives the Lease up on a clean shutdown so a standby takes over at once instead of waiting
+/// for it to expire.
+async fn release(api: &Api<Lease>, config: &LeaseConfig) {
+    let Ok(Some(mut lease)) = api.get_opt(&config.name).await else {
+        return;
+    };
+    let Some(spec) = lease.spec.as_mut() else {
+        return;
+    };
+    if spec.holder_identity.as_deref() != Some(config.identity.as_str()) {
+        return;
+    }
+    spec.holder_identity = None;
+    spec.lease_duration_seconds = Some(1);
+    match api
+        .replace(&config.name, &PostParams::default(), &lease)
+        .await
+    {
+        Ok(_) => info!(lease = %config.name, "released the leader lease"),
+        Err(error) => warn!(error = %error, "could not release the leader lease; it will expire"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lease_expiry() {
+        let now: Timestamp = "2026-11-22T10:00:20Z".parse().unwrap();
+        let spec = |renewed: &str, secs| LeaseSpec {
+            renew_time: Some(MicroTime(renewed.parse().unwrap())),
+            lease_duration_seconds: Some(secs),
+            ..Default::default()
+        };
+        assert!(expired(&spec("2026-11-22T10:00:00Z", 15), now));
+        assert!(!expired(&spec("2026-11-22T10:00:10Z", 15), now));
+        assert!(expired(&LeaseSpec::default(), now));
+    }
+
+    #[test]
+    fn renewal_deadline_is_inside_the_lease() {
+        let config = LeaseConfig {
+            namespace: "ns".into(),
+            name: "l".into(),
+            identity: "me".into(),
+            duration: Duration::from_secs(15),
+        };
+        assert_eq!(config.retry_period(), Duration::from_secs(5));
+        assert_eq!(config.renew_deadline(), Duration::from_secs(10));
+    }
+}

@@ -1,0 +1,19 @@
+//! embed-url-operator: keeps short-lived AWS sign-in URLs (QuickSight, Amazon Q Business,
+//! Managed Flink) fresh in Kubernetes Secrets.
+//!
+//! Module map: [`crd`] is the API; [`validation`] checks a spec; [`providers`] calls AWS;
+//! [`schedule`] decides when; [`secret`] renders and reads the Secret; [`reconciler`] ties them
+//! together for one object; [`controller`] runs the watches; [`telemetry`] and [`http`] are the
+//! operator's logs, metrics and probes.
+
+pub mod controller;
+pub mod crd;
+pub mod error;
+pub mod http;
+pub mod leader;
+pub mod providers;
+pub mod reconciler;
+pub mod schedule;
+pub mod secret;
+pub mod telemetry;
+pub mod validation;

@@ -1,0 +1,257 @@
+//! The `embed-url-operator` binary: parses flags and wires the modules together.
+
+use aws_config::timeout::TimeoutConfig;
+use aws_config::{BehaviorVersion, Region};
+use clap::{Args, Parser, Subcommand};
+use embed_url_operator::controller::{self, ControllerConfig};
+use embed_url_operator::http::{self, ReadyFlag};
+use embed_url_operator::leader::{self, LeaseConfig};
+use embed_url_operator::providers::Providers;
+use embed_url_operator::reconciler::Settings;
+use embed_url_operator::telemetry::{self, LogFormat, Metrics};
+use embed_url_operator::validation::{UseByWindows, parse_duration};
+use std::net::SocketAddr;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::watch;
+use tracing::{error, info};
+
+/// Keeps short-lived AWS sign-in URLs (QuickSight, Amazon Q Business, Managed Flink) fresh in
+/// Kubernetes Secrets.
+#[derive(Parser, Debug)]
+#[command(version, args_conflicts_with_subcommands = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    run: RunArgs,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run the operator against the in-cluster config or the current kubeconfig (the default).
+    Run(RunArgs),
+    /// Print the CustomResourceDefinition YAML (what `crds/` holds).
+    Crd,
+}
+
+#[derive(Args, Debug, Clone)]
+struct RunArgs {
+    /// Namespace to watch; repeat for several. Default: all namespaces.
+    #[arg(long = "namespace", env = "WATCH_NAMESPACES", value_delimiter = ',')]
+    namespaces: Vec<String>,
+
+    /// Most reconciles, and AWS calls, in flight at once.
+    #[arg(long, env = "EMBEDURL_CONCURRENCY", default_value_t = 16, value_parser = clap::value_parser!(u16).range(1..))]
+    concurrency: u16,
+
+    /// Address of the /healthz, /readyz and /metrics endpoints.
+    #[arg(long, env = "EMBEDURL_HTTP_ADDR", default_value = "0.0.0.0:8080")]
+    http_addr: SocketAddr,
+
+    /// Log format.
+    #[arg(long, env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+
+    /// Log filter, in RUST_LOG syntax.
+    #[arg(long = "log-level", env = "RUST_LOG", default_value = "info")]
+    log_filter: String,
+
+    /// Elect one active replica through a coordination.k8s.io Lease; the others stand by.
+    #[arg(long, env = "EMBEDURL_LEADER_ELECTION", default_value_t = false, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
+    leader_election: bool,
+
+    /// Name of the leader-election Lease.
+    #[arg(
+        long,
+        env = "EMBEDURL_LEASE_NAME",
+        default_value = "embed-url-operator"
+    )]
+    lease_name: String,
+
+    /// Namespace of the leader-election Lease (normally the operator's own).
+    #[arg(long, env = "POD_NAMESPACE")]
+    lease_namespace: Option<String>,
+
+    /// How long a leader's Lease lasts without renewal, e.g. `15s`.
+    #[arg(long, env = "EMBEDURL_LEASE_DURATION", default_value = "15s", value_parser = duration_arg)]
+    lease_duration: Duration,
+
+    /// This replica's name, for events and the Lease (the pod name on Kubernetes).
+    #[arg(long, env = "POD_NAME", hide = true)]
+    instance: Option<String>,
+
+    /// Pretend every service's URL is usable for this long instead of the documented window.
+    /// For tests and benchmarks that compress time; never set it in production.
+    #[arg(long, env = "EMBEDURL_USE_BY_WINDOW_OVERRIDE", hide = true, value_parser = duration_arg)]
+    use_by_window_override: Option<Duration>,
+}
+
+fn duration_arg(text: &str) -> Result<Duration, String> {
+    parse_duration(text).ok_or_else(|| format!("{text:?} is not a duration such as 15s or 2m"))
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Some(Command::Crd) => match embed_url_operator::crd::crd_yaml() {
+            Ok(yaml) => {
+                print!("{yaml}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("could not render the CRD: {e}");
+                ExitCode::FAILURE
+            }
+        },
+        Some(Command::Run(args)) => run_blocking(args),
+        None => run_blocking(cli.run),
+    }
+}
+
+fn run_blocking(args: RunArgs) -> ExitCode {
+    if let Err(e) = telemetry::init_logging(args.log_format, &args.log_filter) {
+        eprintln!("{e}");
+        return ExitCode::FAILURE;
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            error!(error = %e, "could not start the async runtime");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(args)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            error!(error = %e, "operator stopped");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(args: RunArgs) -> Result<(), String> {
+    let client = kube::Client::try_default()
+        .await
+        .map_err(|e| format!("no Kubernetes configuration (in-cluster or kubeconfig): {e}"))?;
+
+    // The standard AWS chain: env, profile, web identity (IRSA), EKS Pod Identity, IMDS; and the
+    // AWS_ENDPOINT_URL_* overrides. Timeouts keep a stuck call from holding a reconcile slot.
+    let aws = aws_config::defaults(BehaviorVersion::latest())
+        .timeout_config(
+            TimeoutConfig::builder()
+                .operation_attempt_timeout(Duration::from_secs(10))
+                .operation_timeout(Duration::from_secs(30))
+                .build(),
+        )
+        .load()
+        .await;
+    let default_region = aws.region().map(Region::to_string);
+    if default_region.is_none() {
+        info!("no default AWS region (AWS_REGION): every request must set spec.region");
+    }
+    let windows = args
+        .use_by_window_override
+        .map(UseByWindows::uniform)
+        .unwrap_or_else(UseByWindows::documented);
+    let config = ControllerConfig {
+        namespaces: args.namespaces.clone(),
+        concurrency: args.concurrency,
+        settings: Settings {
+            windows,
+            default_region,
+        },
+        instance: args.instance.clone(),
+    };
+
+    let metrics = Arc::new(Metrics::new());
+    let ready = ReadyFlag::default();
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let (http_addr, http_task) = http::serve(
+        args.http_addr,
+        metrics.clone(),
+        ready.clone(),
+        stop_rx.clone(),
+    )
+    .await
+    .map_err(|e| format!("could not listen on {}: {e}", args.http_addr))?;
+    info!(
+        http = %http_addr,
+        namespaces = ?args.namespaces,
+        concurrency = args.concurrency,
+        leader_election = args.leader_election,
+        "embed-url-operator starting"
+    );
+
+    tokio::spawn(async move {
+        wait_for_signal().await;
+        info!("shutdown signal received, draining");
+        let _ = stop_tx.send(true);
+    });
+
+    let providers = Providers::from_sdk_config(&aws);
+    if args.leader_election {
+        let lease_namespace = args
+            .lease_namespace
+            .clone()
+            .ok_or("--leader-election needs --lease-namespace (or POD_NAMESPACE)")?;
+        let identity = args
+            .instance
+            .clone()
+            .unwrap_or_else(|| format!("{}-{}", controller::CONTROLLER_NAME, std::process::id()));
+        let lease = LeaseConfig {
+            namespace: lease_namespace,
+            name: args.lease_name.clone(),
+            identity,
+            duration: args.lease_duration,
+        };
+        leader::run_while_leading(client, lease, ready, stop_rx, move |client, stop| {
+            controller::run(
+                client,
+                providers.clone(),
+                config.clone(),
+                metrics.clone(),
+                stop,
+            )
+        })
+        .await
+        .map_err(|e| e.to_string())?;
+    } else {
+        let (readiness, controllers) = controller::run(client, providers, config, metrics, stop_rx);
+        let ready_flag = ready.clone();
+        tokio::spawn(async move {
+            readiness.wait_synced().await;
+            ready_flag.set(true);
+        });
+        controllers.await;
+    }
+    let _ = http_task.await;
+    info!("stopped");
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = term.recv() => {},
+                    _ = tokio::signal::ctrl_c() => {},
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}

@@ -1,0 +1,834 @@
+//! The reconcile of one `EmbedUrlRequest`: read what the cluster holds, plan, mint if due, write.
+//!
+//! A reconcile that finds nothing to do makes no AWS call and no write: the plan comes from
+//! [`crate::schedule`], and the status is only written when it differs from what is stored, so
+//! the echoes of the operator's own writes settle at once.
+
+use crate::crd::{
+    Condition, EmbedUrlRequest, EmbedUrlRequestSpec, EmbedUrlRequestStatus, READY_CONDITION,
+    REFRESH_REQUESTED_AT_ANNOTATION,
+};
+use crate::error::{Error, Result};
+use crate::providers::{AwsCallError, EmbedUrl, Providers};
+use crate::schedule::{self, Facts, MintReason, Plan};
+use crate::secret::{self, FIELD_MANAGER, SecretContent, StoredSecret, StoredUrl};
+use crate::telemetry::Metrics;
+use crate::validation::{self, InvalidSpec, UseByWindows, ValidSpec};
+use jiff::Timestamp;
+use k8s_openapi::api::core::v1::Secret;
+use kube::api::{Api, DynamicObject, Patch, PatchParams};
+use kube::core::{ApiResource, DeserializeGuard, error_boundary::InvalidObject};
+use kube::runtime::controller::Action;
+use kube::runtime::events::{Event, EventType, Recorder};
+use kube::runtime::reflector::{ObjectRef, Store};
+use kube::{Resource, ResourceExt};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::Semaphore;
+use tracing::{info, warn};
+
+/// Condition reasons (part of the API: users and alerts match on them).
+pub mod reasons {
+    pub const URL_READY: &str = "UrlReady";
+    pub const INVALID_SPEC: &str = "InvalidSpec";
+    pub const SECRET_CONFLICT: &str = "SecretConflict";
+    pub const SUSPENDED: &str = "Suspended";
+}
+
+/// How often a request blocked by a foreign Secret checks whether the Secret is gone. The
+/// operator does not watch Secrets it does not own, so it has to look.
+pub const CONFLICT_RECHECK: Duration = Duration::from_secs(60);
+
+/// Operator-wide settings a reconcile needs.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    pub windows: UseByWindows,
+    /// The operator's own AWS region, used when a request does not name one.
+    pub default_region: Option<String>,
+}
+
+/// Shared state of every reconcile.
+pub struct Context {
+    pub client: kube::Client,
+    pub providers: Providers,
+    pub settings: Settings,
+    pub recorder: Recorder,
+    /// Cache of the Secrets the operator owns (label-selected), filled by the controller.
+    pub secrets: Store<Secret>,
+    /// Bounds the AWS calls in flight across every controller of this process.
+    pub aws_permits: Arc<Semaphore>,
+    pub metrics: Arc<Metrics>,
+}
+
+/// Entry point for the controller: dispatches readable and unreadable objects.
+pub async fn reconcile(
+    object: Arc<DeserializeGuard<EmbedUrlRequest>>,
+    ctx: Arc<Context>,
+) -> Result<Action> {
+    let timer = ctx.metrics.reconcile_started();
+    let result = match &object.0 {
+        Ok(request) => reconcile_request(request, &ctx).await,
+        Err(invalid) => reconcile_unreadable(invalid, &ctx).await,
+    };
+    timer.finish(result.as_ref().err().map(Error::metric_label));
+    result
+}
+
+/// What the controller does after a failed reconcile: retry soon when that can help.
+pub fn error_policy(
+    object: Arc<DeserializeGuard<EmbedUrlRequest>>,
+    error: &Error,
+    _ctx: Arc<Context>,
+) -> Action {
+    let delay = if error.is_retryable() {
+        Duration::from_secs(5)
+    } else {
+        Duration::from_secs(60)
+    };
+    warn!(
+        namespace = object.namespace().unwrap_or_default(),
+        name = object.name_any(),
+        error = %error,
+        retry_in_secs = delay.as_secs(),
+        "reconcile failed"
+    );
+    Action::requeue(delay.mul_f64(1.0 + 0.2 * rand::random::<f64>()))
+}
+
+async fn reconcile_request(request: &EmbedUrlRequest, ctx: &Context) -> Result<Action> {
+    let now = Timestamp::now();
+    let current = request.status.clone().unwrap_or_default();
+    let spec = match validation::validate(
+        &request.spec,
+        &request.name_any(),
+        ctx.settings.default_region.as_deref(),
+        &ctx.settings.windows,
+    ) {
+        Ok(spec) => spec,
+        Err(invalid) => {
+            let desired = invalid_spec_status(&current, request.meta().generation, &invalid, now);
+            write_status(request, &current, desired, ctx).await?;
+            return Ok(Action::await_change());
+        }
+    };
+
+    let uid = request.uid().unwrap_or_default();
+    let namespace = request.namespace().unwrap_or_default();
+    let mut secret = cached_secret(ctx, &namespace, &spec.secret_name);
+    let mut stored = secret::inspect(secret.as_deref(), &uid, &spec.secret_template);
+    // The cache only holds labelled Secrets and may lag behind our own writes. Read through when
+    // it shows nothing, or an older URL than the status says we wrote, before acting on it.
+    let status_expiry = schedule::parse_time(current.url_expires_at.as_deref());
+    let cache_is_behind = match &stored {
+        StoredSecret::Missing => true,
+        StoredSecret::Owned { url: Some(url) } => status_expiry.is_some_and(|s| s > url.expires_at),
+        StoredSecret::Owned { url: None } | StoredSecret::Foreign { .. } => false,
+    };
+    if cache_is_behind {
+        secret = fetch_secret(ctx, &namespace, &spec.secret_name)
+            .await?
+            .map(Arc::new);
+        stored = secret::inspect(secret.as_deref(), &uid, &spec.secret_template);
+    }
+
+    if spec.suspend {
+        let desired = suspended_status(&current, request, &spec, &stored, now);
+        write_status(request, &current, desired, ctx).await?;
+        return Ok(Action::await_change());
+    }
+
+    let usable = match &stored {
+        StoredSecret::Owned { url: Some(url) } => Some(url.clone()),
+        _ => None,
+    };
+    let facts = Facts {
+        now,
+        generation: request.meta().generation,
+        refresh_request: refresh_request(request),
+        status: &current,
+        stored: usable.as_ref(),
+        refresh_before: spec.refresh_before,
+    };
+    match schedule::plan(&facts) {
+        Plan::Wait { until } => {
+            if let (Some(url), Some(secret)) = (&usable, &secret)
+                && !url.metadata_intact
+                && let Some(url_text) = secret::stored_url(secret)
+            {
+                // Labels or template metadata were edited by hand: restore them with the same
+                // URL, without asking AWS for a new one.
+                apply_secret(ctx, request, &spec, &url_text, url, now).await?;
+            }
+            let desired =
+                waiting_status(request, &current, &spec, usable.as_ref(), until, ctx).await?;
+            if let Some(desired) = desired {
+                write_status(request, &current, desired, ctx).await?;
+            }
+            Ok(requeue_at(now, until))
+        }
+        Plan::Mint(reason) => {
+            if let StoredSecret::Foreign { controller } = &stored {
+                let desired = conflict_status(&current, request, &spec, controller.as_deref(), now);
+                write_status(request, &current, desired, ctx).await?;
+                return Ok(Action::requeue(CONFLICT_RECHECK));
+            }
+            mint(request, &current, &spec, usable.as_ref(), reason, ctx).await
+        }
+    }
+}
+
+/// Calls AWS, writes the Secret, then the status. The Secret goes first: a status that claims a
+/// URL the Secret does not hold would be worse than a status that lags behind the Secret, which
+/// the next reconcile repairs from the Secret (see [`schedule::plan`]).
+async fn mint(
+    request: &EmbedUrlRequest,
+    current: &EmbedUrlRequestStatus,
+    spec: &ValidSpec,
+    usable: Option<&StoredUrl>,
+    reason: MintReason,
+    ctx: &Context,
+) -> Result<Action> {
+    let service = spec.service();
+    let window = ctx.settings.windows.for_service(service);
+    let planned = schedule::parse_time(current.next_refresh_time.as_deref());
+    let result = {
+        // The semaphore is never closed, so acquiring only fails if it were; treat that as "go".
+        let _permit = ctx.aws_permits.acquire().await.ok();
+        let started = Timestamp::now();
+        let timer = ctx.metrics.aws_call_started(service);
+        let result = ctx
+            .providers
+            .for_service(service)
+            .mint(&spec.target, &spec.region)
+            .await;
+        timer.finish(result.as_ref().err().map(|e| e.kind));
+        result.map(|url| (url, started))
+    };
+    let namespace = request.namespace().unwrap_or_default();
+    let name = request.name_any();
+    match result {
+        Ok((url, minted_at)) => {
+            let expires_at = schedule::add(minted_at, window);
+            let next = schedule::planned_refresh(expires_at, spec.refresh_before, rand::random());
+            apply_secret_content(
+                ctx,
+                request,
+                spec,
+                &url,
+                expires_at,
+                schedule::add(minted_at, spec.target.session_length()),
+            )
+            .await?;
+            let desired = minted_status(request, current, spec, minted_at, expires_at, next);
+            write_status(request, current, desired, ctx).await?;
+            if reason == MintReason::Due
+                && let Some(planned) = planned
+            {
+                ctx.metrics.observe_refresh_lateness(minted_at, planned);
+            }
+            ctx.metrics.set_schedule(
+                &namespace,
+                &name,
+                service,
+                Some(expires_at),
+                Some(next),
+                true,
+            );
+            info!(
+                namespace,
+                name,
+                service = service.name(),
+                reason = reason.as_str(),
+                url_expires_at = %secret::rfc3339(expires_at),
+                next_refresh = %secret::rfc3339(next),
+                "minted URL"
+            );
+            Ok(requeue_at(Timestamp::now(), next))
+        }
+        Err(error) => {
+            let now = Timestamp::now();
+            let failures = current.consecutive_failures.unwrap_or(0).saturating_add(1);
+            let still_usable_until = usable.map(|u| u.expires_at).filter(|e| *e > now);
+            let retry = schedule::retry_at(
+                now,
+                error.kind,
+                failures,
+                still_usable_until,
+                window,
+                rand::random(),
+            );
+            warn!(
+                namespace,
+                name,
+                service = service.name(),
+                reason = error.kind.reason(),
+                aws_error = %error.code,
+                failures,
+                retry_at = %secret::rfc3339(retry),
+                "AWS call failed"
+            );
+            let desired = failed_status(
+                request,
+                current,
+                spec,
+                &error,
+                failures,
+                still_usable_until,
+                retry,
+                now,
+            );
+            write_status(request, current, desired, ctx).await?;
+            ctx.metrics.set_schedule(
+                &namespace,
+                &name,
+                service,
+                still_usable_until,
+                Some(retry),
+                still_usable_until.is_some() && error.kind.is_retryable(),
+            );
+            Ok(requeue_at(now, retry))
+        }
+    }
+}
+
+/// An object whose spec or status does not even deserialize (written around the schema):
+/// report the offending field, call nothing.
+async fn reconcile_unreadable(invalid: &InvalidObject, ctx: &Context) -> Result<Action> {
+    let namespace = invalid.metadata.namespace.clone().unwrap_or_default();
+    let name = invalid.metadata.name.clone().unwrap_or_default();
+    let resource = ApiResource::erase::<EmbedUrlRequest>(&());
+    let api: Api<DynamicObject> = Api::namespaced_with(ctx.client.clone(), &namespace, &resource);
+    let Some(raw) = api
+        .get_opt(&name)
+        .await
+        .map_err(Error::kube("reading an unreadable request"))?
+    else {
+        return Ok(Action::await_change());
+    };
+    let problem = locate_deserialize_error(&raw.data).unwrap_or_else(|| InvalidSpec {
+        field: "spec".to_string(),
+        message: invalid.error.clone(),
+    });
+    // A status that does not parse is replaced wholesale; one that parses is kept.
+    let current: EmbedUrlRequestStatus = raw
+        .data
+        .get("status")
+        .and_then(|s| serde_json::from_value(s.clone()).ok())
+        .unwrap_or_default();
+    let desired = invalid_spec_status(
+        &current,
+        invalid.metadata.generation,
+        &problem,
+        Timestamp::now(),
+    );
+    if desired != current {
+        let mut shell = EmbedUrlRequest::new(&name, EmbedUrlRequestSpec::default());
+        shell.metadata = invalid.metadata.clone();
+        apply_status(ctx, &shell, &desired).await?;
+        publish_transition(ctx, &shell, &current, &desired).await;
+    }
+    Ok(Action::await_change())
+}
+
+/// Names the first field of `object` that does not deserialize, e.g.
+/// `spec.quickSight.sessionLifetimeInMinutes: invalid type: string "ten", expected i64`.
+fn locate_deserialize_error(object: &serde_json::Value) -> Option<InvalidSpec> {
+    for part in ["spec", "status"] {
+        let Some(value) = object.get(part) else {
+            if part == "spec" {
+                return Some(InvalidSpec {
+                    field: "spec".to_string(),
+                    message: "missing".to_string(),
+                });
+            }
+            continue;
+        };
+        let result: Result<(), serde_path_to_error::Error<serde_json::Error>> = match part {
+            "spec" => serde_path_to_error::deserialize::<_, EmbedUrlRequestSpec>(value).map(|_| ()),
+            _ => serde_path_to_error::deserialize::<_, EmbedUrlRequestStatus>(value).map(|_| ()),
+        };
+        if let Err(error) = result {
+            let path = error.path().to_string();
+            let field = if path == "." {
+                part.to_string()
+            } else {
+                format!("{part}.{path}")
+            };
+            return Some(InvalidSpec {
+                field,
+                message: error.into_inner().to_string(),
+            });
+        }
+    }
+    None
+}
+
+fn refresh_request(request: &EmbedUrlRequest) -> Option<&str> {
+    request
+        .annotations()
+        .get(REFRESH_REQUESTED_AT_ANNOTATION)
+        .map(String::as_str)
+        .filter(|v| !v.is_empty())
+}
+
+fn cached_secret(ctx: &Context, namespace: &str, name: &str) -> Option<Arc<Secret>> {
+    ctx.secrets.get(&ObjectRef::new(name).within(namespace))
+}
+
+async fn fetch_secret(ctx: &Context, namespace: &str, name: &str) -> Result<Option<Secret>> {
+    let api: Api<Secret> = Api::namespaced(ctx.client.clone(), namespace);
+    api.get_opt(name)
+        .await
+        .map_err(Error::kube("reading the Secret"))
+}
+
+async fn apply_secret(
+    ctx: &Context,
+    request: &EmbedUrlRequest,
+    spec: &ValidSpec,
+    url: &EmbedUrl,
+    stored: &StoredUrl,
+    now: Timestamp,
+) -> Result<()> {
+    let session_expires = stored.session_expires_at.unwrap_or(now);
+    let content = SecretContent {
+        name: &spec.secret_name,
+        url,
+        url_expires_at: stored.expires_at,
+        session_expires_at: session_expires,
+        generation: stored.generation,
+        template: &spec.secret_template,
+    };
+    server_side_apply_secret(ctx, request, &content).await
+}
+
+async fn apply_secret_content(
+    ctx: &Context,
+    request: &EmbedUrlRequest,
+    spec: &ValidSpec,
+    url: &EmbedUrl,
+    url_expires_at: Timestamp,
+    session_expires_at: Timestamp,
+) -> Result<()> {
+    let content = SecretContent {
+        name: &spec.secret_name,
+        url,
+        url_expires_at,
+        session_expires_at,
+        generation: request.meta().generation,
+        template: &spec.secret_template,
+    };
+    server_side_apply_secret(ctx, request, &content).await
+}
+
+async fn server_side_apply_secret(
+    ctx: &Context,
+    request: &EmbedUrlRequest,
+    content: &SecretContent<'_>,
+) -> Result<()> {
+    let namespace = request.namespace().unwrap_or_default();
+    let api: Api<Secret> = Api::namespaced(ctx.client.clone(), &namespace);
+    let mut secret = secret::render(request, content);
+    // Server-side apply needs apiVersion and kind in the body.
+    secret.metadata.managed_fields = None;
+    let body = serde_json::json!({
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": secret.metadata,
+        "type": secret.type_,
+        "data": secret.data,
+    });
+    api.patch(
+        content.name,
+        &PatchParams::apply(FIELD_MANAGER).force(),
+        &Patch::Apply(&body),
+    )
+    .await
+    .map_err(Error::kube("writing the Secret"))?;
+    Ok(())
+}
+
+/// Writes `desired` if it differs from `current`, and publishes an event if `Ready` changed.
+async fn write_status(
+    request: &EmbedUrlRequest,
+    current: &EmbedUrlRequestStatus,
+    desired: EmbedUrlRequestStatus,
+    ctx: &Context,
+) -> Result<()> {
+    if &desired == current {
+        return Ok(());
+    }
+    apply_status(ctx, request, &desired).await?;
+    publish_transition(ctx, request, current, &desired).await;
+    Ok(())
+}
+
+async fn apply_status(
+    ctx: &Context,
+    request: &EmbedUrlRequest,
+    status: &EmbedUrlRequestStatus,
+) -> Result<()> {
+    let namespace = request.namespace().unwrap_or_default();
+    let api: Api<EmbedUrlRequest> = Api::namespaced(ctx.client.clone(), &namespace);
+    let body = serde_json::json!({
+        "apiVersion": EmbedUrlRequest::api_version(&()),
+        "kind": EmbedUrlRequest::kind(&()),
+        "status": serde_json::to_value(status).map_err(|source| Error::Serialize { what: "status", source })?,
+    });
+    api.patch_status(
+        &request.name_any(),
+        &PatchParams::apply(FIELD_MANAGER).force(),
+        &Patch::Apply(&body),
+    )
+    .await
+    .map_err(Error::kube("writing the status"))?;
+    Ok(())
+}
+
+/// Events mark transitions of `Ready` (status or reason), never every refresh.
+async fn publish_transition(
+    ctx: &Context,
+    request: &EmbedUrlRequest,
+    current: &EmbedUrlRequestStatus,
+    desired: &EmbedUrlRequestStatus,
+) {
+    let before = current
+        .ready()
+        .map(|c| (c.status.as_str(), c.reason.as_str()));
+    let Some(after) = desired.ready() else {
+        return;
+    };
+    if before == Some((after.status.as_str(), after.reason.as_str())) {
+        return;
+    }
+    let event = Event {
+        type_: if after.status == "True" && after.reason == reasons::URL_READY {
+            EventType::Normal
+        } else {
+            EventType::Warning
+        },
+        reason: after.reason.clone(),
+        note: Some(after.message.chars().take(1024).collect()),
+        action: "Reconcile".to_string(),
+        secondary: None,
+    };
+    if let Err(error) = ctx.recorder.publish(&event, &request.object_ref(&())).await {
+        // An event is a courtesy; failing to publish one must not fail the reconcile.
+        warn!(error = %error, "could not publish event");
+    }
+}
+
+fn requeue_at(now: Timestamp, at: Timestamp) -> Action {
+    Action::requeue(schedule::until(now, at).max(Duration::from_millis(100)))
+}
+
+// ---- desired statuses -------------------------------------------------------------------------
+
+/// The `Ready` condition, keeping `lastTransitionTime` when the status value does not change.
+fn ready(
+    previous: &EmbedUrlRequestStatus,
+    is_ready: bool,
+    reason: &str,
+    message: String,
+    generation: Option<i64>,
+    now: Timestamp,
+) -> Condition {
+    let status = if is_ready { "True" } else { "False" };
+    let last_transition_time = previous
+        .ready()
+        .filter(|c| c.status == status)
+        .map(|c| c.last_transition_time.clone())
+        .unwrap_or_else(|| secret::rfc3339(now));
+    Condition {
+        type_: READY_CONDITION.to_string(),
+        status: status.to_string(),
+        reason: reason.to_string(),
+        message,
+        observed_generation: generation,
+        last_transition_time,
+    }
+}
+
+fn with_ready(mut status: EmbedUrlRequestStatus, condition: Condition) -> EmbedUrlRequestStatus {
+    status.conditions.retain(|c| c.type_ != READY_CONDITION);
+    status.conditions.push(condition);
+    status
+}
+
+fn invalid_spec_status(
+    current: &EmbedUrlRequestStatus,
+    generation: Option<i64>,
+    invalid: &InvalidSpec,
+    now: Timestamp,
+) -> EmbedUrlRequestStatus {
+    let status = EmbedUrlRequestStatus {
+        observed_generation: generation,
+        next_refresh_time: None,
+        ..current.clone()
+    };
+    let message = format!("{invalid}. No URL is minted until the spec is fixed.");
+    let condition = ready(
+        current,
+        false,
+        reasons::INVALID_SPEC,
+        message,
+        generation,
+        now,
+    );
+    with_ready(status, condition)
+}
+
+fn suspended_status(
+    current: &EmbedUrlRequestStatus,
+    request: &EmbedUrlRequest,
+    spec: &ValidSpec,
+    stored: &StoredSecret,
+    now: Timestamp,
+) -> EmbedUrlRequestStatus {
+    let generation = request.meta().generation;
+    let status = EmbedUrlRequestStatus {
+        service: Some(spec.service().name().to_string()),
+        secret_name: Some(spec.secret_name.clone()),
+        observed_generation: generation,
+        next_refresh_time: None,
+        ..current.clone()
+    };
+    let message = match stored {
+        StoredSecret::Owned { url: Some(url) } => format!(
+            "spec.suspend is true: refreshing stopped; the URL in the Secret stops working at {}",
+            secret::rfc3339(url.expires_at)
+        ),
+        _ => "spec.suspend is true: refreshing stopped".to_string(),
+    };
+    with_ready(
+        status,
+        ready(current, false, reasons::SUSPENDED, message, generation, now),
+    )
+}
+
+fn conflict_status(
+    current: &EmbedUrlRequestStatus,
+    request: &EmbedUrlRequest,
+    spec: &ValidSpec,
+    controller: Option<&str>,
+    now: Timestamp,
+) -> EmbedUrlRequestStatus {
+    let generation = request.meta().generation;
+    let status = EmbedUrlRequestStatus {
+        service: Some(spec.service().name().to_string()),
+        secret_name: Some(spec.secret_name.clone()),
+        observed_generation: generation,
+        next_refresh_time: None,
+        ..current.clone()
+    };
+    let owner = controller.map_or_else(
+        || "it is not managed by this request".to_string(),
+        |c| format!("it is controlled by {c}"),
+    );
+    let message = format!(
+        "Secret {:?} already exists and {owner}; it is left untouched. Delete it, or set spec.secretName to another name",
+        spec.secret_name
+    );
+    with_ready(
+        status,
+        ready(
+            current,
+            false,
+            reasons::SECRET_CONFLICT,
+            message,
+            generation,
+            now,
+        ),
+    )
+}
+
+fn minted_status(
+    request: &EmbedUrlRequest,
+    current: &EmbedUrlRequestStatus,
+    spec: &ValidSpec,
+    minted_at: Timestamp,
+    expires_at: Timestamp,
+    next: Timestamp,
+) -> EmbedUrlRequestStatus {
+    let generation = request.meta().generation;
+    let status = EmbedUrlRequestStatus {
+        service: Some(spec.service().name().to_string()),
+        secret_name: Some(spec.secret_name.clone()),
+        url_expires_at: Some(secret::rfc3339(expires_at)),
+        session_expires_at: Some(secret::rfc3339(schedule::add(
+            minted_at,
+            spec.target.session_length(),
+        ))),
+        last_refresh_time: Some(secret::rfc3339(minted_at)),
+        next_refresh_time: Some(secret::rfc3339(next)),
+        observed_generation: generation,
+        consecutive_failures: Some(0),
+        last_handled_refresh_request: refresh_request(request)
+            .map(str::to_string)
+            .or_else(|| current.last_handled_refresh_request.clone()),
+        conditions: current.conditions.clone(),
+    };
+    let message = format!(
+        "Secret {:?} holds a URL usable until {}",
+        spec.secret_name,
+        secret::rfc3339(expires_at)
+    );
+    with_ready(
+        status,
+        ready(
+            current,
+            true,
+            reasons::URL_READY,
+            message,
+            generation,
+            minted_at,
+        ),
+    )
+}
+
+#[allow(clippy::too_many_arguments)]
+fn failed_status(
+    request: &EmbedUrlRequest,
+    current: &EmbedUrlRequestStatus,
+    spec: &ValidSpec,
+    error: &AwsCallError,
+    failures: u32,
+    still_usable_until: Option<Timestamp>,
+    retry: Timestamp,
+    now: Timestamp,
+) -> EmbedUrlRequestStatus {
+    let generation = request.meta().generation;
+    let status = EmbedUrlRequestStatus {
+        service: Some(spec.service().name().to_string()),
+        secret_name: Some(spec.secret_name.clone()),
+        next_refresh_time: Some(secret::rfc3339(retry)),
+        observed_generation: generation,
+        consecutive_failures: Some(failures),
+        // The request is consumed even when the call fails; the retry follows the backoff.
+        last_handled_refresh_request: refresh_request(request)
+            .map(str::to_string)
+            .or_else(|| current.last_handled_refresh_request.clone()),
+        ..current.clone()
+    };
+    let kept = match still_usable_until {
+        Some(until) => format!(
+            "the current URL stays in the Secret, usable until {}",
+            secret::rfc3339(until)
+        ),
+        None => "the Secret holds no usable URL".to_string(),
+    };
+    let message = format!(
+        "{} failed with {}: {}; {kept}; next attempt at {} (failure {failures})",
+        error.operation,
+        error.code,
+        error.message,
+        secret::rfc3339(retry)
+    );
+    let is_ready = still_usable_until.is_some() && error.kind.is_retryable();
+    with_ready(
+        status,
+        ready(
+            current,
+            is_ready,
+            error.kind.reason(),
+            message,
+            generation,
+            now,
+        ),
+    )
+}
+
+/// The status while waiting. Normally the stored status already says everything and nothing is
+/// written. When the status does not describe the URL the Secret holds (the status write after
+/// a mint was lost, or the cache has not caught up with it), the request is read fresh, and the
+/// status repaired from the Secret only if it really lags.
+async fn waiting_status(
+    request: &EmbedUrlRequest,
+    current: &EmbedUrlRequestStatus,
+    spec: &ValidSpec,
+    stored: Option<&StoredUrl>,
+    until: Timestamp,
+    ctx: &Context,
+) -> Result<Option<EmbedUrlRequestStatus>> {
+    let Some(stored) = stored else {
+        // Waiting without a URL only happens during a failure backoff: the status is current.
+        return Ok(None);
+    };
+    let described =
+        schedule::parse_time(current.url_expires_at.as_deref()) == Some(stored.expires_at);
+    let failing = current.consecutive_failures.unwrap_or(0) > 0;
+    if described || failing {
+        return Ok(None);
+    }
+    let api: Api<EmbedUrlRequest> =
+        Api::namespaced(ctx.client.clone(), &request.namespace().unwrap_or_default());
+    let Some(fresh) = api
+        .get_opt(&request.name_any())
+        .await
+        .map_err(Error::kube("re-reading the request"))?
+    else {
+        return Ok(None);
+    };
+    let fresh_status = fresh.status.unwrap_or_default();
+    if schedule::parse_time(fresh_status.url_expires_at.as_deref()) == Some(stored.expires_at) {
+        return Ok(None);
+    }
+    let window = ctx.settings.windows.for_service(spec.service());
+    let minted_at = schedule::sub(stored.expires_at, window);
+    let mut repaired = minted_status(request, current, spec, minted_at, stored.expires_at, until);
+    repaired.session_expires_at = stored.session_expires_at.map(secret::rfc3339);
+    repaired.observed_generation = stored.generation.or(repaired.observed_generation);
+    Ok(Some(repaired))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn locates_the_field_that_does_not_deserialize() {
+        let object = json!({"spec": {"quickSight": {"awsAccountId": "111122223333", "sessionLifetimeInMinutes": "ten"}}});
+        let problem = locate_deserialize_error(&object).unwrap();
+        assert_eq!(problem.field, "spec.quickSight.sessionLifetimeInMinutes");
+        assert!(
+            problem.message.contains("invalid type"),
+            "{}",
+            problem.message
+        );
+
+        let object = json!({"spec": {"flink": {"applicationName": "a", "urlType": "BOGUS"}}});
+        assert_eq!(
+            locate_deserialize_error(&object).unwrap().field,
+            "spec.flink.urlType"
+        );
+
+        let object = json!({"spec": {}, "status": {"consecutiveFailures": -1}});
+        assert_eq!(
+            locate_deserialize_error(&object).unwrap().field,
+            "status.consecutiveFailures"
+        );
+        assert_eq!(locate_deserialize_error(&json!({})).unwrap().field, "spec");
+    }
+
+    #[test]
+    fn ready_keeps_transition_time_while_status_is_unchanged() {
+        let t0: Timestamp = "2026-11-22T10:00:00Z".parse().unwrap();
+        let t1: Timestamp = "2026-11-22T10:05:00Z".parse().unwrap();
+        let first = with_ready(
+            EmbedUrlRequestStatus::default(),
+            ready(
+                &EmbedUrlRequestStatus::default(),
+                true,
+                reasons::URL_READY,
+                "a".into(),
+                Some(1),
+                t0,
+            ),
+        );
+        let throttled = ready(&first, true, "AwsThrottled", "b".into(), Some(1), t1);
+        assert_eq!(throttled.last_transition_time, "2026-11-22T10:00:00Z");
+        let failed = ready(&first, false, "AwsRejected", "c".into(), Some(1), t1);
+        assert_eq!(failed.last_transition_time, "2026-11-22T10:05:00Z");
+    }
+}

@@ -1,0 +1,430 @@
+//! The refresh schedule: when to mint, and when to look again.
+//!
+//! Everything here is a pure function of what is stored in the cluster (the request's status and
+//! its Secret) and the current time, so a restarted or newly elected operator reaches the same
+//! decision as the one before it: it neither mints again for a URL that is still fresh nor lets
+//! one lapse.
+
+use crate::crd::EmbedUrlRequestStatus;
+use crate::providers::AwsErrorKind;
+use crate::secret::StoredUrl;
+use jiff::{SignedDuration, Timestamp};
+use std::time::Duration;
+
+/// The largest share of `refreshBefore` by which a refresh is brought forward at random, so that
+/// many requests created together do not refresh in lockstep. Jitter only ever makes a refresh
+/// earlier, never later.
+pub const MAX_JITTER_SHARE: f64 = 0.1;
+
+/// First retry delay after a retryable AWS error; doubled on every further failure.
+pub const RETRY_BASE: Duration = Duration::from_secs(1);
+/// Longest retry delay after retryable errors.
+pub const RETRY_CAP: Duration = Duration::from_secs(5 * 60);
+/// First retry delay after AWS rejected a request; doubled on every further failure.
+pub const REJECTED_BASE: Duration = Duration::from_secs(5 * 60);
+/// Longest retry delay after AWS rejected a request.
+pub const REJECTED_CAP: Duration = Duration::from_secs(60 * 60);
+/// Earliest a retry may come, so that even a URL about to lapse never causes a hot loop.
+pub const MIN_RETRY: Duration = Duration::from_millis(500);
+
+/// Why a URL is minted now.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MintReason {
+    /// The Secret holds no usable URL (new request, Secret deleted or edited by hand).
+    NoUrl,
+    /// The URL was minted for an older spec.
+    SpecChanged,
+    /// The user set a new `embedurl.io/refresh-requested-at` value.
+    RefreshRequested,
+    /// The URL is within `refreshBefore` of its use-by time, or a retry is due.
+    Due,
+}
+
+impl MintReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MintReason::NoUrl => "no-url",
+            MintReason::SpecChanged => "spec-changed",
+            MintReason::RefreshRequested => "refresh-requested",
+            MintReason::Due => "due",
+        }
+    }
+}
+
+/// What the reconciler should do.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Plan {
+    Mint(MintReason),
+    /// Nothing to do until `until` (the planned refresh, or the end of a backoff).
+    Wait {
+        until: Timestamp,
+    },
+}
+
+/// The facts a plan is made from.
+#[derive(Clone, Copy, Debug)]
+pub struct Facts<'a> {
+    pub now: Timestamp,
+    /// `metadata.generation` of the request.
+    pub generation: Option<i64>,
+    /// Value of the `embedurl.io/refresh-requested-at` annotation.
+    pub refresh_request: Option<&'a str>,
+    pub status: &'a EmbedUrlRequestStatus,
+    /// The usable URL record in the request's own Secret, if there is one.
+    pub stored: Option<&'a StoredUrl>,
+    pub refresh_before: Duration,
+}
+
+/// Decides whether to mint now or when to look again.
+pub fn plan(facts: &Facts<'_>) -> Plan {
+    let status = facts.status;
+    let next_refresh = parse_time(status.next_refresh_time.as_deref());
+    let failing = status.consecutive_failures.unwrap_or(0) > 0;
+    let spec_changed_since_last_attempt = status.observed_generation != facts.generation;
+    let refresh_requested = facts.refresh_request.is_some()
+        && facts.refresh_request != status.last_handled_refresh_request.as_deref();
+
+    // After a failure, honour the backoff the failed attempt wrote, unless the user has changed
+    // something since: that is what keeps a rejected request from hammering AWS.
+    if failing
+        && let Some(retry) = next_refresh
+        && facts.now < retry
+        && !spec_changed_since_last_attempt
+        && !refresh_requested
+    {
+        return Plan::Wait { until: retry };
+    }
+
+    let Some(stored) = facts.stored else {
+        return Plan::Mint(MintReason::NoUrl);
+    };
+    if stored.generation != facts.generation {
+        return Plan::Mint(MintReason::SpecChanged);
+    }
+    if refresh_requested {
+        return Plan::Mint(MintReason::RefreshRequested);
+    }
+
+    let latest = planned_refresh(stored.expires_at, facts.refresh_before, 0.0);
+    // The status's nextRefreshTime carries the jitter chosen at mint time. It describes this URL
+    // only if the status and the Secret agree on its use-by time; otherwise the status write after
+    // the last mint was lost, and the plan falls back to the latest safe time.
+    let status_describes_stored =
+        parse_time(status.url_expires_at.as_deref()) == Some(stored.expires_at);
+    let due = match next_refresh {
+        Some(next) if status_describes_stored || failing => next.min(latest),
+        _ => latest,
+    };
+    if facts.now >= due {
+        Plan::Mint(MintReason::Due)
+    } else {
+        Plan::Wait { until: due }
+    }
+}
+
+/// When to replace a URL that is usable until `expires_at`: `refresh_before` ahead of it, brought
+/// forward by `jitter` (0.0 to 1.0) times [`MAX_JITTER_SHARE`] of `refresh_before`.
+pub fn planned_refresh(expires_at: Timestamp, refresh_before: Duration, jitter: f64) -> Timestamp {
+    let jitter = jitter.clamp(0.0, 1.0) * MAX_JITTER_SHARE;
+    let lead = refresh_before.mul_f64(1.0 + jitter);
+    sub(expires_at, lead)
+}
+
+/// When to try again after the `failures`-th consecutive failure of kind `kind`.
+///
+/// Retryable errors back off exponentially from [`RETRY_BASE`], with up to 20% of jitter taken
+/// off, and never past the moment the current URL stops being usable (minus a margin of a tenth
+/// of the window), so a transient AWS hiccup does not let a Secret lapse. Rejected requests back
+/// off from [`REJECTED_BASE`] up to [`REJECTED_CAP`]: retrying soon will not help them.
+pub fn retry_at(
+    now: Timestamp,
+    kind: AwsErrorKind,
+    failures: u32,
+    url_expires_at: Option<Timestamp>,
+    window: Duration,
+    jitter: f64,
+) -> Timestamp {
+    let exponent = failures.saturating_sub(1).min(16);
+    let (base, cap) = if kind.is_retryable() {
+        (RETRY_BASE, RETRY_CAP)
+    } else {
+        (REJECTED_BASE, REJECTED_CAP)
+    };
+    let delay = base.saturating_mul(1 << exponent).min(cap);
+    let delay = delay
+        .mul_f64(1.0 - 0.2 * jitter.clamp(0.0, 1.0))
+        .max(MIN_RETRY);
+    let mut retry = add(now, delay);
+    if kind.is_retryable()
+        && let Some(expires) = url_expires_at
+    {
+        let last_chance = sub(expires, window / 10);
+        retry = retry.min(last_chance).max(add(now, MIN_RETRY));
+    }
+    retry
+}
+
+/// Parses an RFC 3339 time written by the operator; anything unreadable counts as absent.
+pub fn parse_time(text: Option<&str>) -> Option<Timestamp> {
+    text.and_then(|t| t.parse().ok())
+}
+
+pub fn add(t: Timestamp, d: Duration) -> Timestamp {
+    SignedDuration::try_from(d)
+        .ok()
+        .and_then(|d| t.checked_add(d).ok())
+        .unwrap_or(Timestamp::MAX)
+}
+
+pub fn sub(t: Timestamp, d: Duration) -> Timestamp {
+    SignedDuration::try_from(d)
+        .ok()
+        .and_then(|d| t.checked_sub(d).ok())
+        .unwrap_or(Timestamp::MIN)
+}
+
+/// How long from `now` until `t` (zero if `t` has passed).
+pub fn until(now: Timestamp, t: Timestamp) -> Duration {
+    Duration::try_from(t.duration_since(now)).unwrap_or(Duration::ZERO)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::secret::rfc3339;
+
+    fn t(s: &str) -> Timestamp {
+        s.parse().unwrap()
+    }
+
+    const RB: Duration = Duration::from_secs(150);
+    const WINDOW: Duration = Duration::from_secs(300);
+
+    fn stored(expires: &str, generation: i64) -> StoredUrl {
+        StoredUrl {
+            expires_at: t(expires),
+            session_expires_at: None,
+            generation: Some(generation),
+            metadata_intact: true,
+        }
+    }
+
+    fn healthy_status(expires: &str, next: &str, generation: i64) -> EmbedUrlRequestStatus {
+        EmbedUrlRequestStatus {
+            url_expires_at: Some(expires.into()),
+            next_refresh_time: Some(next.into()),
+            observed_generation: Some(generation),
+            consecutive_failures: Some(0),
+            ..Default::default()
+        }
+    }
+
+    fn facts<'a>(
+        now: &str,
+        status: &'a EmbedUrlRequestStatus,
+        stored: Option<&'a StoredUrl>,
+    ) -> Facts<'a> {
+        Facts {
+            now: t(now),
+            generation: Some(1),
+            refresh_request: None,
+            status,
+            stored,
+            refresh_before: RB,
+        }
+    }
+
+    #[test]
+    fn new_request_mints() {
+        let status = EmbedUrlRequestStatus::default();
+        assert_eq!(
+            plan(&facts("2026-11-22T10:00:00Z", &status, None)),
+            Plan::Mint(MintReason::NoUrl)
+        );
+    }
+
+    #[test]
+    fn fresh_url_waits_until_the_planned_refresh() {
+        let status = healthy_status("2026-11-22T10:05:00Z", "2026-11-22T10:02:20Z", 1);
+        let url = stored("2026-11-22T10:05:00Z", 1);
+        assert_eq!(
+            plan(&facts("2026-11-22T10:01:00Z", &status, Some(&url))),
+            Plan::Wait {
+                until: t("2026-11-22T10:02:20Z")
+            }
+        );
+        assert_eq!(
+            plan(&facts("2026-11-22T10:02:20Z", &status, Some(&url))),
+            Plan::Mint(MintReason::Due)
+        );
+    }
+
+    #[test]
+    fn a_late_next_refresh_in_status_is_capped_at_use_by_minus_refresh_before() {
+        let status = healthy_status("2026-11-22T10:05:00Z", "2026-11-22T10:04:59Z", 1);
+        let url = stored("2026-11-22T10:05:00Z", 1);
+        assert_eq!(
+            plan(&facts("2026-11-22T10:01:00Z", &status, Some(&url))),
+            Plan::Wait {
+                until: t("2026-11-22T10:02:30Z")
+            }
+        );
+    }
+
+    #[test]
+    fn lost_status_write_falls_back_to_the_secret() {
+        // The Secret holds a newer URL than the status describes (the operator stopped between
+        // the two writes): trust the Secret, do not mint again.
+        let status = healthy_status("2026-11-22T10:00:00Z", "2026-11-22T09:57:30Z", 1);
+        let url = stored("2026-11-22T10:05:00Z", 1);
+        assert_eq!(
+            plan(&facts("2026-11-22T10:00:30Z", &status, Some(&url))),
+            Plan::Wait {
+                until: t("2026-11-22T10:02:30Z")
+            }
+        );
+    }
+
+    #[test]
+    fn spec_change_and_refresh_request_mint_at_once() {
+        let status = healthy_status("2026-11-22T10:05:00Z", "2026-11-22T10:02:30Z", 1);
+        let url = stored("2026-11-22T10:05:00Z", 1);
+        let mut f = facts("2026-11-22T10:01:00Z", &status, Some(&url));
+        f.generation = Some(2);
+        assert_eq!(plan(&f), Plan::Mint(MintReason::SpecChanged));
+
+        let mut f = facts("2026-11-22T10:01:00Z", &status, Some(&url));
+        f.refresh_request = Some("2026-11-22T10:00:59Z");
+        assert_eq!(plan(&f), Plan::Mint(MintReason::RefreshRequested));
+
+        // Once handled, the same annotation value does nothing.
+        let mut handled = status.clone();
+        handled.last_handled_refresh_request = Some("2026-11-22T10:00:59Z".into());
+        let mut f = facts("2026-11-22T10:01:00Z", &handled, Some(&url));
+        f.refresh_request = Some("2026-11-22T10:00:59Z");
+        assert_eq!(
+            plan(&f),
+            Plan::Wait {
+                until: t("2026-11-22T10:02:30Z")
+            }
+        );
+    }
+
+    #[test]
+    fn deleted_secret_is_restored_at_once_when_healthy() {
+        let status = healthy_status("2026-11-22T10:05:00Z", "2026-11-22T10:02:30Z", 1);
+        assert_eq!(
+            plan(&facts("2026-11-22T10:01:00Z", &status, None)),
+            Plan::Mint(MintReason::NoUrl)
+        );
+    }
+
+    #[test]
+    fn backoff_is_honoured_even_without_a_url() {
+        let status = EmbedUrlRequestStatus {
+            observed_generation: Some(1),
+            consecutive_failures: Some(3),
+            next_refresh_time: Some("2026-11-22T10:10:00Z".into()),
+            ..Default::default()
+        };
+        assert_eq!(
+            plan(&facts("2026-11-22T10:01:00Z", &status, None)),
+            Plan::Wait {
+                until: t("2026-11-22T10:10:00Z")
+            }
+        );
+        assert_eq!(
+            plan(&facts("2026-11-22T10:10:00Z", &status, None)),
+            Plan::Mint(MintReason::NoUrl)
+        );
+        // A spec change cuts the backoff short.
+        let mut f = facts("2026-11-22T10:01:00Z", &status, None);
+        f.generation = Some(2);
+        assert_eq!(plan(&f), Plan::Mint(MintReason::NoUrl));
+    }
+
+    #[test]
+    fn failed_attempt_after_spec_change_retries_at_backoff_not_at_once() {
+        // Spec moved to generation 2, the attempt failed: the Secret still holds generation 1's
+        // URL, and the status says the attempt for generation 2 was made.
+        let status = EmbedUrlRequestStatus {
+            url_expires_at: Some("2026-11-22T10:05:00Z".into()),
+            observed_generation: Some(2),
+            consecutive_failures: Some(1),
+            next_refresh_time: Some("2026-11-22T10:01:02Z".into()),
+            ..Default::default()
+        };
+        let url = stored("2026-11-22T10:05:00Z", 1);
+        let mut f = facts("2026-11-22T10:01:01Z", &status, Some(&url));
+        f.generation = Some(2);
+        assert_eq!(
+            plan(&f),
+            Plan::Wait {
+                until: t("2026-11-22T10:01:02Z")
+            }
+        );
+        f.now = t("2026-11-22T10:01:02Z");
+        assert_eq!(plan(&f), Plan::Mint(MintReason::SpecChanged));
+    }
+
+    #[test]
+    fn jitter_only_brings_the_refresh_forward() {
+        let expires = t("2026-11-22T10:05:00Z");
+        let latest = planned_refresh(expires, RB, 0.0);
+        assert_eq!(latest, t("2026-11-22T10:02:30Z"));
+        let earliest = planned_refresh(expires, RB, 1.0);
+        assert_eq!(earliest, t("2026-11-22T10:02:15Z"));
+        for j in [0.1, 0.5, 0.9, 2.0, -1.0] {
+            let r = planned_refresh(expires, RB, j);
+            assert!(r <= latest && r >= earliest, "{j}: {}", rfc3339(r));
+        }
+    }
+
+    #[test]
+    fn retryable_backoff_doubles_and_never_passes_the_use_by_time() {
+        let now = t("2026-11-22T10:00:00Z");
+        let far = Some(t("2026-11-22T11:00:00Z"));
+        let delays: Vec<i64> = (1..=5)
+            .map(|n| {
+                retry_at(now, AwsErrorKind::Throttled, n, far, WINDOW, 0.0)
+                    .duration_since(now)
+                    .as_secs()
+            })
+            .collect();
+        assert_eq!(delays, vec![1, 2, 4, 8, 16]);
+        assert_eq!(
+            retry_at(now, AwsErrorKind::Unavailable, 30, far, WINDOW, 0.0),
+            t("2026-11-22T10:05:00Z"),
+            "capped at five minutes"
+        );
+        // URL usable until 10:00:40: retries must come before 10:00:10 (a tenth of the window).
+        let soon = Some(t("2026-11-22T10:00:40Z"));
+        assert_eq!(
+            retry_at(now, AwsErrorKind::Throttled, 10, soon, WINDOW, 0.0),
+            t("2026-11-22T10:00:10Z")
+        );
+        // Already lapsed: still no hot loop.
+        let lapsed = Some(t("2026-11-22T09:00:00Z"));
+        assert_eq!(
+            retry_at(now, AwsErrorKind::Throttled, 3, lapsed, WINDOW, 0.0),
+            add(now, MIN_RETRY)
+        );
+        // Jitter shortens by at most 20%.
+        let jittered = retry_at(now, AwsErrorKind::Throttled, 4, far, WINDOW, 1.0);
+        assert_eq!(jittered.duration_since(now).as_millis(), 6400);
+    }
+
+    #[test]
+    fn rejected_backoff_is_long_and_ignores_the_use_by_time() {
+        let now = t("2026-11-22T10:00:00Z");
+        let soon = Some(t("2026-11-22T10:00:40Z"));
+        assert_eq!(
+            retry_at(now, AwsErrorKind::Rejected, 1, soon, WINDOW, 0.0),
+            t("2026-11-22T10:05:00Z")
+        );
+        assert_eq!(
+            retry_at(now, AwsErrorKind::Rejected, 10, soon, WINDOW, 0.0),
+            t("2026-11-22T11:00:00Z")
+        );
+    }
+}

@@ -1,0 +1,318 @@
+//! The Secret that carries the URL: how it is rendered, and how a stored one is read back.
+//!
+//! The Secret is the durable record of the URL being served. Besides the three documented keys
+//! it carries two annotations that let a restarted operator trust it without asking AWS again:
+//! the spec generation the URL was minted for, and a SHA-256 digest of the URL (so an edit by
+//! hand is noticed). Neither reveals the URL.
+
+use crate::crd::{EmbedUrlRequest, SecretTemplate};
+use crate::providers::EmbedUrl;
+use jiff::Timestamp;
+use k8s_openapi::ByteString;
+use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use kube::Resource;
+use sha2::{Digest, Sha256};
+use std::collections::BTreeMap;
+
+/// The one field manager of every write the operator makes (server-side apply).
+pub const FIELD_MANAGER: &str = "embed-url-operator";
+pub const MANAGED_BY_LABEL: &str = "app.kubernetes.io/managed-by";
+pub const MANAGED_BY_VALUE: &str = "embed-url-operator";
+/// Label selector of the Secrets the operator owns: the only Secrets it watches and caches.
+pub const MANAGED_SECRETS_SELECTOR: &str = "app.kubernetes.io/managed-by=embed-url-operator";
+
+pub const URL_KEY: &str = "url";
+pub const EXPIRES_AT_KEY: &str = "expiresAt";
+pub const SESSION_EXPIRES_AT_KEY: &str = "sessionExpiresAt";
+pub const GENERATION_ANNOTATION: &str = "embedurl.io/generation";
+pub const URL_DIGEST_ANNOTATION: &str = "embedurl.io/url-sha256";
+
+/// Everything that goes into the Secret for one minted URL.
+pub struct SecretContent<'a> {
+    pub name: &'a str,
+    pub url: &'a EmbedUrl,
+    pub url_expires_at: Timestamp,
+    pub session_expires_at: Timestamp,
+    pub generation: Option<i64>,
+    pub template: &'a SecretTemplate,
+}
+
+/// Renders the full desired Secret for server-side apply: every field the operator owns.
+pub fn render(owner: &EmbedUrlRequest, content: &SecretContent<'_>) -> Secret {
+    let mut labels = content.template.labels.clone();
+    labels.insert(MANAGED_BY_LABEL.to_string(), MANAGED_BY_VALUE.to_string());
+    let mut annotations = content.template.annotations.clone();
+    annotations.insert(
+        URL_DIGEST_ANNOTATION.to_string(),
+        digest(content.url.expose()),
+    );
+    if let Some(generation) = content.generation {
+        annotations.insert(GENERATION_ANNOTATION.to_string(), generation.to_string());
+    }
+    let data = BTreeMap::from([
+        (
+            URL_KEY.to_string(),
+            ByteString(content.url.expose().as_bytes().to_vec()),
+        ),
+        (
+            EXPIRES_AT_KEY.to_string(),
+            ByteString(rfc3339(content.url_expires_at).into_bytes()),
+        ),
+        (
+            SESSION_EXPIRES_AT_KEY.to_string(),
+            ByteString(rfc3339(content.session_expires_at).into_bytes()),
+        ),
+    ]);
+    Secret {
+        metadata: ObjectMeta {
+            name: Some(content.name.to_string()),
+            namespace: owner.meta().namespace.clone(),
+            labels: Some(labels),
+            annotations: Some(annotations),
+            // Controller reference without blockOwnerDeletion: the garbage collector removes the
+            // Secret with its request either way, and setting it would need `update` on
+            // embedurlrequests/finalizers where OwnerReferencesPermissionEnforcement is on.
+            owner_references: owner.controller_owner_ref(&()).map(|mut r| {
+                r.block_owner_deletion = None;
+                vec![r]
+            }),
+            ..Default::default()
+        },
+        type_: Some("Opaque".to_string()),
+        data: Some(data),
+        ..Default::default()
+    }
+}
+
+/// What the stored Secret of a request holds, as far as the refresh schedule is concerned.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum StoredSecret {
+    /// No Secret of that name exists.
+    Missing,
+    /// A Secret of that name exists but this request does not control it: never overwritten.
+    Foreign { controller: Option<String> },
+    /// The request's own Secret. `url` is `None` when it holds no usable URL record (emptied,
+    /// edited by hand, or written by an older operator).
+    Owned { url: Option<StoredUrl> },
+}
+
+/// The URL record an owned Secret holds. The URL itself is not copied out.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StoredUrl {
+    pub expires_at: Timestamp,
+    pub session_expires_at: Option<Timestamp>,
+    /// Spec generation the URL was minted for.
+    pub generation: Option<i64>,
+    /// Whether the labels and template metadata are as the operator would write them; when not,
+    /// the Secret is re-applied (without a new mint) to restore them.
+    pub metadata_intact: bool,
+}
+
+/// Reads a stored Secret back for the request `owner_uid`.
+pub fn inspect(
+    secret: Option<&Secret>,
+    owner_uid: &str,
+    template: &SecretTemplate,
+) -> StoredSecret {
+    let Some(secret) = secret else {
+        return StoredSecret::Missing;
+    };
+    let controller = secret
+        .metadata
+        .owner_references
+        .iter()
+        .flatten()
+        .find(|r| r.controller == Some(true));
+    if controller.is_none_or(|c| c.uid != owner_uid) {
+        return StoredSecret::Foreign {
+            controller: controller.map(|c| format!("{}/{}", c.kind, c.name)),
+        };
+    }
+    StoredSecret::Owned {
+        url: read_url_record(secret, template),
+    }
+}
+
+fn read_url_record(secret: &Secret, template: &SecretTemplate) -> Option<StoredUrl> {
+    let data = secret.data.as_ref()?;
+    let text = |key: &str| data.get(key).and_then(|v| std::str::from_utf8(&v.0).ok());
+    let url = text(URL_KEY).filter(|u| !u.is_empty())?;
+    let expires_at: Timestamp = text(EXPIRES_AT_KEY)?.parse().ok()?;
+    let annotations = secret.metadata.annotations.clone().unwrap_or_default();
+    // A URL that does not match the digest was edited by hand: it is not the one we minted and
+    // we cannot vouch for its use-by time.
+    if annotations.get(URL_DIGEST_ANNOTATION) != Some(&digest(url)) {
+        return None;
+    }
+    let labels = secret.metadata.labels.clone().unwrap_or_default();
+    let metadata_intact = labels.get(MANAGED_BY_LABEL).map(String::as_str)
+        == Some(MANAGED_BY_VALUE)
+        && template
+            .labels
+            .iter()
+            .all(|(k, v)| labels.get(k) == Some(v))
+        && template
+            .annotations
+            .iter()
+            .all(|(k, v)| annotations.get(k) == Some(v))
+        && secret.type_.as_deref() == Some("Opaque");
+    Some(StoredUrl {
+        expires_at,
+        session_expires_at: text(SESSION_EXPIRES_AT_KEY).and_then(|t| t.parse().ok()),
+        generation: annotations
+            .get(GENERATION_ANNOTATION)
+            .and_then(|g| g.parse().ok()),
+        metadata_intact,
+    })
+}
+
+/// Reads the URL out of an owned Secret, to re-apply it unchanged when only metadata needs
+/// restoring.
+pub fn stored_url(secret: &Secret) -> Option<EmbedUrl> {
+    let bytes = secret.data.as_ref()?.get(URL_KEY)?;
+    let url = std::str::from_utf8(&bytes.0).ok()?;
+    (!url.is_empty()).then(|| EmbedUrl::new(url.to_string()))
+}
+
+fn digest(url: &str) -> String {
+    let hash = Sha256::digest(url.as_bytes());
+    hash.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// RFC 3339 in UTC with second precision, the format of every time the operator writes.
+pub fn rfc3339(t: Timestamp) -> String {
+    t.round(jiff::Unit::Second)
+        .unwrap_or(t)
+        .strftime("%Y-%m-%dT%H:%M:%SZ")
+        .to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crd::{EmbedUrlRequestSpec, QuickSightSpec};
+
+    fn request() -> EmbedUrlRequest {
+        let mut eur = EmbedUrlRequest::new(
+            "sales",
+            EmbedUrlRequestSpec {
+                quick_sight: Some(QuickSightSpec {
+                    aws_account_id: "111122223333".into(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            },
+        );
+        eur.metadata.namespace = Some("analytics".into());
+        eur.metadata.uid = Some("uid-1".into());
+        eur
+    }
+
+    fn template() -> SecretTemplate {
+        SecretTemplate {
+            labels: [("team".to_string(), "bi".to_string())].into(),
+            annotations: [("note".to_string(), "hello".to_string())].into(),
+        }
+    }
+
+    fn rendered(url: &str) -> Secret {
+        let url = EmbedUrl::new(url.into());
+        let template = template();
+        render(
+            &request(),
+            &SecretContent {
+                name: "sales-url",
+                url: &url,
+                url_expires_at: "2026-11-22T10:05:00Z".parse().unwrap(),
+                session_expires_at: "2026-11-22T20:00:00Z".parse().unwrap(),
+                generation: Some(3),
+                template: &template,
+            },
+        )
+    }
+
+    #[test]
+    fn renders_keys_labels_and_controller_owner() {
+        let secret = rendered("https://example.test/embed?code=abc");
+        let data = secret.data.as_ref().unwrap();
+        assert_eq!(data["url"].0, b"https://example.test/embed?code=abc");
+        assert_eq!(data["expiresAt"].0, b"2026-11-22T10:05:00Z");
+        assert_eq!(data["sessionExpiresAt"].0, b"2026-11-22T20:00:00Z");
+        assert_eq!(secret.type_.as_deref(), Some("Opaque"));
+        let labels = secret.metadata.labels.as_ref().unwrap();
+        assert_eq!(labels[MANAGED_BY_LABEL], MANAGED_BY_VALUE);
+        assert_eq!(labels["team"], "bi");
+        let annotations = secret.metadata.annotations.as_ref().unwrap();
+        assert_eq!(annotations["note"], "hello");
+        assert_eq!(annotations[GENERATION_ANNOTATION], "3");
+        assert!(!annotations[URL_DIGEST_ANNOTATION].contains("example"));
+        let owner = &secret.metadata.owner_references.as_ref().unwrap()[0];
+        assert_eq!(owner.uid, "uid-1");
+        assert_eq!(owner.kind, "EmbedUrlRequest");
+        assert_eq!(owner.controller, Some(true));
+        assert_eq!(secret.metadata.namespace.as_deref(), Some("analytics"));
+    }
+
+    #[test]
+    fn reads_back_what_it_wrote() {
+        let secret = rendered("https://example.test/a");
+        let StoredSecret::Owned { url: Some(stored) } =
+            inspect(Some(&secret), "uid-1", &template())
+        else {
+            panic!("expected an owned Secret with a URL");
+        };
+        assert_eq!(
+            stored.expires_at,
+            "2026-11-22T10:05:00Z".parse::<Timestamp>().unwrap()
+        );
+        assert_eq!(stored.generation, Some(3));
+        assert!(stored.metadata_intact);
+        assert_eq!(
+            stored_url(&secret).unwrap().expose(),
+            "https://example.test/a"
+        );
+    }
+
+    #[test]
+    fn notices_edits_and_foreign_secrets() {
+        assert_eq!(inspect(None, "uid-1", &template()), StoredSecret::Missing);
+
+        let mut edited = rendered("https://example.test/a");
+        edited
+            .data
+            .as_mut()
+            .unwrap()
+            .insert(URL_KEY.into(), ByteString(b"https://evil.test".to_vec()));
+        assert_eq!(
+            inspect(Some(&edited), "uid-1", &template()),
+            StoredSecret::Owned { url: None }
+        );
+
+        let mut relabelled = rendered("https://example.test/a");
+        relabelled.metadata.labels = None;
+        let StoredSecret::Owned { url: Some(stored) } =
+            inspect(Some(&relabelled), "uid-1", &template())
+        else {
+            panic!("a relabelled Secret still holds a good URL");
+        };
+        assert!(!stored.metadata_intact);
+
+        let other_owner = rendered("https://example.test/a");
+        assert!(matches!(
+            inspect(Some(&other_owner), "uid-2", &template()),
+            StoredSecret::Foreign { controller: Some(c) } if c == "EmbedUrlRequest/sales"
+        ));
+        let unowned = Secret::default();
+        assert_eq!(
+            inspect(Some(&unowned), "uid-1", &template()),
+            StoredSecret::Foreign { controller: None }
+        );
+    }
+
+    #[test]
+    fn debug_output_never_shows_the_url() {
+        let url = EmbedUrl::new("https://secret.test/xyz".into());
+        assert!(!format!("{url:?}").contains("secret.test"));
+    }
+}

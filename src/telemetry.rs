@@ -1,0 +1,346 @@
+//! Logs and Prometheus metrics.
+//!
+//! No metric label and no log field ever carries a URL or a user ARN: labels are limited to
+//! namespace, name, service, operation, outcome and error reason.
+
+use crate::providers::{AwsErrorKind, Service};
+use jiff::Timestamp;
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+use std::sync::atomic::AtomicU64;
+use std::time::Instant;
+
+/// Log output format.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Installs the global tracing subscriber. `filter` uses `RUST_LOG` syntax.
+pub fn init_logging(format: LogFormat, filter: &str) -> Result<(), String> {
+    let filter = tracing_subscriber::EnvFilter::try_new(filter)
+        .map_err(|e| format!("invalid log filter {filter:?}: {e}"))?;
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_target(false);
+    let result = match format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+    };
+    result.map_err(|e| format!("could not install the logger: {e}"))
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ErrorLabels {
+    reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+enum Outcome {
+    Success,
+    Throttled,
+    Unavailable,
+    Rejected,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct AwsCallLabels {
+    service: String,
+    operation: String,
+    outcome: Outcome,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct AwsOperationLabels {
+    service: String,
+    operation: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    namespace: String,
+    name: String,
+    service: String,
+}
+
+type TimestampGauge = Gauge<f64, AtomicU64>;
+
+/// Every metric the operator exports, prefixed `embedurl_`.
+pub struct Metrics {
+    registry: Registry,
+    reconciles: Counter,
+    reconcile_errors: Family<ErrorLabels, Counter>,
+    reconcile_duration: Histogram,
+    aws_calls: Family<AwsCallLabels, Counter>,
+    aws_call_duration: Family<AwsOperationLabels, Histogram>,
+    url_expiry: Family<RequestLabels, TimestampGauge>,
+    next_refresh: Family<RequestLabels, TimestampGauge>,
+    ready: Family<RequestLabels, Gauge>,
+    refresh_lateness: Histogram,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("embedurl");
+        let reconciles = Counter::default();
+        registry.register("reconciles", "Reconciles started", reconciles.clone());
+        let reconcile_errors = Family::<ErrorLabels, Counter>::default();
+        registry.register(
+            "reconcile_errors",
+            "Reconciles that failed, by reason",
+            reconcile_errors.clone(),
+        );
+        let reconcile_duration = Histogram::new(exponential_buckets(0.001, 2.0, 16));
+        registry.register(
+            "reconcile_duration_seconds",
+            "Time spent in one reconcile, AWS call included",
+            reconcile_duration.clone(),
+        );
+        let aws_calls = Family::<AwsCallLabels, Counter>::default();
+        registry.register(
+            "aws_calls",
+            "AWS calls that mint a URL, by service, operation and outcome",
+            aws_calls.clone(),
+        );
+        let aws_call_duration =
+            Family::<AwsOperationLabels, Histogram>::new_with_constructor(|| {
+                Histogram::new(exponential_buckets(0.005, 2.0, 14))
+            });
+        registry.register(
+            "aws_call_duration_seconds",
+            "Duration of AWS calls that mint a URL (SDK retries included)",
+            aws_call_duration.clone(),
+        );
+        let url_expiry = Family::<RequestLabels, TimestampGauge>::default();
+        registry.register(
+            "url_expiry_timestamp_seconds",
+            "Use-by time of the URL in each request's Secret (Unix seconds)",
+            url_expiry.clone(),
+        );
+        let next_refresh = Family::<RequestLabels, TimestampGauge>::default();
+        registry.register(
+            "next_refresh_timestamp_seconds",
+            "When each request is next refreshed or retried (Unix seconds)",
+            next_refresh.clone(),
+        );
+        let ready = Family::<RequestLabels, Gauge>::default();
+        registry.register(
+            "ready",
+            "1 when the request's Secret holds a usable URL, else 0",
+            ready.clone(),
+        );
+        let refresh_lateness = Histogram::new([
+            -10.0, -1.0, -0.1, 0.0, 0.1, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0,
+        ]);
+        registry.register(
+            "refresh_lateness_seconds",
+            "Actual minus planned time of scheduled refreshes (negative: early)",
+            refresh_lateness.clone(),
+        );
+        Metrics {
+            registry,
+            reconciles,
+            reconcile_errors,
+            reconcile_duration,
+            aws_calls,
+            aws_call_duration,
+            url_expiry,
+            next_refresh,
+            ready,
+            refresh_lateness,
+        }
+    }
+
+    /// Prometheus text exposition of every metric.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+
+    pub fn reconcile_started(&self) -> ReconcileTimer<'_> {
+        self.reconciles.inc();
+        ReconcileTimer {
+            metrics: self,
+            started: Instant::now(),
+        }
+    }
+
+    pub fn aws_call_started(&self, service: Service) -> AwsCallTimer<'_> {
+        AwsCallTimer {
+            metrics: self,
+            service,
+            started: Instant::now(),
+        }
+    }
+
+    pub fn observe_refresh_lateness(&self, actual: Timestamp, planned: Timestamp) {
+        let lateness = actual.duration_since(planned).as_secs_f64();
+        self.refresh_lateness.observe(lateness);
+    }
+
+    /// Records the schedule of one request.
+    pub fn set_schedule(
+        &self,
+        namespace: &str,
+        name: &str,
+        service: Service,
+        url_expiry: Option<Timestamp>,
+        next_refresh: Option<Timestamp>,
+        ready: bool,
+    ) {
+        let labels = RequestLabels {
+            namespace: namespace.to_string(),
+            name: name.to_string(),
+            service: service.name().to_string(),
+        };
+        match url_expiry {
+            Some(t) => {
+                self.url_expiry.get_or_create(&labels).set(unix_seconds(t));
+            }
+            None => {
+                self.url_expiry.remove(&labels);
+            }
+        }
+        match next_refresh {
+            Some(t) => {
+                self.next_refresh
+                    .get_or_create(&labels)
+                    .set(unix_seconds(t));
+            }
+            None => {
+                self.next_refresh.remove(&labels);
+            }
+        }
+        self.ready.get_or_create(&labels).set(i64::from(ready));
+    }
+
+    /// Drops the per-request series of a request that no longer exists.
+    pub fn forget_request(&self, namespace: &str, name: &str) {
+        for service in [Service::QuickSight, Service::QBusiness, Service::Flink] {
+            let labels = RequestLabels {
+                namespace: namespace.to_string(),
+                name: name.to_string(),
+                service: service.name().to_string(),
+            };
+            self.url_expiry.remove(&labels);
+            self.next_refresh.remove(&labels);
+            self.ready.remove(&labels);
+        }
+    }
+}
+
+fn unix_seconds(t: Timestamp) -> f64 {
+    t.as_millisecond() as f64 / 1000.0
+}
+
+/// Measures one reconcile; call [`ReconcileTimer::finish`] with its error label, if any.
+pub struct ReconcileTimer<'a> {
+    metrics: &'a Metrics,
+    started: Instant,
+}
+
+impl ReconcileTimer<'_> {
+    pub fn finish(self, error: Option<&'static str>) {
+        self.metrics
+            .reconcile_duration
+            .observe(self.started.elapsed().as_secs_f64());
+        if let Some(reason) = error {
+            self.metrics
+                .reconcile_errors
+                .get_or_create(&ErrorLabels {
+                    reason: reason.to_string(),
+                })
+                .inc();
+        }
+    }
+}
+
+/// Measures one AWS call; call [`AwsCallTimer::finish`] with the error kind, if any.
+pub struct AwsCallTimer<'a> {
+    metrics: &'a Metrics,
+    service: Service,
+    started: Instant,
+}
+
+impl AwsCallTimer<'_> {
+    pub fn finish(self, error: Option<AwsErrorKind>) {
+        let outcome = match error {
+            None => Outcome::Success,
+            Some(AwsErrorKind::Throttled) => Outcome::Throttled,
+            Some(AwsErrorKind::Unavailable) => Outcome::Unavailable,
+            Some(AwsErrorKind::Rejected) => Outcome::Rejected,
+        };
+        let service = self.service.name().to_string();
+        let operation = self.service.operation().to_string();
+        self.metrics
+            .aws_call_duration
+            .get_or_create(&AwsOperationLabels {
+                service: service.clone(),
+                operation: operation.clone(),
+            })
+            .observe(self.started.elapsed().as_secs_f64());
+        self.metrics
+            .aws_calls
+            .get_or_create(&AwsCallLabels {
+                service,
+                operation,
+                outcome,
+            })
+            .inc();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exports_prefixed_metrics_without_secrets() {
+        let metrics = Metrics::new();
+        metrics.reconcile_started().finish(Some("kube_api"));
+        metrics.aws_call_started(Service::Flink).finish(None);
+        metrics
+            .aws_call_started(Service::Flink)
+            .finish(Some(AwsErrorKind::Throttled));
+        let t: Timestamp = "2026-11-22T10:05:00Z".parse().unwrap();
+        metrics.set_schedule(
+            "analytics",
+            "sales",
+            Service::QuickSight,
+            Some(t),
+            Some(t),
+            true,
+        );
+        let text = metrics.encode();
+        assert!(text.contains("embedurl_reconciles_total 1"), "{text}");
+        assert!(
+            text.contains("embedurl_reconcile_errors_total{reason=\"kube_api\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "embedurl_aws_calls_total{service=\"Flink\",operation=\"CreateApplicationPresignedUrl\",outcome=\"Throttled\"} 1"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("embedurl_url_expiry_timestamp_seconds{namespace=\"analytics\",name=\"sales\",service=\"QuickSight\"} 1795341900.0"),
+            "{text}"
+        );
+        metrics.forget_request("analytics", "sales");
+        assert!(!metrics.encode().contains("name=\"sales\""));
+    }
+}

@@ -1,0 +1,159 @@
+//! Test stand-ins and the harness that runs the real controller against them.
+//!
+//! `fake_kube` is an in-memory Kubernetes API server, `fake_aws` a wiremock server speaking the
+//! three AWS operations. [`Harness`] runs the operator's real controller in-process against both.
+//! What the stand-ins cannot do is listed in tests/README.md.
+
+#![allow(dead_code)]
+
+pub mod fake_aws;
+pub mod fake_kube;
+
+use embed_url_operator::controller::{self, ControllerConfig};
+use embed_url_operator::crd::{EmbedUrlRequest, EmbedUrlRequestSpec, EmbedUrlRequestStatus};
+use embed_url_operator::providers::Providers;
+use embed_url_operator::reconciler::Settings;
+use embed_url_operator::telemetry::Metrics;
+use embed_url_operator::validation::UseByWindows;
+use fake_aws::FakeAws;
+use fake_kube::FakeApiServer;
+use k8s_openapi::api::core::v1::Secret;
+use kube::api::{Api, PostParams};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::watch;
+
+pub const NS: &str = "analytics";
+
+/// A running in-process operator.
+pub struct Operator {
+    stop: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+    pub metrics: Arc<Metrics>,
+}
+
+pub struct Harness {
+    pub kube: FakeApiServer,
+    pub aws: FakeAws,
+    pub client: kube::Client,
+    /// The compressed use-by window every service gets in this test.
+    pub window: Duration,
+    pub operator: Option<Operator>,
+}
+
+impl Harness {
+    /// Starts both stand-ins and the operator, with every use-by window compressed to `window`.
+    pub async fn start(window: Duration) -> Self {
+        let kube = FakeApiServer::new();
+        let aws = FakeAws::start().await;
+        let client = kube.client();
+        let mut harness = Harness {
+            kube,
+            aws,
+            client,
+            window,
+            operator: None,
+        };
+        harness.start_operator().await;
+        harness
+    }
+
+    pub async fn start_operator(&mut self) {
+        assert!(self.operator.is_none(), "operator already running");
+        let metrics = Arc::new(Metrics::new());
+        let (stop, stop_rx) = watch::channel(false);
+        let config = ControllerConfig {
+            namespaces: vec![],
+            concurrency: 4,
+            settings: Settings {
+                windows: UseByWindows::uniform(self.window),
+                default_region: Some("us-east-1".to_string()),
+            },
+            instance: Some("test".to_string()),
+        };
+        let providers = Providers::from_sdk_config(&self.aws.sdk_config());
+        let (readiness, controllers) =
+            controller::run(self.client.clone(), providers, config, metrics.clone(), stop_rx);
+        let task = tokio::spawn(controllers);
+        tokio::time::timeout(Duration::from_secs(5), readiness.wait_synced())
+            .await
+            .expect("controller caches synced");
+        self.operator = Some(Operator { stop, task, metrics });
+    }
+
+    /// Stops the operator gracefully and waits for it to drain.
+    pub async fn stop_operator(&mut self) {
+        if let Some(operator) = self.operator.take() {
+            let _ = operator.stop.send(true);
+            tokio::time::timeout(Duration::from_secs(10), operator.task)
+                .await
+                .expect("operator drained")
+                .expect("operator task");
+        }
+    }
+
+    /// Kills the operator at once, as a crash or SIGKILL would.
+    pub fn kill_operator(&mut self) {
+        if let Some(operator) = self.operator.take() {
+            operator.task.abort();
+        }
+    }
+
+    pub fn metrics(&self) -> Arc<Metrics> {
+        self.operator.as_ref().expect("operator running").metrics.clone()
+    }
+
+    pub fn requests(&self) -> Api<EmbedUrlRequest> {
+        Api::namespaced(self.client.clone(), NS)
+    }
+
+    pub fn secrets(&self) -> Api<Secret> {
+        Api::namespaced(self.client.clone(), NS)
+    }
+
+    pub async fn create(&self, name: &str, spec: EmbedUrlRequestSpec) -> EmbedUrlRequest {
+        self.requests()
+            .create(&PostParams::default(), &EmbedUrlRequest::new(name, spec))
+            .await
+            .expect("create request")
+    }
+
+    /// The Secret as stored by the fake API server.
+    pub fn secret(&self, name: &str) -> Option<Secret> {
+        self.kube
+            .get("v1", "secrets", Some(NS), name)
+            .map(|v| serde_json::from_value(v).expect("stored Secret parses"))
+    }
+
+    pub fn secret_value(&self, name: &str, key: &str) -> Option<String> {
+        let secret = self.secret(name)?;
+        let bytes = secret.data?.get(key)?.0.clone();
+        Some(String::from_utf8(bytes).expect("utf-8 value"))
+    }
+
+    pub fn status(&self, name: &str) -> EmbedUrlRequestStatus {
+        self.kube
+            .get("embedurl.io/v1alpha1", "embedurlrequests", Some(NS), name)
+            .and_then(|v| v.get("status").cloned())
+            .map(|s| serde_json::from_value(s).expect("status parses"))
+            .unwrap_or_default()
+    }
+
+    pub fn ready_reason(&self, name: &str) -> Option<(String, String)> {
+        self.status(name)
+            .ready()
+            .map(|c| (c.status.clone(), c.reason.clone()))
+    }
+}
+
+/// Polls `check` every 20 ms until it returns `Some`, or fails the test after `timeout`.
+pub async fn eventually<T>(what: &str, timeout: Duration, mut check: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(value) = check() {
+            return value;
+        }
+        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
