@@ -13,6 +13,7 @@ use kube::runtime::reflector::{self, Store};
 use kube::runtime::{Controller, WatchStreamExt, controller, watcher};
 use kube::{Api, Client, ResourceExt};
 use std::sync::Arc;
+use std::time::Duration;
 use tokio::sync::{Semaphore, watch};
 use tracing::{debug, warn};
 
@@ -41,9 +42,28 @@ impl Readiness {
     /// Waits until every watch has listed once.
     pub async fn wait_synced(&self) {
         for (requests, secrets) in &self.stores {
-            // An error means the writer was dropped: the controller stopped, nothing to wait for.
-            let _ = requests.wait_until_ready().await;
-            let _ = secrets.wait_until_ready().await;
+            wait_until_ready(|| requests.wait_until_ready()).await;
+            wait_until_ready(|| secrets.wait_until_ready()).await;
+        }
+        debug!("caches synced");
+    }
+}
+
+/// Polls a store's readiness again every 100 ms. kube-runtime 5 wakes only the task that polled
+/// `Store::wait_until_ready` last (one oneshot receiver shared behind a mutex), and the
+/// controller's own runner waits on the same store, so a single long wait here can sleep
+/// forever. A store that is ready answers at once, so re-polling costs nothing.
+async fn wait_until_ready<F, Fut, E>(ready: F)
+where
+    F: Fn() -> Fut,
+    Fut: Future<Output = Result<(), E>>,
+{
+    loop {
+        // An error means the writer was dropped: the controller stopped, nothing to wait for.
+        if let Ok(_ready_or_stopped) =
+            tokio::time::timeout(Duration::from_millis(100), ready()).await
+        {
+            return;
         }
     }
 }

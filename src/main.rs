@@ -226,6 +226,7 @@ async fn run(args: RunArgs) -> Result<(), String> {
         tokio::spawn(async move {
             readiness.wait_synced().await;
             ready_flag.set(true);
+            info!("watches synced, ready");
         });
         controllers.await;
     }

@@ -84,7 +84,9 @@ impl FakeAws {
             .mount(&server)
             .await;
         Mock::given(method("POST"))
-            .and(path_regex(r"^/applications/[^/]+/experiences/[^/]+/anonymous-url$"))
+            .and(path_regex(
+                r"^/applications/[^/]+/experiences/[^/]+/anonymous-url$",
+            ))
             .respond_with(Responder {
                 service: Service::QBusiness,
                 state: state.clone(),
@@ -117,9 +119,15 @@ impl FakeAws {
             .behavior_version(BehaviorVersion::latest())
             .region(Region::new("us-east-1"))
             .endpoint_url(self.uri())
-            .credentials_provider(aws_credential_types::provider::SharedCredentialsProvider::new(
-                Credentials::new(TEST_ACCESS_KEY, "fake-secret", None, None, "test"),
-            ))
+            .credentials_provider(
+                aws_credential_types::provider::SharedCredentialsProvider::new(Credentials::new(
+                    TEST_ACCESS_KEY,
+                    "fake-secret",
+                    None,
+                    None,
+                    "test",
+                )),
+            )
             .retry_config(
                 RetryConfig::standard()
                     .with_max_attempts(2)
@@ -151,12 +159,19 @@ impl FakeAws {
     /// Answers the next `times` calls of `service` with `fault`.
     pub fn fail_next(&self, service: Service, fault: Fault, times: usize) {
         let mut queued = self.state.queued_faults.lock().unwrap();
-        queued.entry(service).or_default().extend(std::iter::repeat_n(fault, times));
+        queued
+            .entry(service)
+            .or_default()
+            .extend(std::iter::repeat_n(fault, times));
     }
 
     /// Answers every call of `service` with `fault` until [`FakeAws::clear_faults`].
     pub fn fail_always(&self, service: Service, fault: Fault) {
-        self.state.standing_faults.lock().unwrap().insert(service, fault);
+        self.state
+            .standing_faults
+            .lock()
+            .unwrap()
+            .insert(service, fault);
     }
 
     pub fn clear_faults(&self) {
@@ -208,7 +223,13 @@ impl Respond for Responder {
 
 impl Responder {
     fn next_fault(&self) -> Option<Fault> {
-        if let Some(fault) = self.state.standing_faults.lock().unwrap().get(&self.service) {
+        if let Some(fault) = self
+            .state
+            .standing_faults
+            .lock()
+            .unwrap()
+            .get(&self.service)
+        {
             return Some(*fault);
         }
         self.state
@@ -244,7 +265,11 @@ fn inputs_of(service: Service, request: &Request) -> HashMap<String, Value> {
 
 /// Access key and region from `Authorization: AWS4-HMAC-SHA256 Credential=AKID/date/region/service/aws4_request, ...`.
 fn signing_scope(request: &Request) -> (Option<String>, Option<String>) {
-    let Some(auth) = request.headers.get("authorization").and_then(|v| v.to_str().ok()) else {
+    let Some(auth) = request
+        .headers
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+    else {
         return (None, None);
     };
     let Some(credential) = auth.split("Credential=").nth(1) else {
@@ -273,21 +298,41 @@ fn success_response(service: Service, url: &str) -> ResponseTemplate {
 
 fn error_response(service: Service, fault: Fault) -> ResponseTemplate {
     let (status, code, message) = match (service, fault) {
-        (_, Fault::Throttle) if service == Service::Flink => (400, "ThrottlingException", "Rate exceeded"),
+        (_, Fault::Throttle) if service == Service::Flink => {
+            (400, "ThrottlingException", "Rate exceeded")
+        }
         (_, Fault::Throttle) => (429, "ThrottlingException", "Rate exceeded"),
-        (Service::QuickSight, Fault::ServerError) => (500, "InternalFailureException", "internal failure"),
-        (Service::QBusiness, Fault::ServerError) => (500, "InternalServerException", "internal error"),
+        (Service::QuickSight, Fault::ServerError) => {
+            (500, "InternalFailureException", "internal failure")
+        }
+        (Service::QBusiness, Fault::ServerError) => {
+            (500, "InternalServerException", "internal error")
+        }
         (Service::Flink, Fault::ServerError) => (500, "InternalFailure", "internal failure"),
-        (Service::QuickSight, Fault::Reject) => (401, "AccessDeniedException", "not authorized to GetSessionEmbedUrl"),
+        (Service::QuickSight, Fault::Reject) => (
+            401,
+            "AccessDeniedException",
+            "not authorized to GetSessionEmbedUrl",
+        ),
         (Service::QBusiness, Fault::Reject) => (403, "AccessDeniedException", "not authorized"),
-        (Service::Flink, Fault::Reject) => (400, "ResourceNotFoundException", "Application orders not found"),
+        (Service::Flink, Fault::Reject) => (
+            400,
+            "ResourceNotFoundException",
+            "Application orders not found",
+        ),
     };
     match service {
         // rest-json: code in x-amzn-ErrorType; QuickSight capitalises "Message".
         Service::QuickSight => ResponseTemplate::new(status)
-            .insert_header("x-amzn-ErrorType", format!("{code}:http://internal.amazon.com/coral/com.amazonaws.quicksight/"))
+            .insert_header(
+                "x-amzn-ErrorType",
+                format!("{code}:http://internal.amazon.com/coral/com.amazonaws.quicksight/"),
+            )
             .insert_header("x-amzn-RequestId", "req-fake")
-            .set_body_raw(json!({"Message": message, "RequestId": "req-fake"}).to_string(), "application/json"),
+            .set_body_raw(
+                json!({"Message": message, "RequestId": "req-fake"}).to_string(),
+                "application/json",
+            ),
         Service::QBusiness => ResponseTemplate::new(status)
             .insert_header("x-amzn-ErrorType", code)
             .set_body_raw(json!({"message": message}).to_string(), "application/json"),

@@ -72,13 +72,22 @@ impl Harness {
             instance: Some("test".to_string()),
         };
         let providers = Providers::from_sdk_config(&self.aws.sdk_config());
-        let (readiness, controllers) =
-            controller::run(self.client.clone(), providers, config, metrics.clone(), stop_rx);
+        let (readiness, controllers) = controller::run(
+            self.client.clone(),
+            providers,
+            config,
+            metrics.clone(),
+            stop_rx,
+        );
         let task = tokio::spawn(controllers);
         tokio::time::timeout(Duration::from_secs(5), readiness.wait_synced())
             .await
             .expect("controller caches synced");
-        self.operator = Some(Operator { stop, task, metrics });
+        self.operator = Some(Operator {
+            stop,
+            task,
+            metrics,
+        });
     }
 
     /// Stops the operator gracefully and waits for it to drain.
@@ -100,7 +109,11 @@ impl Harness {
     }
 
     pub fn metrics(&self) -> Arc<Metrics> {
-        self.operator.as_ref().expect("operator running").metrics.clone()
+        self.operator
+            .as_ref()
+            .expect("operator running")
+            .metrics
+            .clone()
     }
 
     pub fn requests(&self) -> Api<EmbedUrlRequest> {
@@ -147,13 +160,20 @@ impl Harness {
 }
 
 /// Polls `check` every 20 ms until it returns `Some`, or fails the test after `timeout`.
-pub async fn eventually<T>(what: &str, timeout: Duration, mut check: impl FnMut() -> Option<T>) -> T {
+pub async fn eventually<T>(
+    what: &str,
+    timeout: Duration,
+    mut check: impl FnMut() -> Option<T>,
+) -> T {
     let deadline = Instant::now() + timeout;
     loop {
         if let Some(value) = check() {
             return value;
         }
-        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }

@@ -1,0 +1,288 @@
+//! End to end: the real binary, spawned with a kubeconfig pointing at the fake API server served
+//! over HTTP, and the standard `AWS_ENDPOINT_URL_*` variables pointing at the fake AWS.
+
+use crate::support::fake_aws::{FakeAws, TEST_ACCESS_KEY};
+use crate::support::fake_kube::FakeApiServer;
+use crate::support::{NS, eventually};
+use crate::{flink, quick_sight};
+use embed_url_operator::crd::EmbedUrlRequest;
+use jiff::Timestamp;
+use k8s_openapi::api::core::v1::Secret;
+use kube::api::{Api, PostParams};
+use std::io::Read;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command};
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const WAIT: Duration = Duration::from_secs(15);
+
+struct Cluster {
+    kube: FakeApiServer,
+    aws: FakeAws,
+    dir: tempfile::TempDir,
+    kubeconfig: PathBuf,
+}
+
+impl Cluster {
+    async fn start() -> Self {
+        let kube = FakeApiServer::new();
+        let addr = kube.serve_http().await;
+        let aws = FakeAws::start().await;
+        let dir = tempfile::tempdir().unwrap();
+        let kubeconfig = dir.path().join("kubeconfig");
+        std::fs::write(&kubeconfig, FakeApiServer::kubeconfig_yaml(addr)).unwrap();
+        Cluster {
+            kube,
+            aws,
+            dir,
+            kubeconfig,
+        }
+    }
+
+    fn secret_value(&self, name: &str, key: &str) -> Option<String> {
+        let secret: Secret =
+            serde_json::from_value(self.kube.get("v1", "secrets", Some(NS), name)?).ok()?;
+        String::from_utf8(secret.data?.get(key)?.0.clone()).ok()
+    }
+
+    async fn create(&self, name: &str, spec: embed_url_operator::crd::EmbedUrlRequestSpec) {
+        let api: Api<EmbedUrlRequest> = Api::namespaced(self.kube.client(), NS);
+        api.create(&PostParams::default(), &EmbedUrlRequest::new(name, spec))
+            .await
+            .unwrap();
+    }
+
+    /// Spawns the operator binary. Logs go to a file so the test can check them.
+    fn spawn(&self, instance: &str, window: &str, extra_args: &[&str]) -> OperatorProcess {
+        let http = free_port();
+        let log = self.dir.path().join(format!("{instance}.log"));
+        let log_file = std::fs::File::create(&log).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_embed-url-operator"))
+            .arg("run")
+            .args(extra_args)
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("KUBECONFIG", &self.kubeconfig)
+            .env("AWS_ENDPOINT_URL_QUICKSIGHT", self.aws.uri())
+            .env("AWS_ENDPOINT_URL_QBUSINESS", self.aws.uri())
+            .env("AWS_ENDPOINT_URL_KINESIS_ANALYTICS_V2", self.aws.uri())
+            .env("AWS_ACCESS_KEY_ID", TEST_ACCESS_KEY)
+            .env("AWS_SECRET_ACCESS_KEY", "fake-secret")
+            .env("AWS_REGION", "us-east-1")
+            .env("AWS_EC2_METADATA_DISABLED", "true")
+            .env("AWS_CONFIG_FILE", self.dir.path().join("no-aws-config"))
+            .env(
+                "AWS_SHARED_CREDENTIALS_FILE",
+                self.dir.path().join("no-aws-credentials"),
+            )
+            .env("EMBEDURL_HTTP_ADDR", http.to_string())
+            .env("EMBEDURL_USE_BY_WINDOW_OVERRIDE", window)
+            .env("POD_NAME", instance)
+            .env("POD_NAMESPACE", "operators")
+            // The most verbose level: even debug logs must never carry a URL.
+            .env("RUST_LOG", "debug")
+            .stdout(log_file.try_clone().unwrap())
+            .stderr(log_file)
+            .spawn()
+            .expect("spawn the operator binary");
+        OperatorProcess { child, http, log }
+    }
+}
+
+struct OperatorProcess {
+    child: Child,
+    http: SocketAddr,
+    log: PathBuf,
+}
+
+impl OperatorProcess {
+    async fn get(&self, path: &str) -> Option<(u16, String)> {
+        let mut stream = tokio::net::TcpStream::connect(self.http).await.ok()?;
+        stream
+            .write_all(format!("GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").as_bytes())
+            .await
+            .ok()?;
+        let mut response = String::new();
+        stream.read_to_string(&mut response).await.ok()?;
+        let status = response.split_whitespace().nth(1)?.parse().ok()?;
+        let body = response
+            .split("\r\n\r\n")
+            .nth(1)
+            .unwrap_or_default()
+            .to_string();
+        Some((status, body))
+    }
+
+    async fn wait_ready(&self) {
+        let deadline = std::time::Instant::now() + WAIT;
+        loop {
+            if let Some((200, _)) = self.get("/readyz").await {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "operator never became ready: {}",
+                self.logs()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    fn logs(&self) -> String {
+        let mut text = String::new();
+        if let Ok(mut f) = std::fs::File::open(&self.log) {
+            let _ = f.read_to_string(&mut text);
+        }
+        text
+    }
+
+    fn terminate(&mut self) -> std::process::ExitStatus {
+        let pid = self.child.id().to_string();
+        let sent = Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+        assert!(sent.success());
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no exit after SIGTERM"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for OperatorProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> SocketAddr {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.local_addr().unwrap()
+}
+
+#[tokio::test]
+async fn the_binary_mints_serves_metrics_and_shuts_down_on_sigterm() {
+    let cluster = Cluster::start().await;
+    let mut operator = cluster.spawn("solo", "60s", &[]);
+    operator.wait_ready().await;
+    assert_eq!(operator.get("/healthz").await.map(|r| r.0), Some(200));
+
+    cluster.create("console", quick_sight()).await;
+    cluster.create("dashboard", flink()).await;
+    let url = eventually("URL in the Secret", WAIT, || {
+        cluster.secret_value("console", "url")
+    })
+    .await;
+    eventually("flink URL", WAIT, || {
+        cluster.secret_value("dashboard", "url")
+    })
+    .await;
+    let status = eventually("Ready status", WAIT, || {
+        let object = cluster.kube.get(
+            "embedurl.io/v1alpha1",
+            "embedurlrequests",
+            Some(NS),
+            "console",
+        )?;
+        let ready = object["status"]["conditions"][0]["status"].as_str()? == "True";
+        ready.then(|| object["status"].clone())
+    })
+    .await;
+    assert_eq!(status["service"], "QuickSight");
+    let expires: Timestamp = status["urlExpiresAt"].as_str().unwrap().parse().unwrap();
+    assert!(expires > Timestamp::now());
+
+    let (code, metrics) = operator.get("/metrics").await.unwrap();
+    assert_eq!(code, 200);
+    assert!(metrics.contains("embedurl_reconciles_total"), "{metrics}");
+    assert!(
+        metrics.contains(r#"embedurl_aws_calls_total{service="QuickSight",operation="GetSessionEmbedUrl",outcome="Success"} 1"#),
+        "{metrics}"
+    );
+    assert!(metrics.contains(
+        "embedurl_url_expiry_timestamp_seconds{namespace=\"analytics\",name=\"console\""
+    ));
+    assert!(!metrics.contains(&url));
+
+    let exit = operator.terminate();
+    assert!(
+        exit.success(),
+        "exit after SIGTERM: {exit:?}\n{}",
+        operator.logs()
+    );
+    let logs = operator.logs();
+    assert!(logs.contains("minted URL"), "{logs}");
+    assert!(!logs.contains(&url), "a URL leaked into the logs");
+    assert!(
+        !logs.contains("fake.test/sign-in"),
+        "a URL leaked into the logs"
+    );
+}
+
+#[tokio::test]
+async fn one_leader_mints_and_a_standby_takes_over_without_a_lapse() {
+    let cluster = Cluster::start().await;
+    let election = ["--leader-election", "--lease-duration=2s"];
+    let mut first = cluster.spawn("first", "10s", &election);
+    first.wait_ready().await;
+    let second = cluster.spawn("second", "10s", &election);
+    second.wait_ready().await;
+
+    cluster.create("console", quick_sight()).await;
+    eventually("URL in the Secret", WAIT, || {
+        cluster.secret_value("console", "url")
+    })
+    .await;
+    let holder = || -> Option<String> {
+        cluster.kube.get(
+            "coordination.k8s.io/v1",
+            "leases",
+            Some("operators"),
+            "embed-url-operator",
+        )?["spec"]["holderIdentity"]
+            .as_str()
+            .map(str::to_string)
+    };
+    assert_eq!(holder().as_deref(), Some("first"));
+
+    // Watch the Secret for a while with both replicas up, then kill the leader without warning:
+    // the standby must take over within the lease duration, and the URL must never lapse.
+    let mut urls = std::collections::BTreeSet::new();
+    let started = std::time::Instant::now();
+    let mut killed = false;
+    while started.elapsed() < Duration::from_secs(14) {
+        if !killed && started.elapsed() > Duration::from_secs(4) {
+            first.child.kill().unwrap();
+            first.child.wait().unwrap();
+            killed = true;
+        }
+        let expires: Timestamp = cluster
+            .secret_value("console", "expiresAt")
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert!(expires > Timestamp::now(), "the URL lapsed");
+        urls.insert(cluster.secret_value("console", "url").unwrap());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(holder().as_deref(), Some("second"));
+    assert!(urls.len() >= 3, "{} URLs", urls.len());
+    // Exactly one replica acted at a time: one call per URL.
+    assert_eq!(cluster.aws.calls().len(), urls.len());
+    assert!(first.logs().contains("became leader"));
+    assert!(second.logs().contains("became leader"));
+    let second_logs = second.logs();
+    let before_takeover = second_logs.split("became leader").next().unwrap();
+    assert!(
+        !before_takeover.contains("minted URL"),
+        "the standby minted before it led"
+    );
+}

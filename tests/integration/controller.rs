@@ -1,0 +1,642 @@
+//! The real controller against the fake API server and the fake AWS endpoint.
+
+use crate::support::fake_aws::{Fault, TEST_ACCESS_KEY};
+use crate::support::{Harness, NS, eventually};
+use crate::{flink, q_business, quick_sight};
+use embed_url_operator::crd::EmbedUrlRequest;
+use embed_url_operator::providers::Service;
+use jiff::Timestamp;
+use k8s_openapi::api::core::v1::Secret;
+use kube::api::{Api, DeleteParams, DynamicObject, Patch, PatchParams, PostParams};
+use kube::core::ApiResource;
+use serde_json::json;
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+const LONG_WINDOW: Duration = Duration::from_secs(120);
+const WAIT: Duration = Duration::from_secs(10);
+
+async fn minted_url(h: &Harness, secret: &str) -> String {
+    eventually(&format!("a URL in Secret {secret}"), WAIT, || {
+        h.secret_value(secret, "url")
+    })
+    .await
+}
+
+async fn patch_spec(h: &Harness, name: &str, spec: serde_json::Value) {
+    h.requests()
+        .patch(
+            name,
+            &PatchParams::default(),
+            &Patch::Merge(json!({ "spec": spec })),
+        )
+        .await
+        .expect("patch spec");
+}
+
+#[tokio::test]
+async fn each_service_mints_into_its_secret() {
+    let h = Harness::start(LONG_WINDOW).await;
+    h.create("console", quick_sight()).await;
+    h.create("chat", q_business()).await;
+    let mut eu_flink = flink();
+    eu_flink.region = Some("eu-west-1".into());
+    eu_flink.secret_name = Some("flink-dashboard".into());
+    h.create("dashboard", eu_flink).await;
+
+    let urls = [
+        ("console", "console", "https://quicksight.fake.test/"),
+        ("chat", "chat", "https://qbusiness.fake.test/"),
+        ("dashboard", "flink-dashboard", "https://flink.fake.test/"),
+    ];
+    for (request, secret, prefix) in urls {
+        let url = minted_url(&h, secret).await;
+        assert!(url.starts_with(prefix), "{secret}: {url}");
+        let status = eventually("Ready", WAIT, || {
+            let s = h.status(request);
+            s.ready().filter(|c| c.status == "True").map(|_| s.clone())
+        })
+        .await;
+        assert_eq!(status.ready().unwrap().reason, "UrlReady");
+        assert_eq!(status.secret_name.as_deref(), Some(secret));
+        assert_eq!(status.observed_generation, Some(1));
+        assert_eq!(status.consecutive_failures, Some(0));
+        assert_eq!(status.url_expires_at, h.secret_value(secret, "expiresAt"));
+        assert_eq!(
+            status.session_expires_at,
+            h.secret_value(secret, "sessionExpiresAt")
+        );
+        // The URL is a bearer credential: never in the status.
+        assert!(!serde_json::to_string(&status).unwrap().contains(&url));
+
+        let stored = h.secret(secret).unwrap();
+        assert_eq!(stored.type_.as_deref(), Some("Opaque"));
+        assert_eq!(
+            stored.metadata.labels.as_ref().unwrap()["app.kubernetes.io/managed-by"],
+            "embed-url-operator"
+        );
+        let owner = &stored.metadata.owner_references.as_ref().unwrap()[0];
+        assert_eq!(
+            (owner.kind.as_str(), owner.name.as_str(), owner.controller),
+            ("EmbedUrlRequest", request, Some(true))
+        );
+    }
+    assert_eq!(h.status("console").service.as_deref(), Some("QuickSight"));
+    assert_eq!(h.status("chat").service.as_deref(), Some("QBusiness"));
+    assert_eq!(h.status("dashboard").service.as_deref(), Some("Flink"));
+
+    // One call each, with the spec's inputs on the wire, signed with the operator's credentials
+    // for the request's region.
+    let calls = h.aws.calls();
+    assert_eq!(calls.len(), 3, "{calls:?}");
+    let qs = calls
+        .iter()
+        .find(|c| c.service == Service::QuickSight)
+        .unwrap();
+    assert_eq!(qs.inputs["AwsAccountId"], "111122223333");
+    assert_eq!(qs.inputs["entry-point"], "/start/dashboards");
+    assert_eq!(qs.inputs["session-lifetime"], "120");
+    assert_eq!(
+        qs.inputs["user-arn"],
+        "arn:aws:quicksight:us-east-1:111122223333:user/default/alice"
+    );
+    assert_eq!(qs.region.as_deref(), Some("us-east-1"));
+    let qb = calls
+        .iter()
+        .find(|c| c.service == Service::QBusiness)
+        .unwrap();
+    assert_eq!(qb.inputs["applicationId"], crate::ID36);
+    assert_eq!(qb.inputs["sessionDurationInMinutes"], 30);
+    let fl = calls.iter().find(|c| c.service == Service::Flink).unwrap();
+    assert_eq!(fl.inputs["ApplicationName"], "orders");
+    assert_eq!(fl.inputs["UrlType"], "FLINK_DASHBOARD_URL");
+    assert_eq!(fl.inputs["SessionExpirationDurationInSeconds"], 3600);
+    assert_eq!(fl.region.as_deref(), Some("eu-west-1"));
+    assert!(
+        calls
+            .iter()
+            .all(|c| c.access_key.as_deref() == Some(TEST_ACCESS_KEY))
+    );
+
+    // Events mark the transition to Ready, and carry no URL either.
+    let events = h.kube.list("events.k8s.io/v1", "events");
+    assert!(!events.is_empty());
+    for (_, secret, _) in urls {
+        let url = h.secret_value(secret, "url").unwrap();
+        assert!(!serde_json::to_string(&events).unwrap().contains(&url));
+    }
+
+    let metrics = h.metrics().encode();
+    assert!(
+        metrics.contains(r#"embedurl_aws_calls_total{service="QuickSight",operation="GetSessionEmbedUrl",outcome="Success"} 1"#),
+        "{metrics}"
+    );
+    assert!(metrics.contains(
+        r#"embedurl_ready{namespace="analytics",name="console",service="QuickSight"} 1"#
+    ));
+}
+
+#[tokio::test]
+async fn settled_requests_make_no_aws_calls_and_no_writes() {
+    let h = Harness::start(LONG_WINDOW).await;
+    h.create("console", quick_sight()).await;
+    minted_url(&h, "console").await;
+    eventually("Ready", WAIT, || {
+        h.ready_reason("console").filter(|(s, _)| s == "True")
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    let calls = h.aws.calls().len();
+    let secret_writes = h.kube.effective_write_count("secrets");
+    let request_writes = h.kube.effective_write_count("embedurlrequests");
+    assert_eq!(calls, 1);
+    assert_eq!(secret_writes, 1, "one Secret write per mint");
+    // create + one status write: the echoes of the operator's own writes change nothing.
+    assert_eq!(request_writes, 2);
+
+    // Every watch ends and relists: every object is reconciled again, with nothing to do.
+    h.kube.end_all_watches();
+    // An unrelated metadata change also triggers a reconcile.
+    h.requests()
+        .patch(
+            "console",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"labels": {"team": "bi"}}})),
+        )
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert_eq!(h.aws.calls().len(), calls);
+    assert_eq!(h.kube.effective_write_count("secrets"), secret_writes);
+    assert_eq!(
+        h.kube.effective_write_count("embedurlrequests"),
+        request_writes + 1
+    );
+}
+
+#[tokio::test]
+async fn urls_are_replaced_before_their_use_by_time() {
+    // A 3 s window: the default refreshBefore is 1.5 s.
+    let h = Harness::start(Duration::from_secs(3)).await;
+    h.create("console", quick_sight()).await;
+    minted_url(&h, "console").await;
+
+    let mut seen = std::collections::BTreeSet::new();
+    let started = std::time::Instant::now();
+    while started.elapsed() < Duration::from_secs(7) {
+        let url = h.secret_value("console", "url").unwrap();
+        let expires: Timestamp = h
+            .secret_value("console", "expiresAt")
+            .unwrap()
+            .parse()
+            .unwrap();
+        let slack = expires.duration_since(Timestamp::now());
+        // Whatever a pod reads is still usable, with most of refreshBefore to spare.
+        assert!(
+            slack.as_millis() > 500,
+            "URL in the Secret has only {slack:?} left"
+        );
+        seen.insert(url);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(seen.len() >= 4, "only {} URLs in 7 s", seen.len());
+    // One AWS call per URL: no duplicate mints from the echoes of our own writes.
+    assert!(
+        h.aws.calls().len() <= seen.len() + 1,
+        "{} calls for {} URLs",
+        h.aws.calls().len(),
+        seen.len()
+    );
+    // Events mark transitions only, not every refresh.
+    let events = h.kube.list("events.k8s.io/v1", "events");
+    assert_eq!(events.len(), 1, "{events:?}");
+    let metrics = h.metrics().encode();
+    assert!(
+        metrics.contains("embedurl_refresh_lateness_seconds_count"),
+        "{metrics}"
+    );
+}
+
+#[tokio::test]
+async fn spec_change_mints_a_new_url() {
+    let h = Harness::start(LONG_WINDOW).await;
+    h.create("console", quick_sight()).await;
+    let first = minted_url(&h, "console").await;
+    patch_spec(
+        &h,
+        "console",
+        json!({"quickSight": {"entryPoint": "/start/analyses"}}),
+    )
+    .await;
+    let second = eventually("a new URL", WAIT, || {
+        h.secret_value("console", "url").filter(|u| *u != first)
+    })
+    .await;
+    assert_ne!(first, second);
+    eventually("generation 2 observed", WAIT, || {
+        (h.status("console").observed_generation == Some(2)).then_some(())
+    })
+    .await;
+    let calls = h.aws.calls();
+    assert_eq!(calls.len(), 2);
+    assert_eq!(calls[1].inputs["entry-point"], "/start/analyses");
+}
+
+#[tokio::test]
+async fn deleted_or_edited_secret_is_restored() {
+    let h = Harness::start(LONG_WINDOW).await;
+    h.create("console", quick_sight()).await;
+    let first = minted_url(&h, "console").await;
+
+    h.secrets()
+        .delete("console", &DeleteParams::default())
+        .await
+        .unwrap();
+    let second = eventually("Secret restored", WAIT, || {
+        h.secret_value("console", "url").filter(|u| *u != first)
+    })
+    .await;
+
+    // An edited URL cannot be vouched for: it is replaced with a freshly minted one.
+    h.secrets()
+        .patch(
+            "console",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"stringData": {"url": "https://attacker.test/"}, "data": {"url": "aHR0cHM6Ly9hdHRhY2tlci50ZXN0Lw=="}})),
+        )
+        .await
+        .unwrap();
+    let third = eventually("edited URL replaced", WAIT, || {
+        h.secret_value("console", "url")
+            .filter(|u| *u != second && !u.contains("attacker"))
+    })
+    .await;
+    assert!(third.starts_with("https://quicksight.fake.test/"));
+    let calls_after_edit = h.aws.calls().len();
+    assert_eq!(calls_after_edit, 3);
+
+    // Labels removed by hand are restored without a new mint.
+    h.secrets()
+        .patch(
+            "console",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"labels": {"app.kubernetes.io/managed-by": null}}})),
+        )
+        .await
+        .unwrap();
+    eventually("label restored", WAIT, || {
+        h.secret("console")
+            .and_then(|s| s.metadata.labels)
+            .filter(|l| {
+                l.get("app.kubernetes.io/managed-by").map(String::as_str)
+                    == Some("embed-url-operator")
+            })
+    })
+    .await;
+    assert_eq!(
+        h.secret_value("console", "url").as_deref(),
+        Some(third.as_str())
+    );
+    assert_eq!(h.aws.calls().len(), calls_after_edit);
+}
+
+#[tokio::test]
+async fn a_foreign_secret_is_never_overwritten() {
+    let h = Harness::start(LONG_WINDOW).await;
+    let foreign = Secret {
+        metadata: kube::api::ObjectMeta {
+            name: Some("taken".into()),
+            ..Default::default()
+        },
+        string_data: Some(BTreeMap::from([(
+            "password".to_string(),
+            "hunter2".to_string(),
+        )])),
+        ..Default::default()
+    };
+    h.secrets()
+        .create(&PostParams::default(), &foreign)
+        .await
+        .unwrap();
+    let mut spec = quick_sight();
+    spec.secret_name = Some("taken".into());
+    h.create("console", spec).await;
+
+    let (status, reason) = eventually("SecretConflict", WAIT, || {
+        h.ready_reason("console")
+            .filter(|(_, r)| r == "SecretConflict")
+    })
+    .await;
+    assert_eq!(status, "False");
+    let message = h.status("console").ready().unwrap().message.clone();
+    assert!(
+        message.contains("\"taken\"") && message.contains("spec.secretName"),
+        "{message}"
+    );
+    assert_eq!(reason, "SecretConflict");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        h.aws.calls().len(),
+        0,
+        "no AWS call for a request that cannot write its Secret"
+    );
+    assert_eq!(
+        h.secret_value("taken", "password").as_deref(),
+        Some("hunter2")
+    );
+    assert_eq!(h.secret_value("taken", "url"), None);
+}
+
+#[tokio::test]
+async fn deleting_the_request_garbage_collects_the_secret() {
+    let h = Harness::start(LONG_WINDOW).await;
+    h.create("console", quick_sight()).await;
+    minted_url(&h, "console").await;
+    h.requests()
+        .delete("console", &DeleteParams::default())
+        .await
+        .unwrap();
+    eventually("Secret collected", WAIT, || {
+        h.secret("console").is_none().then_some(())
+    })
+    .await;
+    eventually("metrics forgotten", WAIT, || {
+        (!h.metrics().encode().contains("name=\"console\"")).then_some(())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn throttling_keeps_the_old_url_then_recovers() {
+    let h = Harness::start(Duration::from_secs(6)).await;
+    h.create("chat", q_business()).await;
+    let first = minted_url(&h, "chat").await;
+    let first_expiry = h.secret_value("chat", "expiresAt").unwrap();
+    h.aws.fail_always(Service::QBusiness, Fault::Throttle);
+
+    // The refresh (3 s in) is throttled: the condition says so, the old URL stays.
+    let (ready, _) = eventually("AwsThrottled", WAIT, || {
+        h.ready_reason("chat").filter(|(_, r)| r == "AwsThrottled")
+    })
+    .await;
+    assert_eq!(ready, "True", "the old URL is still usable");
+    assert_eq!(
+        h.secret_value("chat", "url").as_deref(),
+        Some(first.as_str())
+    );
+    let status = h.status("chat");
+    assert!(status.consecutive_failures.unwrap() >= 1);
+    let message = &status.ready().unwrap().message;
+    assert!(message.contains("ThrottlingException"), "{message}");
+    assert!(message.contains(&first_expiry), "{message}");
+
+    // Throttled for longer than the window: backoff, not a hot loop.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let throttled_calls = h.aws.call_count(Service::QBusiness);
+    assert!(
+        throttled_calls <= 16,
+        "{throttled_calls} calls while throttled"
+    );
+    let (ready, _) = h.ready_reason("chat").unwrap();
+    assert_eq!(
+        ready, "False",
+        "the old URL has lapsed, so the request is not ready"
+    );
+
+    h.aws.clear_faults();
+    let recovered = eventually("recovery", Duration::from_secs(15), || {
+        h.secret_value("chat", "url").filter(|u| *u != first)
+    })
+    .await;
+    assert!(recovered.starts_with("https://qbusiness.fake.test/"));
+    eventually("UrlReady", WAIT, || {
+        h.ready_reason("chat")
+            .filter(|(s, r)| s == "True" && r == "UrlReady")
+    })
+    .await;
+    assert_eq!(h.status("chat").consecutive_failures, Some(0));
+    assert!(h.metrics().encode().contains(r#"outcome="Throttled""#));
+}
+
+#[tokio::test]
+async fn server_errors_are_retried() {
+    let h = Harness::start(LONG_WINDOW).await;
+    // Two 500s: the SDK retries once (2 attempts in the test config), the operator retries
+    // after its own backoff, and the third call succeeds.
+    h.aws.fail_next(Service::Flink, Fault::ServerError, 2);
+    h.create("dashboard", flink()).await;
+    eventually("AwsUnavailable", WAIT, || {
+        h.ready_reason("dashboard")
+            .filter(|(_, r)| r == "AwsUnavailable")
+    })
+    .await;
+    minted_url(&h, "dashboard").await;
+    assert_eq!(h.aws.call_count(Service::Flink), 3);
+}
+
+#[tokio::test]
+async fn a_rejected_request_reports_and_backs_off() {
+    let h = Harness::start(Duration::from_secs(3)).await;
+    h.aws.fail_always(Service::QuickSight, Fault::Reject);
+    h.create("console", quick_sight()).await;
+    let (ready, _) = eventually("AwsRejected", WAIT, || {
+        h.ready_reason("console")
+            .filter(|(_, r)| r == "AwsRejected")
+    })
+    .await;
+    assert_eq!(ready, "False");
+    let message = h.status("console").ready().unwrap().message.clone();
+    assert!(message.contains("AccessDeniedException"), "{message}");
+    // Several windows later: still exactly one call, no hot loop.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(h.aws.call_count(Service::QuickSight), 1);
+    assert_eq!(h.status("console").consecutive_failures, Some(1));
+    assert!(h.secret("console").is_none());
+}
+
+#[tokio::test]
+async fn a_restarted_operator_does_not_mint_fresh_urls_again() {
+    let mut h = Harness::start(LONG_WINDOW).await;
+    h.create("console", quick_sight()).await;
+    h.create("chat", q_business()).await;
+    h.create("dashboard", flink()).await;
+    for secret in ["console", "chat", "dashboard"] {
+        minted_url(&h, secret).await;
+    }
+    eventually("all ready", WAIT, || {
+        ["console", "chat", "dashboard"]
+            .iter()
+            .all(|r| h.ready_reason(r).is_some_and(|(s, _)| s == "True"))
+            .then_some(())
+    })
+    .await;
+    let calls = h.aws.calls().len();
+    let writes =
+        h.kube.effective_write_count("secrets") + h.kube.effective_write_count("embedurlrequests");
+
+    h.stop_operator().await;
+    h.start_operator().await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(
+        h.aws.calls().len(),
+        calls,
+        "a restart must not mint URLs that are still fresh"
+    );
+    assert_eq!(
+        h.kube.effective_write_count("secrets") + h.kube.effective_write_count("embedurlrequests"),
+        writes
+    );
+}
+
+#[tokio::test]
+async fn a_crash_between_secret_and_status_writes_does_not_mint_twice() {
+    let h = Harness::start(LONG_WINDOW).await;
+    // The status write after the first mint fails, as if the operator died right after the
+    // Secret write: the next reconcile must trust the Secret instead of minting again.
+    h.kube
+        .inject_failure("patch", "embedurlrequests/status", 500, 1);
+    h.create("console", quick_sight()).await;
+    minted_url(&h, "console").await;
+    let expires = h.secret_value("console", "expiresAt");
+    eventually(
+        "status repaired from the Secret",
+        Duration::from_secs(15),
+        || (h.status("console").url_expires_at == expires).then_some(()),
+    )
+    .await;
+    assert_eq!(h.aws.calls().len(), 1);
+    assert_eq!(h.ready_reason("console").unwrap().0, "True");
+}
+
+#[tokio::test]
+async fn the_refresh_annotation_mints_once() {
+    let h = Harness::start(LONG_WINDOW).await;
+    h.create("console", quick_sight()).await;
+    let first = minted_url(&h, "console").await;
+    let annotate = |value: &'static str| {
+        let api = h.requests();
+        async move {
+            api.patch(
+                "console",
+                &PatchParams::default(),
+                &Patch::Merge(json!({"metadata": {"annotations": {"embedurl.io/refresh-requested-at": value}}})),
+            )
+            .await
+            .unwrap();
+        }
+    };
+    annotate("2026-11-22T10:00:00Z").await;
+    let second = eventually("refreshed URL", WAIT, || {
+        h.secret_value("console", "url").filter(|u| *u != first)
+    })
+    .await;
+    eventually("handled value recorded", WAIT, || {
+        (h.status("console").last_handled_refresh_request.as_deref()
+            == Some("2026-11-22T10:00:00Z"))
+        .then_some(())
+    })
+    .await;
+    assert_eq!(h.aws.calls().len(), 2);
+    // Touching the object again with the same value does nothing.
+    annotate("2026-11-22T10:00:00Z").await;
+    h.kube.end_all_watches();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(h.aws.calls().len(), 2);
+    assert_eq!(
+        h.secret_value("console", "url").as_deref(),
+        Some(second.as_str())
+    );
+    annotate("second").await;
+    eventually("second refresh", WAIT, || {
+        (h.aws.calls().len() == 3).then_some(())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn suspend_stops_refreshing() {
+    let h = Harness::start(Duration::from_secs(2)).await;
+    h.create("console", quick_sight()).await;
+    minted_url(&h, "console").await;
+    patch_spec(&h, "console", json!({"suspend": true})).await;
+    eventually("Suspended", WAIT, || {
+        h.ready_reason("console").filter(|(_, r)| r == "Suspended")
+    })
+    .await;
+    let calls = h.aws.calls().len();
+    let url = h.secret_value("console", "url");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        h.aws.calls().len(),
+        calls,
+        "a suspended request is not refreshed"
+    );
+    assert_eq!(
+        h.secret_value("console", "url"),
+        url,
+        "the Secret stays as it is"
+    );
+    assert!(h.status("console").next_refresh_time.is_none());
+
+    patch_spec(&h, "console", json!({"suspend": false})).await;
+    eventually("refreshing again", WAIT, || {
+        h.secret_value("console", "url")
+            .filter(|u| Some(u) != url.as_ref())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn specs_that_bypassed_the_schema_get_invalid_spec_and_no_call() {
+    let h = Harness::start(LONG_WINDOW).await;
+    // The fake API server has no schema validation, like a cluster with an older CRD.
+    let mut bad = quick_sight();
+    bad.quick_sight
+        .as_mut()
+        .unwrap()
+        .session_lifetime_in_minutes = Some(5);
+    h.create("too-short", bad).await;
+
+    let resource = ApiResource::erase::<EmbedUrlRequest>(&());
+    let raw: Api<DynamicObject> = Api::namespaced_with(h.client.clone(), NS, &resource);
+    let wrong_type: DynamicObject = serde_json::from_value(json!({
+        "apiVersion": "embedurl.io/v1alpha1",
+        "kind": "EmbedUrlRequest",
+        "metadata": {"name": "wrong-type"},
+        "spec": {"quickSight": {"awsAccountId": "111122223333", "sessionLifetimeInMinutes": "ten"}, "surprise": "x".repeat(100_000)}
+    }))
+    .unwrap();
+    raw.create(&PostParams::default(), &wrong_type)
+        .await
+        .unwrap();
+    h.create("fine", q_business()).await;
+
+    for (name, field) in [
+        ("too-short", "spec.quickSight.sessionLifetimeInMinutes"),
+        ("wrong-type", "spec.quickSight.sessionLifetimeInMinutes"),
+    ] {
+        let message = eventually(&format!("InvalidSpec on {name}"), WAIT, || {
+            h.status(name)
+                .ready()
+                .filter(|c| c.reason == "InvalidSpec" && c.status == "False")
+                .map(|c| c.message.clone())
+        })
+        .await;
+        assert!(message.starts_with(field), "{name}: {message}");
+    }
+    // The valid request next to them is served; the invalid ones cost no AWS call.
+    minted_url(&h, "fine").await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(h.aws.call_count(Service::QuickSight), 0);
+    assert_eq!(h.aws.call_count(Service::QBusiness), 1);
+
+    // Fixing the spec makes it mint.
+    patch_spec(
+        &h,
+        "too-short",
+        json!({"quickSight": {"sessionLifetimeInMinutes": 15}}),
+    )
+    .await;
+    minted_url(&h, "too-short").await;
+}

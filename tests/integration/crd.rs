@@ -1,0 +1,105 @@
+//! The checked-in CRDs are exactly what the Rust types generate.
+
+use embed_url_operator::crd::crd_yaml;
+use std::path::Path;
+
+#[test]
+fn checked_in_crds_match_the_rust_types() {
+    let generated = crd_yaml().expect("render CRD");
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    for file in [
+        "crds/embedurlrequest.yaml",
+        "charts/embed-url-operator/crds/embedurlrequest.yaml",
+    ] {
+        let checked_in = std::fs::read_to_string(root.join(file)).unwrap_or_default();
+        assert!(
+            checked_in == generated,
+            "{file} differs from the Rust types: run `cargo run -- crd > crds/embedurlrequest.yaml` \
+             and copy it to charts/embed-url-operator/crds/"
+        );
+    }
+}
+
+#[test]
+fn crd_carries_every_schema_rule() {
+    let yaml = crd_yaml().expect("render CRD");
+    let crd: serde_json::Value = serde_yaml_ng::from_str(
+        yaml.split("\n---\n")
+            .nth(1)
+            .expect("one YAML document after the header"),
+    )
+    .expect("parse CRD");
+    let version = &crd["spec"]["versions"][0];
+    assert_eq!(crd["spec"]["names"]["shortNames"][0], "eur");
+    assert_eq!(crd["spec"]["scope"], "Namespaced");
+    assert!(version["subresources"]["status"].is_object());
+    let columns: Vec<&str> = version["additionalPrinterColumns"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(columns, ["Service", "Ready", "Secret", "Expires", "Age"]);
+
+    let spec = &version["schema"]["openAPIV3Schema"]["properties"]["spec"];
+    let props = &spec["properties"];
+    assert_eq!(
+        props["quickSight"]["properties"]["awsAccountId"]["pattern"],
+        "^[0-9]{12}$"
+    );
+    assert_eq!(
+        props["quickSight"]["properties"]["sessionLifetimeInMinutes"]["minimum"],
+        15.0
+    );
+    assert_eq!(
+        props["quickSight"]["properties"]["sessionLifetimeInMinutes"]["maximum"],
+        600.0
+    );
+    assert!(props["quickSight"]["properties"]["entryPoint"]["pattern"].is_string());
+    assert_eq!(
+        props["qBusiness"]["properties"]["sessionDurationInMinutes"]["maximum"],
+        60.0
+    );
+    assert!(props["qBusiness"]["properties"]["applicationId"]["pattern"].is_string());
+    assert_eq!(
+        props["flink"]["properties"]["urlType"]["enum"],
+        serde_json::json!(["FLINK_DASHBOARD_URL", "ZEPPELIN_UI_URL"])
+    );
+    assert_eq!(
+        props["flink"]["properties"]["sessionExpirationDurationInSeconds"]["minimum"],
+        1800.0
+    );
+    assert!(props["refreshBefore"]["pattern"].is_string());
+    assert!(props["region"]["pattern"].is_string());
+    let rules: Vec<&str> = spec["x-kubernetes-validations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["rule"].as_str().unwrap())
+        .collect();
+    assert!(
+        rules.iter().any(|r| r.contains("filter(x, x).size() == 1")),
+        "{rules:?}"
+    );
+    assert!(
+        rules
+            .iter()
+            .any(|r| r.contains("duration(self.refreshBefore) <")),
+        "{rules:?}"
+    );
+    // Every spec field is documented, so `kubectl explain` reads like a manual.
+    for (name, field) in props.as_object().unwrap() {
+        assert!(
+            field["description"].is_string(),
+            "spec.{name} has no description"
+        );
+        if let Some(nested) = field["properties"].as_object() {
+            for (inner, f) in nested {
+                assert!(
+                    f["description"].is_string(),
+                    "spec.{name}.{inner} has no description"
+                );
+            }
+        }
+    }
+}
