@@ -103,3 +103,18 @@ fn crd_carries_every_schema_rule() {
         }
     }
 }
+
+#[test]
+fn examples_are_valid_requests() {
+    use embed_url_operator::crd::EmbedUrlRequest;
+    use embed_url_operator::validation::{UseByWindows, validate};
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    for file in ["quicksight.yaml", "qbusiness.yaml", "flink.yaml"] {
+        let text = std::fs::read_to_string(root.join("examples").join(file)).unwrap();
+        let request: EmbedUrlRequest =
+            serde_yaml_ng::from_str(&text).unwrap_or_else(|e| panic!("{file}: {e}"));
+        let name = request.metadata.name.clone().unwrap();
+        validate(&request.spec, &name, None, &UseByWindows::documented())
+            .unwrap_or_else(|e| panic!("{file}: {e}"));
+    }
+}
