@@ -53,6 +53,8 @@ pub struct Call {
     pub region: Option<String>,
     /// Whether the call was answered with a URL.
     pub succeeded: bool,
+    /// When the call arrived.
+    pub at: std::time::Instant,
 }
 
 #[derive(Default)]
@@ -204,6 +206,7 @@ impl Respond for Responder {
             access_key,
             region,
             succeeded: fault.is_none(),
+            at: std::time::Instant::now(),
         });
         let response = match fault {
             Some(fault) => error_response(self.service, fault),
