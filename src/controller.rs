@@ -1,18 +1,20 @@
 //! Wires the kube-runtime controller(s): watches, caches, concurrency and shutdown.
 
 use crate::crd::EmbedUrlRequest;
-use crate::providers::Providers;
+use crate::identity::AwsClients;
+use crate::policy::EmbedUrlPolicy;
 use crate::reconciler::{self, Context, Settings};
 use crate::secret::MANAGED_SECRETS_SELECTOR;
 use crate::telemetry::Metrics;
 use futures::{StreamExt, TryStreamExt, future};
-use k8s_openapi::api::core::v1::Secret;
-use kube::core::DeserializeGuard;
+use k8s_openapi::api::core::v1::{Namespace, Secret};
+use kube::core::{DeserializeGuard, PartialObjectMeta};
 use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::{Controller, WatchStreamExt, controller, watcher};
 use kube::{Api, Client, ResourceExt};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 use tokio::sync::{Semaphore, watch};
 use tracing::{debug, warn};
@@ -74,7 +76,7 @@ where
 /// have drained after shutdown.
 pub fn run(
     client: Client,
-    providers: Providers,
+    aws: Arc<AwsClients>,
     config: ControllerConfig,
     metrics: Arc<Metrics>,
     shutdown: watch::Receiver<bool>,
@@ -128,21 +130,63 @@ pub fn run(
             })
             .touched_objects();
 
+        // Policies and namespace labels decide what may be minted. Any change to them
+        // re-evaluates every request (a live change is rare; the initial listing is one event).
+        let (policy_store, policy_writer) = reflector::store();
+        let (namespace_store, namespace_writer) = reflector::store();
+        let policy_listed = Arc::new(AtomicBool::new(false));
+        let namespace_listed = Arc::new(AtomicBool::new(false));
+        let policies_synced = Arc::new(AtomicBool::new(false));
+        let policy_changes = watcher(
+            Api::<EmbedUrlPolicy>::all(client.clone()),
+            watcher::Config::default(),
+        )
+        .default_backoff()
+        .modify(|p: &mut EmbedUrlPolicy| p.managed_fields_mut().clear())
+        .reflect(policy_writer)
+        .filter_map(change_trigger(
+            "EmbedUrlPolicy",
+            policy_listed.clone(),
+            namespace_listed.clone(),
+            policies_synced.clone(),
+        ));
+        let namespace_config = match &namespace {
+            Some(ns) => watcher::Config::default().fields(&format!("metadata.name={ns}")),
+            None => watcher::Config::default(),
+        };
+        let namespace_changes = watcher(
+            Api::<PartialObjectMeta<Namespace>>::all(client.clone()),
+            namespace_config,
+        )
+        .default_backoff()
+        .modify(|n| n.managed_fields_mut().clear())
+        .reflect(namespace_writer)
+        .filter_map(change_trigger(
+            "Namespace",
+            namespace_listed,
+            policy_listed,
+            policies_synced.clone(),
+        ));
+
         readiness
             .stores
             .push((request_store.clone(), secret_store.clone()));
         let context = Arc::new(Context {
             client: client.clone(),
-            providers: providers.clone(),
+            aws: aws.clone(),
             settings: config.settings.clone(),
             recorder: recorder.clone(),
             secrets: secret_store,
+            policies: policy_store,
+            namespaces: namespace_store,
+            policies_synced,
             aws_permits: aws_permits.clone(),
             metrics: metrics.clone(),
         });
         let mut stop = shutdown.clone();
         let controller = Controller::for_stream(request_events, request_store)
             .owns_stream(secret_events)
+            .reconcile_all_on(futures::stream::select(policy_changes, namespace_changes))
             .with_config(controller::Config::default().concurrency(config.concurrency.max(1)))
             .graceful_shutdown_on(async move {
                 let _ = stop.wait_for(|stop| *stop).await;
@@ -160,6 +204,33 @@ pub fn run(
     (readiness, async move {
         future::join_all(controllers).await;
     })
+}
+
+/// Turns a policy or namespace watch into "re-evaluate every request" triggers, and marks the
+/// policy caches synced once both this watch and its `other` have listed.
+fn change_trigger<K>(
+    what: &'static str,
+    listed: Arc<AtomicBool>,
+    other_listed: Arc<AtomicBool>,
+    synced: Arc<AtomicBool>,
+) -> impl FnMut(Result<watcher::Event<K>, watcher::Error>) -> future::Ready<Option<()>> {
+    move |event| {
+        future::ready(match event {
+            Ok(watcher::Event::InitDone) => {
+                listed.store(true, Ordering::Release);
+                if other_listed.load(Ordering::Acquire) {
+                    synced.store(true, Ordering::Release);
+                }
+                Some(())
+            }
+            Ok(watcher::Event::Apply(_) | watcher::Event::Delete(_)) => Some(()),
+            Ok(watcher::Event::Init | watcher::Event::InitApply(_)) => None,
+            Err(error) => {
+                warn!(error = %error, "{what} watch failed; requests wait until it recovers");
+                None
+            }
+        })
+    }
 }
 
 fn scoped_api<K>(client: &Client, namespace: Option<&str>) -> Api<K>

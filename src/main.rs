@@ -5,8 +5,9 @@ use aws_config::{BehaviorVersion, Region};
 use clap::{Args, Parser, Subcommand};
 use embed_url_operator::controller::{self, ControllerConfig};
 use embed_url_operator::http::{self, ReadyFlag};
+use embed_url_operator::identity::AwsClients;
 use embed_url_operator::leader::{self, LeaseConfig};
-use embed_url_operator::providers::Providers;
+use embed_url_operator::policy::PolicyMode;
 use embed_url_operator::reconciler::Settings;
 use embed_url_operator::telemetry::{self, LogFormat, Metrics};
 use embed_url_operator::validation::{UseByWindows, parse_duration};
@@ -32,8 +33,12 @@ struct Cli {
 enum Command {
     /// Run the operator against the in-cluster config or the current kubeconfig (the default).
     Run(RunArgs),
-    /// Print the CustomResourceDefinition YAML (what `crds/` holds).
-    Crd,
+    /// Print the CustomResourceDefinitions (what `crds/` holds), or write one file per kind.
+    Crd {
+        /// Write `<plural>.yaml` files into this directory instead of printing.
+        #[arg(long)]
+        output_dir: Option<std::path::PathBuf>,
+    },
 }
 
 #[derive(Args, Debug, Clone)]
@@ -49,6 +54,11 @@ struct RunArgs {
     /// Address of the /healthz, /readyz and /metrics endpoints.
     #[arg(long, env = "EMBEDURL_HTTP_ADDR", default_value = "0.0.0.0:8080")]
     http_addr: SocketAddr,
+
+    /// `enforce`: serve only requests an EmbedUrlPolicy allows. `permissive`: also serve requests
+    /// that no policy selects, with the operator's own AWS identity (single-tenant clusters).
+    #[arg(long, env = "EMBEDURL_POLICY_MODE", value_enum, default_value_t = PolicyMode::Enforce)]
+    policy_mode: PolicyMode,
 
     /// Log format.
     #[arg(long, env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
@@ -95,19 +105,32 @@ fn duration_arg(text: &str) -> Result<Duration, String> {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Some(Command::Crd) => match embed_url_operator::crd::crd_yaml() {
-            Ok(yaml) => {
-                print!("{yaml}");
-                ExitCode::SUCCESS
-            }
-            Err(e) => {
-                eprintln!("could not render the CRD: {e}");
-                ExitCode::FAILURE
-            }
-        },
+        Some(Command::Crd { output_dir }) => print_crds(output_dir.as_deref()),
         Some(Command::Run(args)) => run_blocking(args),
         None => run_blocking(cli.run),
     }
+}
+
+fn print_crds(output_dir: Option<&std::path::Path>) -> ExitCode {
+    let files = match embed_url_operator::crd::crd_files() {
+        Ok(files) => files,
+        Err(e) => {
+            eprintln!("could not render the CRDs: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    for (file, yaml) in files {
+        match output_dir {
+            Some(dir) => {
+                if let Err(e) = std::fs::write(dir.join(file), yaml) {
+                    eprintln!("could not write {}: {e}", dir.join(file).display());
+                    return ExitCode::FAILURE;
+                }
+            }
+            None => print!("{yaml}"),
+        }
+    }
+    ExitCode::SUCCESS
 }
 
 fn run_blocking(args: RunArgs) -> ExitCode {
@@ -164,6 +187,7 @@ async fn run(args: RunArgs) -> Result<(), String> {
         settings: Settings {
             windows,
             default_region,
+            policy_mode: args.policy_mode,
         },
         instance: args.instance.clone(),
     };
@@ -184,6 +208,7 @@ async fn run(args: RunArgs) -> Result<(), String> {
         namespaces = ?args.namespaces,
         concurrency = args.concurrency,
         leader_election = args.leader_election,
+        policy_mode = ?args.policy_mode,
         "embed-url-operator starting"
     );
 
@@ -193,7 +218,14 @@ async fn run(args: RunArgs) -> Result<(), String> {
         let _ = stop_tx.send(true);
     });
 
-    let providers = Providers::from_sdk_config(&aws);
+    if args.policy_mode == PolicyMode::Permissive {
+        info!(
+            "policy mode is permissive: requests that no EmbedUrlPolicy selects are served with the operator's own AWS identity"
+        );
+    } else {
+        info!("policy mode is enforce: only requests an EmbedUrlPolicy allows are served");
+    }
+    let aws = Arc::new(AwsClients::new(aws));
     if args.leader_election {
         let lease_namespace = args
             .lease_namespace
@@ -210,18 +242,12 @@ async fn run(args: RunArgs) -> Result<(), String> {
             duration: args.lease_duration,
         };
         leader::run_while_leading(client, lease, ready, stop_rx, move |client, stop| {
-            controller::run(
-                client,
-                providers.clone(),
-                config.clone(),
-                metrics.clone(),
-                stop,
-            )
+            controller::run(client, aws.clone(), config.clone(), metrics.clone(), stop)
         })
         .await
         .map_err(|e| e.to_string())?;
     } else {
-        let (readiness, controllers) = controller::run(client, providers, config, metrics, stop_rx);
+        let (readiness, controllers) = controller::run(client, aws, config, metrics, stop_rx);
         let ready_flag = ready.clone();
         tokio::spawn(async move {
             readiness.wait_synced().await;

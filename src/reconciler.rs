@@ -9,20 +9,23 @@ use crate::crd::{
     REFRESH_REQUESTED_AT_ANNOTATION,
 };
 use crate::error::{Error, Result};
-use crate::providers::{AwsCallError, EmbedUrl, Providers};
+use crate::identity::{AwsClients, Identity};
+use crate::policy::{self, Ask, Decision, EmbedUrlPolicy, PolicyMode};
+use crate::providers::{AwsCallError, EmbedUrl};
 use crate::schedule::{self, Facts, MintReason, Plan};
 use crate::secret::{self, FIELD_MANAGER, SecretContent, StoredSecret, StoredUrl};
 use crate::telemetry::Metrics;
 use crate::validation::{self, InvalidSpec, UseByWindows, ValidSpec};
 use jiff::Timestamp;
-use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::api::core::v1::{Namespace, Secret};
 use kube::api::{Api, DynamicObject, Patch, PatchParams};
-use kube::core::{ApiResource, DeserializeGuard, error_boundary::InvalidObject};
+use kube::core::{ApiResource, DeserializeGuard, PartialObjectMeta, error_boundary::InvalidObject};
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType, Recorder};
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Resource, ResourceExt};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 use tokio::sync::Semaphore;
 use tracing::{info, warn};
@@ -33,6 +36,8 @@ pub mod reasons {
     pub const INVALID_SPEC: &str = "InvalidSpec";
     pub const SECRET_CONFLICT: &str = "SecretConflict";
     pub const SUSPENDED: &str = "Suspended";
+    pub const NOT_PERMITTED: &str = "NotPermitted";
+    pub const ASSUME_ROLE_FAILED: &str = "AssumeRoleFailed";
 }
 
 /// How often a request blocked by a foreign Secret checks whether the Secret is gone. The
@@ -43,18 +48,26 @@ pub const CONFLICT_RECHECK: Duration = Duration::from_secs(60);
 #[derive(Clone, Debug)]
 pub struct Settings {
     pub windows: UseByWindows,
-    /// The operator's own AWS region, used when a request does not name one.
+    /// The operator's own AWS region, used when neither a request nor its policy names one.
     pub default_region: Option<String>,
+    pub policy_mode: PolicyMode,
 }
 
 /// Shared state of every reconcile.
 pub struct Context {
     pub client: kube::Client,
-    pub providers: Providers,
+    pub aws: Arc<AwsClients>,
     pub settings: Settings,
     pub recorder: Recorder,
     /// Cache of the Secrets the operator owns (label-selected), filled by the controller.
     pub secrets: Store<Secret>,
+    /// Cache of every EmbedUrlPolicy.
+    pub policies: Store<EmbedUrlPolicy>,
+    /// Cache of the watched namespaces' metadata (their labels select policies).
+    pub namespaces: Store<PartialObjectMeta<Namespace>>,
+    /// True once the policy and namespace caches have listed: deciding before would deny
+    /// requests that a policy allows.
+    pub policies_synced: Arc<AtomicBool>,
     /// Bounds the AWS calls in flight across every controller of this process.
     pub aws_permits: Arc<Semaphore>,
     pub metrics: Arc<Metrics>,
@@ -98,12 +111,8 @@ pub fn error_policy(
 async fn reconcile_request(request: &EmbedUrlRequest, ctx: &Context) -> Result<Action> {
     let now = Timestamp::now();
     let current = request.status.clone().unwrap_or_default();
-    let spec = match validation::validate(
-        &request.spec,
-        &request.name_any(),
-        ctx.settings.default_region.as_deref(),
-        &ctx.settings.windows,
-    ) {
+    let spec = match validation::validate(&request.spec, &request.name_any(), &ctx.settings.windows)
+    {
         Ok(spec) => spec,
         Err(invalid) => {
             let desired = invalid_spec_status(&current, request.meta().generation, &invalid, now);
@@ -112,8 +121,25 @@ async fn reconcile_request(request: &EmbedUrlRequest, ctx: &Context) -> Result<A
         }
     };
 
-    let uid = request.uid().unwrap_or_default();
+    if !ctx.policies_synced.load(Ordering::Acquire) {
+        return Ok(Action::requeue(Duration::from_secs(1)));
+    }
     let namespace = request.namespace().unwrap_or_default();
+    let served = match authorize(&namespace, &spec, ctx) {
+        Ok(served) => served,
+        Err(Refusal::NotPermitted(message)) => {
+            let desired = not_permitted_status(&current, request, &spec, &message, now);
+            write_status(request, &current, desired, ctx).await?;
+            return Ok(Action::await_change());
+        }
+        Err(Refusal::Invalid(invalid)) => {
+            let desired = invalid_spec_status(&current, request.meta().generation, &invalid, now);
+            write_status(request, &current, desired, ctx).await?;
+            return Ok(Action::await_change());
+        }
+    };
+
+    let uid = request.uid().unwrap_or_default();
     let mut secret = cached_secret(ctx, &namespace, &spec.secret_name);
     let mut stored = secret::inspect(secret.as_deref(), &uid, &spec.secret_template);
     // The cache only holds labelled Secrets and may lag behind our own writes. Read through when
@@ -132,7 +158,7 @@ async fn reconcile_request(request: &EmbedUrlRequest, ctx: &Context) -> Result<A
     }
 
     if spec.suspend {
-        let desired = suspended_status(&current, request, &spec, &stored, now);
+        let desired = served.stamp(suspended_status(&current, request, &spec, &stored, now));
         write_status(request, &current, desired, ctx).await?;
         return Ok(Action::await_change());
     }
@@ -161,18 +187,36 @@ async fn reconcile_request(request: &EmbedUrlRequest, ctx: &Context) -> Result<A
             }
             let desired =
                 waiting_status(request, &current, &spec, usable.as_ref(), until, ctx).await?;
-            if let Some(desired) = desired {
-                write_status(request, &current, desired, ctx).await?;
-            }
+            // Nothing to repair: still record a change of policy, and a Ready condition that a
+            // policy change (which bumps no generation) has made true again.
+            let desired = desired
+                .unwrap_or_else(|| ready_again(request, &current, &spec, usable.as_ref(), now));
+            let desired = served.stamp(desired);
+            write_status(request, &current, desired, ctx).await?;
             Ok(requeue_at(now, until))
         }
         Plan::Mint(reason) => {
             if let StoredSecret::Foreign { controller } = &stored {
-                let desired = conflict_status(&current, request, &spec, controller.as_deref(), now);
+                let desired = served.stamp(conflict_status(
+                    &current,
+                    request,
+                    &spec,
+                    controller.as_deref(),
+                    now,
+                ));
                 write_status(request, &current, desired, ctx).await?;
                 return Ok(Action::requeue(CONFLICT_RECHECK));
             }
-            mint(request, &current, &spec, usable.as_ref(), reason, ctx).await
+            mint(
+                request,
+                &current,
+                &spec,
+                &served,
+                usable.as_ref(),
+                reason,
+                ctx,
+            )
+            .await
         }
     }
 }
@@ -184,6 +228,7 @@ async fn mint(
     request: &EmbedUrlRequest,
     current: &EmbedUrlRequestStatus,
     spec: &ValidSpec,
+    served: &Served,
     usable: Option<&StoredUrl>,
     reason: MintReason,
     ctx: &Context,
@@ -196,11 +241,22 @@ async fn mint(
         let _permit = ctx.aws_permits.acquire().await.ok();
         let started = Timestamp::now();
         let timer = ctx.metrics.aws_call_started(service);
-        let result = ctx
-            .providers
-            .for_service(service)
-            .mint(&spec.target, &spec.region)
-            .await;
+        let result = match &served.identity.assumed {
+            // Resolve an assumed role first, so that an STS failure is reported as one.
+            Some(role) => role.credentials().await.map(|_| ()),
+            None => Ok(()),
+        };
+        let result = match result {
+            Ok(()) => {
+                served
+                    .identity
+                    .providers
+                    .for_service(service)
+                    .mint(&spec.target, &served.region)
+                    .await
+            }
+            Err(error) => Err(error),
+        };
         timer.finish(result.as_ref().err().map(|e| e.kind));
         result.map(|url| (url, started))
     };
@@ -219,7 +275,9 @@ async fn mint(
                 schedule::add(minted_at, spec.target.session_length()),
             )
             .await?;
-            let desired = minted_status(request, current, spec, minted_at, expires_at, next);
+            let desired = served.stamp(minted_status(
+                request, current, spec, minted_at, expires_at, next,
+            ));
             write_status(request, current, desired, ctx).await?;
             if reason == MintReason::Due
                 && let Some(planned) = planned
@@ -261,13 +319,14 @@ async fn mint(
                 namespace,
                 name,
                 service = service.name(),
-                reason = error.kind.reason(),
+                reason = failure_reason(&error),
+                operation = error.operation,
                 aws_error = %error.code,
                 failures,
                 retry_at = %secret::rfc3339(retry),
                 "AWS call failed"
             );
-            let desired = failed_status(
+            let desired = served.stamp(failed_status(
                 request,
                 current,
                 spec,
@@ -276,7 +335,7 @@ async fn mint(
                 still_usable_until,
                 retry,
                 now,
-            );
+            ));
             write_status(request, current, desired, ctx).await?;
             ctx.metrics.set_schedule(
                 &namespace,
@@ -522,6 +581,96 @@ fn requeue_at(now: Timestamp, at: Timestamp) -> Action {
     Action::requeue(schedule::until(now, at).max(Duration::from_millis(100)))
 }
 
+/// How a permitted request is served.
+struct Served {
+    policy: Option<String>,
+    region: String,
+    identity: Identity,
+    /// Said in the Ready message of a request served in permissive mode without a policy.
+    permissive: bool,
+}
+
+impl Served {
+    /// Records the serving policy in a desired status, and the permissive note in its Ready
+    /// message.
+    fn stamp(&self, mut status: EmbedUrlRequestStatus) -> EmbedUrlRequestStatus {
+        status.policy = self.policy.clone();
+        if self.permissive
+            && let Some(ready) = status
+                .conditions
+                .iter_mut()
+                .find(|c| c.type_ == READY_CONDITION)
+            && !ready.message.contains(PERMISSIVE_NOTE)
+        {
+            ready.message.push_str(PERMISSIVE_NOTE);
+        }
+        status
+    }
+}
+
+const PERMISSIVE_NOTE: &str = " (served with the operator's own AWS identity: --policy-mode=permissive and no EmbedUrlPolicy selects this namespace)";
+
+enum Refusal {
+    NotPermitted(String),
+    Invalid(InvalidSpec),
+}
+
+/// Checks the request against the policies and picks the region and AWS identity to use.
+fn authorize(
+    namespace: &str,
+    spec: &ValidSpec,
+    ctx: &Context,
+) -> std::result::Result<Served, Refusal> {
+    let policies = ctx.policies.state();
+    let policies: Vec<&EmbedUrlPolicy> = policies.iter().map(Arc::as_ref).collect();
+    let labels = ctx
+        .namespaces
+        .get(&ObjectRef::new(namespace))
+        .and_then(|ns| ns.metadata.labels.clone())
+        .unwrap_or_default();
+    let ask = Ask {
+        namespace,
+        namespace_labels: &labels,
+        target: &spec.target,
+        region: spec.region.as_deref(),
+        operator_region: ctx.settings.default_region.as_deref(),
+    };
+    match policy::decide(&policies, &ask, ctx.settings.policy_mode) {
+        Decision::Denied { message } => Err(Refusal::NotPermitted(message)),
+        Decision::Allowed {
+            policy,
+            role,
+            default_region,
+        } => {
+            let region = validation::resolve_region(
+                spec,
+                default_region.as_deref(),
+                ctx.settings.default_region.as_deref(),
+            )
+            .map_err(Refusal::Invalid)?;
+            let identity = match (&role, &policy) {
+                (Some(role), Some(policy)) => ctx.aws.assumed(role, &region, namespace, policy),
+                _ => ctx.aws.own(),
+            };
+            Ok(Served {
+                permissive: policy.is_none(),
+                policy,
+                region,
+                identity,
+            })
+        }
+    }
+}
+
+/// The condition reason of a failed mint: STS failures say so, AWS service failures by kind.
+fn failure_reason(error: &AwsCallError) -> &'static str {
+    if error.operation == "AssumeRole" {
+        reasons::ASSUME_ROLE_FAILED
+    } else {
+        error.kind.reason()
+    }
+}
+
 // ---- desired statuses -------------------------------------------------------------------------
 
 /// The `Ready` condition, keeping `lastTransitionTime` when the status value does not change.
@@ -576,6 +725,66 @@ fn invalid_spec_status(
         now,
     );
     with_ready(status, condition)
+}
+
+/// The current status, with `Ready=True` restored if the Secret holds a usable URL, nothing is
+/// failing, and the condition says otherwise (left from `NotPermitted`, say).
+fn ready_again(
+    request: &EmbedUrlRequest,
+    current: &EmbedUrlRequestStatus,
+    spec: &ValidSpec,
+    usable: Option<&StoredUrl>,
+    now: Timestamp,
+) -> EmbedUrlRequestStatus {
+    let healthy = current.consecutive_failures.unwrap_or(0) == 0;
+    let ready_now = current.ready().is_some_and(|c| c.status == "True");
+    match usable {
+        Some(url) if healthy && !ready_now => {
+            let message = format!(
+                "Secret {:?} holds a URL usable until {}",
+                spec.secret_name,
+                secret::rfc3339(url.expires_at)
+            );
+            let generation = request.meta().generation;
+            with_ready(
+                current.clone(),
+                ready(current, true, reasons::URL_READY, message, generation, now),
+            )
+        }
+        _ => current.clone(),
+    }
+}
+
+fn not_permitted_status(
+    current: &EmbedUrlRequestStatus,
+    request: &EmbedUrlRequest,
+    spec: &ValidSpec,
+    message: &str,
+    now: Timestamp,
+) -> EmbedUrlRequestStatus {
+    let generation = request.meta().generation;
+    let status = EmbedUrlRequestStatus {
+        service: Some(spec.service().name().to_string()),
+        secret_name: Some(spec.secret_name.clone()),
+        observed_generation: generation,
+        next_refresh_time: None,
+        policy: None,
+        ..current.clone()
+    };
+    let message = format!(
+        "not permitted: {message}. Nothing is minted; the Secret keeps its last URL until it expires"
+    );
+    with_ready(
+        status,
+        ready(
+            current,
+            false,
+            reasons::NOT_PERMITTED,
+            message,
+            generation,
+            now,
+        ),
+    )
 }
 
 fn suspended_status(
@@ -666,6 +875,7 @@ fn minted_status(
         last_handled_refresh_request: refresh_request(request)
             .map(str::to_string)
             .or_else(|| current.last_handled_refresh_request.clone()),
+        policy: current.policy.clone(),
         conditions: current.conditions.clone(),
     };
     let message = format!(
@@ -730,7 +940,7 @@ fn failed_status(
         ready(
             current,
             is_ready,
-            error.kind.reason(),
+            failure_reason(error),
             message,
             generation,
             now,

@@ -19,7 +19,8 @@ use std::time::Duration;
 #[derive(Clone, Debug, PartialEq)]
 pub struct ValidSpec {
     pub target: Target,
-    pub region: String,
+    /// The spec's region; see [`resolve_region`] for the defaults.
+    pub region: Option<String>,
     pub secret_name: String,
     pub secret_template: SecretTemplate,
     pub refresh_before: Duration,
@@ -104,34 +105,23 @@ static SECRET_NAME: LazyLock<Regex> = LazyLock::new(|| pattern(SECRET_NAME_PATTE
 static DURATION: LazyLock<Regex> = LazyLock::new(|| pattern(DURATION_PATTERN));
 
 /// Validates `spec` and applies defaults. `object_name` is the request's name (the default Secret
-/// name); `default_region` is the operator's own AWS region, if it has one.
+/// name).
 pub fn validate(
     spec: &EmbedUrlRequestSpec,
     object_name: &str,
-    default_region: Option<&str>,
     windows: &UseByWindows,
 ) -> Result<ValidSpec, InvalidSpec> {
     let target = validate_target(spec)?;
     let service = target.service();
 
-    let region = match (&spec.region, default_region) {
-        (Some(region), _) => {
-            if !REGION.is_match(region) {
-                return Err(invalid(
-                    "spec.region",
-                    format!("{region:?} is not an AWS region name such as \"us-east-1\""),
-                ));
-            }
-            region.clone()
-        }
-        (None, Some(default)) => default.to_string(),
-        (None, None) => {
-            return Err(invalid(
-                "spec.region",
-                "not set, and the operator has no default AWS region: set spec.region, or AWS_REGION on the operator",
-            ));
-        }
-    };
+    if let Some(region) = &spec.region
+        && !REGION.is_match(region)
+    {
+        return Err(invalid(
+            "spec.region",
+            format!("{region:?} is not an AWS region name such as \"us-east-1\""),
+        ));
+    }
 
     let secret_name = spec
         .secret_name
@@ -190,12 +180,31 @@ pub fn validate(
 
     Ok(ValidSpec {
         target,
-        region,
+        region: spec.region.clone(),
         secret_name,
         secret_template,
         refresh_before,
         suspend: spec.suspend.unwrap_or(false),
     })
+}
+
+/// The region a request calls: its own, else its policy's default, else the operator's.
+pub fn resolve_region(
+    spec: &ValidSpec,
+    policy_region: Option<&str>,
+    operator_region: Option<&str>,
+) -> Result<String, InvalidSpec> {
+    spec.region
+        .as_deref()
+        .or(policy_region)
+        .or(operator_region)
+        .map(str::to_string)
+        .ok_or_else(|| {
+            invalid(
+                "spec.region",
+                "not set, and neither the policy nor the operator has a default AWS region: set spec.region, or AWS_REGION on the operator",
+            )
+        })
 }
 
 fn validate_target(spec: &EmbedUrlRequestSpec) -> Result<Target, InvalidSpec> {
@@ -367,12 +376,7 @@ mod tests {
     }
 
     fn check(spec: &EmbedUrlRequestSpec) -> Result<ValidSpec, InvalidSpec> {
-        validate(
-            spec,
-            "sales",
-            Some("us-east-1"),
-            &UseByWindows::documented(),
-        )
+        validate(spec, "sales", &UseByWindows::documented())
     }
 
     fn field_of(spec: &EmbedUrlRequestSpec) -> String {
@@ -382,7 +386,7 @@ mod tests {
     #[test]
     fn minimal_quicksight_spec_gets_defaults() {
         let valid = check(&qs()).unwrap();
-        assert_eq!(valid.region, "us-east-1");
+        assert_eq!(valid.region, None);
         assert_eq!(valid.secret_name, "sales");
         assert_eq!(valid.refresh_before, Duration::from_secs(150));
         assert!(!valid.suspend);
@@ -518,12 +522,26 @@ mod tests {
     fn region_and_default_region() {
         let mut spec = qs();
         spec.region = Some("eu-west-1".into());
-        assert_eq!(check(&spec).unwrap().region, "eu-west-1");
+        let valid = check(&spec).unwrap();
+        assert_eq!(
+            resolve_region(&valid, Some("us-west-2"), Some("us-east-1")).unwrap(),
+            "eu-west-1"
+        );
         spec.region = Some("us-gov-west-1".into());
         assert!(check(&spec).is_ok());
         spec.region = Some("Europe".into());
         assert_eq!(field_of(&spec), "spec.region");
-        let err = validate(&qs(), "sales", None, &UseByWindows::documented()).unwrap_err();
+
+        let valid = check(&qs()).unwrap();
+        assert_eq!(
+            resolve_region(&valid, Some("us-west-2"), Some("us-east-1")).unwrap(),
+            "us-west-2"
+        );
+        assert_eq!(
+            resolve_region(&valid, None, Some("us-east-1")).unwrap(),
+            "us-east-1"
+        );
+        let err = resolve_region(&valid, None, None).unwrap_err();
         assert_eq!(err.field, "spec.region");
         assert!(err.message.contains("AWS_REGION"));
     }
@@ -534,14 +552,9 @@ mod tests {
         spec.secret_name = Some("Bad_Name".into());
         assert_eq!(field_of(&spec), "spec.secretName");
         assert_eq!(
-            validate(
-                &qs(),
-                "UPPER",
-                Some("us-east-1"),
-                &UseByWindows::documented()
-            )
-            .unwrap_err()
-            .field,
+            validate(&qs(), "UPPER", &UseByWindows::documented())
+                .unwrap_err()
+                .field,
             "metadata.name"
         );
 

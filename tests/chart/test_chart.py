@@ -11,6 +11,7 @@ They render the chart offline with the real Helm v4 engine (the
 from __future__ import annotations
 
 import re
+import tomllib
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -37,18 +38,26 @@ OPERATOR_PERMISSIONS = {
     ("", "secrets"): {"get", "list", "watch", "create", "patch"},
     ("events.k8s.io", "events"): {"create", "patch"},
 }
+
+# What it may read cluster-wide in every mode: the cluster-scoped
+# EmbedUrlPolicies, and namespaces (policies select them by label).
+POLICY_READ_PERMISSIONS = {
+    ("embedurl.io", "embedurlpolicies"): {"get", "list", "watch"},
+    ("", "namespaces"): {"get", "list", "watch"},
+}
+CLUSTER_WIDE_PERMISSIONS = {**OPERATOR_PERMISSIONS, **POLICY_READ_PERMISSIONS}
 # What it may do in the release namespace for leader election, when on.
 LEASE_PERMISSIONS = {("coordination.k8s.io", "leases"): {"get", "create", "update"}}
 
 CLUSTER_SCOPED_KINDS = {"ClusterRole", "ClusterRoleBinding"}
 
-# Kinds rendered with default values (ClusterRole: the operator's own plus the
-# two aggregated view/edit roles).
+# Kinds rendered with default values (ClusterRole: the operator's own, the
+# policy reader, and the two aggregated view/edit roles).
 DEFAULT_KINDS = Counter(
     {
         "ServiceAccount": 1,
-        "ClusterRole": 3,
-        "ClusterRoleBinding": 1,
+        "ClusterRole": 4,
+        "ClusterRoleBinding": 2,
         "Deployment": 1,
         "Service": 1,
     }
@@ -68,7 +77,7 @@ VALUE_SETS: dict[str, tuple[dict[str, Any], Counter]] = {
     "defaults": ({}, kinds()),
     "watch-namespaces": (
         {"watchNamespaces": ["a", "b"]},
-        kinds(ClusterRole=2, ClusterRoleBinding=0, Role=2, RoleBinding=2),
+        kinds(ClusterRole=3, ClusterRoleBinding=1, Role=2, RoleBinding=2),
     ),
     "service-monitor": ({"serviceMonitor": {"enabled": True}}, kinds(ServiceMonitor=1)),
     "replicas-2": ({"replicas": 2}, kinds(Role=1, RoleBinding=1)),
@@ -98,9 +107,9 @@ VALUE_SETS: dict[str, tuple[dict[str, Any], Counter]] = {
         },
         kinds(),
     ),
-    "namespaced-no-cluster-rbac": (
+    "namespaced-no-aggregated-roles": (
         {"watchNamespaces": ["a"], "rbac": {"aggregateClusterRoles": False}},
-        kinds(ClusterRole=0, ClusterRoleBinding=0, Role=1, RoleBinding=1),
+        kinds(ClusterRole=1, ClusterRoleBinding=1, Role=1, RoleBinding=1),
     ),
     "existing-service-account": (
         {"serviceAccount": {"create": False, "name": "preexisting"}},
@@ -123,8 +132,8 @@ VALUE_SETS: dict[str, tuple[dict[str, Any], Counter]] = {
             ],
         },
         kinds(
-            ClusterRole=2,
-            ClusterRoleBinding=0,
+            ClusterRole=3,
+            ClusterRoleBinding=1,
             Role=4,
             RoleBinding=4,
             ServiceMonitor=1,
@@ -251,7 +260,8 @@ def test_chart_metadata(chart):
     assert meta["apiVersion"] == "v2"
     assert meta["name"] == "embed-url-operator"
     assert meta["version"] == "0.1.0"
-    assert meta["appVersion"] == "0.1.0"
+    cargo = tomllib.loads((REPO_ROOT / "Cargo.toml").read_text())
+    assert meta["appVersion"] == cargo["package"]["version"], "appVersion must be the crate version"
 
 
 @pytest.mark.parametrize("case", sorted(VALUE_SETS))
@@ -330,7 +340,7 @@ def test_rbac_has_no_wildcards(chart, case):
 
 def test_rbac_default_is_cluster_wide_least_privilege(chart):
     docs = render(chart)
-    assert granted(docs) == {None: OPERATOR_PERMISSIONS}
+    assert granted(docs) == {None: CLUSTER_WIDE_PERMISSIONS}
     # Exact verb lists, no duplicates.
     for rule in all_rules(docs):
         assert len(rule["verbs"]) == len(set(rule["verbs"])), rule
@@ -347,13 +357,20 @@ def test_rbac_secrets_verbs_exact(chart):
 
 def test_rbac_watch_namespaces_uses_roles(chart):
     docs = render(chart, {"watchNamespaces": ["a", "b"]})
-    assert granted(docs) == {"a": OPERATOR_PERMISSIONS, "b": OPERATOR_PERMISSIONS}
+    assert granted(docs) == {
+        None: POLICY_READ_PERMISSIONS,
+        "a": OPERATOR_PERMISSIONS,
+        "b": OPERATOR_PERMISSIONS,
+    }
     assert {r["metadata"]["namespace"] for r in of_kind(docs, "Role")} == {"a", "b"}
     assert {r["metadata"]["namespace"] for r in of_kind(docs, "RoleBinding")} == {"a", "b"}
-    assert of_kind(docs, "ClusterRoleBinding") == []
-    # The only ClusterRoles left are the user-facing aggregated ones: they
-    # are bound to nobody by the chart and grant nothing the operator needs.
+    # The only cluster-wide grant left is reading policies and namespaces.
+    assert len(of_kind(docs, "ClusterRoleBinding")) == 1
+    # The other ClusterRoles are the user-facing aggregated ones: they are
+    # bound to nobody by the chart and grant nothing the operator needs.
     for role in of_kind(docs, "ClusterRole"):
+        if set(permissions(role["rules"])) == set(POLICY_READ_PERMISSIONS):
+            continue
         labels = role["metadata"]["labels"]
         assert any(k.startswith("rbac.authorization.k8s.io/aggregate-to-") for k in labels)
         assert set(permissions(role["rules"])) == {("embedurl.io", "embedurlrequests")}
@@ -372,7 +389,7 @@ def test_rbac_aggregated_roles_grant_no_secrets(chart):
     for role in aggregated:
         assert set(permissions(role["rules"])) == {("embedurl.io", "embedurlrequests")}
     docs = render(chart, {"rbac": {"aggregateClusterRoles": False}})
-    assert len(of_kind(docs, "ClusterRole")) == 1
+    assert len(of_kind(docs, "ClusterRole")) == 2
 
 
 def test_rbac_disabled_renders_no_rbac(chart):
@@ -476,7 +493,7 @@ def test_image_defaults_to_app_version(chart):
 
 def test_default_args_and_env(chart):
     docs = render(chart)
-    assert args(docs) == ["--concurrency=16", "--log-format=text"]
+    assert args(docs) == ["--concurrency=16", "--log-format=text", "--policy-mode=enforce"]
     variables = env(docs)
     assert variables["RUST_LOG"]["value"] == "info"
     assert variables["POD_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
@@ -576,7 +593,7 @@ def test_existing_service_account(chart):
     docs = render(chart, {"serviceAccount": {"create": False, "name": "preexisting"}})
     assert of_kind(docs, "ServiceAccount") == []
     assert sa_name(docs) == "preexisting"
-    assert granted(docs) == {None: OPERATOR_PERMISSIONS}
+    assert granted(docs) == {None: CLUSTER_WIDE_PERMISSIONS}
     docs = render(chart, {"serviceAccount": {"name": "custom"}})
     assert one(docs, "ServiceAccount")["metadata"]["name"] == "custom" == sa_name(docs)
 
@@ -772,3 +789,10 @@ def test_chart_crds_identical_to_top_level_crds(chart):
     crds = [doc for item in chart.crds for doc in yaml.safe_load_all(item["data"]) if doc]
     names = {doc["metadata"]["name"] for doc in crds if doc.get("kind") == "CustomResourceDefinition"}
     assert "embedurlrequests.embedurl.io" in names
+
+
+def test_policy_mode(chart):
+    assert "--policy-mode=enforce" in args(render(chart))
+    assert "--policy-mode=permissive" in args(render(chart, {"policyMode": "permissive"}))
+    with pytest.raises(helm.HelmValuesError):
+        chart.validate_schema({"policyMode": "off"})

@@ -81,6 +81,7 @@ impl Cluster {
             .env("EMBEDURL_USE_BY_WINDOW_OVERRIDE", window)
             .env("POD_NAME", instance)
             .env("POD_NAMESPACE", "operators")
+            .env("EMBEDURL_POLICY_MODE", "permissive")
             // The most verbose level: even debug logs must never carry a URL.
             .env("RUST_LOG", "debug")
             .stdout(log_file.try_clone().unwrap())

@@ -1,28 +1,28 @@
 //! The checked-in CRDs are exactly what the Rust types generate.
 
-use embed_url_operator::crd::crd_yaml;
+use embed_url_operator::crd::crd_files;
 use std::path::Path;
 
 #[test]
 fn checked_in_crds_match_the_rust_types() {
-    let generated = crd_yaml().expect("render CRD");
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    for file in [
-        "crds/embedurlrequest.yaml",
-        "charts/embed-url-operator/crds/embedurlrequest.yaml",
-    ] {
-        let checked_in = std::fs::read_to_string(root.join(file)).unwrap_or_default();
-        assert!(
-            checked_in == generated,
-            "{file} differs from the Rust types: run `cargo run -- crd > crds/embedurlrequest.yaml` \
-             and copy it to charts/embed-url-operator/crds/"
-        );
+    for (name, generated) in crd_files().expect("render CRDs") {
+        for dir in ["crds", "charts/embed-url-operator/crds"] {
+            let file = root.join(dir).join(name);
+            let checked_in = std::fs::read_to_string(&file).unwrap_or_default();
+            assert!(
+                checked_in == generated,
+                "{} differs from the Rust types: run `cargo run -- crd --output-dir crds` and \
+                 `cp crds/*.yaml charts/embed-url-operator/crds/`",
+                file.display()
+            );
+        }
     }
 }
 
 #[test]
 fn crd_carries_every_schema_rule() {
-    let yaml = crd_yaml().expect("render CRD");
+    let yaml = crd_files().expect("render CRDs").remove(0).1;
     let crd: serde_json::Value = serde_yaml_ng::from_str(
         yaml.split("\n---\n")
             .nth(1)
@@ -114,7 +114,24 @@ fn examples_are_valid_requests() {
         let request: EmbedUrlRequest =
             serde_yaml_ng::from_str(&text).unwrap_or_else(|e| panic!("{file}: {e}"));
         let name = request.metadata.name.clone().unwrap();
-        validate(&request.spec, &name, None, &UseByWindows::documented())
+        validate(&request.spec, &name, &UseByWindows::documented())
             .unwrap_or_else(|e| panic!("{file}: {e}"));
     }
+    // The example policy allows the QuickSight example.
+    use embed_url_operator::policy::{Ask, Decision, EmbedUrlPolicy, PolicyMode, decide};
+    let read = |file: &str| std::fs::read_to_string(root.join("examples").join(file)).unwrap();
+    let policy: EmbedUrlPolicy = serde_yaml_ng::from_str(&read("policy.yaml")).unwrap();
+    let request: EmbedUrlRequest = serde_yaml_ng::from_str(&read("quicksight.yaml")).unwrap();
+    let spec = validate(&request.spec, "sales-console", &UseByWindows::documented()).unwrap();
+    let ask = Ask {
+        namespace: "analytics",
+        namespace_labels: &Default::default(),
+        target: &spec.target,
+        region: spec.region.as_deref(),
+        operator_region: None,
+    };
+    assert!(matches!(
+        decide(&[&policy], &ask, PolicyMode::Enforce),
+        Decision::Allowed { .. }
+    ));
 }

@@ -23,7 +23,7 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use wiremock::matchers::{header, method, path, path_regex};
+use wiremock::matchers::{body_string_contains, header, method, path, path_regex};
 use wiremock::{Mock, MockServer, Request, Respond, ResponseTemplate};
 
 /// Access key the default test credentials sign with.
@@ -66,6 +66,10 @@ struct State {
     standing_faults: Mutex<HashMap<Service, Fault>>,
     latency_ms: AtomicU64,
     issued: AtomicU64,
+    /// Form parameters of every STS AssumeRole call.
+    sts_calls: Mutex<Vec<HashMap<String, String>>>,
+    /// STS calls still to refuse with AccessDenied.
+    sts_failures: AtomicU64,
 }
 
 pub struct FakeAws {
@@ -107,7 +111,27 @@ impl FakeAws {
             })
             .mount(&server)
             .await;
+        // STS (awsQuery): POST / with a form body. Flink also posts to /, but always with its
+        // X-Amz-Target header, so the body decides.
+        Mock::given(method("POST"))
+            .and(path("/"))
+            .and(body_string_contains("Action=AssumeRole"))
+            .respond_with(StsResponder {
+                state: state.clone(),
+            })
+            .mount(&server)
+            .await;
         FakeAws { server, state }
+    }
+
+    /// Form parameters of every STS AssumeRole call so far.
+    pub fn sts_calls(&self) -> Vec<HashMap<String, String>> {
+        self.state.sts_calls.lock().unwrap().clone()
+    }
+
+    /// Refuses the next `times` AssumeRole calls with `AccessDenied`.
+    pub fn fail_sts_next(&self, times: u64) {
+        self.state.sts_failures.store(times, Ordering::Relaxed);
     }
 
     pub fn uri(&self) -> String {
@@ -241,6 +265,60 @@ impl Responder {
             .unwrap()
             .get_mut(&self.service)
             .and_then(VecDeque::pop_front)
+    }
+}
+
+/// Access key ids the fake STS hands out start with this.
+pub const ASSUMED_ACCESS_KEY_PREFIX: &str = "ASIAFAKEASSUMED";
+
+struct StsResponder {
+    state: Arc<State>,
+}
+
+impl Respond for StsResponder {
+    fn respond(&self, request: &Request) -> ResponseTemplate {
+        let body = String::from_utf8_lossy(&request.body);
+        // Parse the form body with the URL parser wiremock already uses for query strings.
+        let form: HashMap<String, String> = request
+            .url
+            .join(&format!("/?{body}"))
+            .map(|u| u.query_pairs().into_owned().collect())
+            .unwrap_or_default();
+        let n = {
+            let mut calls = self.state.sts_calls.lock().unwrap();
+            calls.push(form);
+            calls.len()
+        };
+        let refuse = self
+            .state
+            .sts_failures
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |left| {
+                left.checked_sub(1)
+            })
+            .is_ok();
+        if refuse {
+            return ResponseTemplate::new(403).set_body_raw(
+                "<ErrorResponse xmlns=\"https://sts.amazonaws.com/doc/2011-06-15/\"><Error><Type>Sender</Type>\
+                 <Code>AccessDenied</Code><Message>User is not authorized to perform: sts:AssumeRole</Message>\
+                 </Error><RequestId>req-fake</RequestId></ErrorResponse>",
+                "text/xml",
+            );
+        }
+        let expiration = jiff::Timestamp::now() + jiff::SignedDuration::from_hours(1);
+        ResponseTemplate::new(200).set_body_raw(
+            format!(
+                "<AssumeRoleResponse xmlns=\"https://sts.amazonaws.com/doc/2011-06-15/\"><AssumeRoleResult>\
+                 <Credentials><AccessKeyId>{ASSUMED_ACCESS_KEY_PREFIX}{n}</AccessKeyId>\
+                 <SecretAccessKey>assumed-secret</SecretAccessKey><SessionToken>assumed-token</SessionToken>\
+                 <Expiration>{}</Expiration></Credentials>\
+                 <AssumedRoleUser><AssumedRoleId>AROAFAKE:session</AssumedRoleId>\
+                 <Arn>arn:aws:sts::111122223333:assumed-role/embed/session</Arn></AssumedRoleUser>\
+                 </AssumeRoleResult><ResponseMetadata><RequestId>req-fake</RequestId></ResponseMetadata>\
+                 </AssumeRoleResponse>",
+                expiration.strftime("%Y-%m-%dT%H:%M:%SZ")
+            ),
+            "text/xml",
+        )
     }
 }
 

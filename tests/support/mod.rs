@@ -11,7 +11,8 @@ pub mod fake_kube;
 
 use embed_url_operator::controller::{self, ControllerConfig};
 use embed_url_operator::crd::{EmbedUrlRequest, EmbedUrlRequestSpec, EmbedUrlRequestStatus};
-use embed_url_operator::providers::Providers;
+use embed_url_operator::identity::AwsClients;
+use embed_url_operator::policy::PolicyMode;
 use embed_url_operator::reconciler::Settings;
 use embed_url_operator::telemetry::Metrics;
 use embed_url_operator::validation::UseByWindows;
@@ -38,12 +39,19 @@ pub struct Harness {
     pub client: kube::Client,
     /// The compressed use-by window every service gets in this test.
     pub window: Duration,
+    /// Permissive unless a test is about policies: most tests are about minting.
+    pub policy_mode: PolicyMode,
     pub operator: Option<Operator>,
 }
 
 impl Harness {
-    /// Starts both stand-ins and the operator, with every use-by window compressed to `window`.
+    /// Starts both stand-ins and the operator, with every use-by window compressed to `window`,
+    /// in permissive policy mode.
     pub async fn start(window: Duration) -> Self {
+        Self::start_with(window, PolicyMode::Permissive).await
+    }
+
+    pub async fn start_with(window: Duration, policy_mode: PolicyMode) -> Self {
         let kube = FakeApiServer::new();
         let aws = FakeAws::start().await;
         let client = kube.client();
@@ -52,6 +60,7 @@ impl Harness {
             aws,
             client,
             window,
+            policy_mode,
             operator: None,
         };
         harness.start_operator().await;
@@ -68,17 +77,13 @@ impl Harness {
             settings: Settings {
                 windows: UseByWindows::uniform(self.window),
                 default_region: Some("us-east-1".to_string()),
+                policy_mode: self.policy_mode,
             },
             instance: Some("test".to_string()),
         };
-        let providers = Providers::from_sdk_config(&self.aws.sdk_config());
-        let (readiness, controllers) = controller::run(
-            self.client.clone(),
-            providers,
-            config,
-            metrics.clone(),
-            stop_rx,
-        );
+        let aws = Arc::new(AwsClients::new(self.aws.sdk_config()));
+        let (readiness, controllers) =
+            controller::run(self.client.clone(), aws, config, metrics.clone(), stop_rx);
         let task = tokio::spawn(controllers);
         tokio::time::timeout(Duration::from_secs(5), readiness.wait_synced())
             .await

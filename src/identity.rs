@@ -1,0 +1,237 @@
+//! The AWS identities the operator mints with: its own, or a role a policy names.
+//!
+//! For a role, the operator calls STS AssumeRole from its own credentials, with the policy's
+//! external ID, a session named `embedurl-<namespace>-<policy>` and session tags
+//! `kubernetes-namespace` and `embedurl-policy`, so IAM and CloudTrail can scope and attribute
+//! calls by tenant. One set of clients exists per (role, external ID, region, namespace, policy),
+//! built once and shared by all the requests it serves; its credentials are cached and renewed
+//! five minutes before they expire, so steady refreshing makes no STS calls.
+
+use crate::policy::RoleToAssume;
+use crate::providers::{AwsCallError, Providers};
+use aws_config::identity::IdentityCache;
+use aws_config::{Region, SdkConfig};
+use aws_credential_types::Credentials;
+use aws_credential_types::provider::error::CredentialsError;
+use aws_credential_types::provider::{ProvideCredentials, SharedCredentialsProvider, future};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+/// STS limits role session names to 64 characters.
+const MAX_SESSION_NAME: usize = 64;
+/// Assumed credentials are renewed this long before they expire.
+const RENEW_BEFORE: Duration = Duration::from_secs(5 * 60);
+
+/// Who the operator is to AWS for one request.
+#[derive(Clone)]
+pub struct Identity {
+    pub providers: Providers,
+    /// Set when the identity is an assumed role: resolve it first, so an STS failure is reported
+    /// as one.
+    pub assumed: Option<Arc<AssumedRole>>,
+}
+
+/// All the AWS clients of the process.
+pub struct AwsClients {
+    base: SdkConfig,
+    own: Identity,
+    roles: Mutex<HashMap<RoleKey, Identity>>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+struct RoleKey {
+    role: RoleToAssume,
+    region: String,
+    namespace: String,
+    policy: String,
+}
+
+impl AwsClients {
+    /// `base` carries the operator's own credentials chain, retry, timeouts and endpoints.
+    pub fn new(base: SdkConfig) -> Self {
+        let own = Identity {
+            providers: Providers::from_sdk_config(&base),
+            assumed: None,
+        };
+        AwsClients {
+            base,
+            own,
+            roles: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The operator's own identity.
+    pub fn own(&self) -> Identity {
+        self.own.clone()
+    }
+
+    /// The identity of `role`, assumed for requests of `namespace` served by `policy` in `region`.
+    pub fn assumed(
+        &self,
+        role: &RoleToAssume,
+        region: &str,
+        namespace: &str,
+        policy: &str,
+    ) -> Identity {
+        let key = RoleKey {
+            role: role.clone(),
+            region: region.to_string(),
+            namespace: namespace.to_string(),
+            policy: policy.to_string(),
+        };
+        let mut roles = self
+            .roles
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        roles
+            .entry(key)
+            .or_insert_with(|| {
+                let assumed = Arc::new(AssumedRole::new(
+                    &self.base, role, region, namespace, policy,
+                ));
+                let provider: Arc<dyn ProvideCredentials> = assumed.clone();
+                let config = self
+                    .base
+                    .to_builder()
+                    .credentials_provider(SharedCredentialsProvider::new(provider))
+                    // AssumedRole caches itself; a second cache on top would only add latency.
+                    .identity_cache(IdentityCache::no_cache())
+                    .build();
+                Identity {
+                    providers: Providers::from_sdk_config(&config),
+                    assumed: Some(assumed),
+                }
+            })
+            .clone()
+    }
+
+    /// How many assumed-role identities exist (for tests and diagnostics).
+    pub fn assumed_count(&self) -> usize {
+        self.roles.lock().map(|r| r.len()).unwrap_or_default()
+    }
+}
+
+/// Credentials of an assumed role, cached until shortly before they expire.
+pub struct AssumedRole {
+    sts: aws_sdk_sts::Client,
+    role_arn: String,
+    external_id: Option<String>,
+    session_name: String,
+    tags: Vec<(String, String)>,
+    cached: tokio::sync::Mutex<Option<Credentials>>,
+}
+
+impl AssumedRole {
+    fn new(
+        base: &SdkConfig,
+        role: &RoleToAssume,
+        region: &str,
+        namespace: &str,
+        policy: &str,
+    ) -> Self {
+        let sts_config = aws_sdk_sts::config::Builder::from(base)
+            .region(Region::new(region.to_string()))
+            .build();
+        AssumedRole {
+            sts: aws_sdk_sts::Client::from_conf(sts_config),
+            role_arn: role.role_arn.clone(),
+            external_id: role.external_id.clone(),
+            session_name: session_name(namespace, policy),
+            tags: vec![
+                ("kubernetes-namespace".to_string(), namespace.to_string()),
+                ("embedurl-policy".to_string(), policy.to_string()),
+            ],
+            cached: tokio::sync::Mutex::new(None),
+        }
+    }
+
+    /// Cached credentials, or new ones from STS when they are missing or about to expire. The
+    /// lock makes concurrent requests wait for one STS call instead of each making its own.
+    pub async fn credentials(&self) -> Result<Credentials, AwsCallError> {
+        let mut cached = self.cached.lock().await;
+        if let Some(credentials) = cached.as_ref()
+            && credentials
+                .expiry()
+                .is_none_or(|expiry| expiry > SystemTime::now() + RENEW_BEFORE)
+        {
+            return Ok(credentials.clone());
+        }
+        let tags = self
+            .tags
+            .iter()
+            .filter_map(|(k, v)| {
+                aws_sdk_sts::types::Tag::builder()
+                    .key(k)
+                    .value(v)
+                    .build()
+                    .ok()
+            })
+            .collect();
+        let output = self
+            .sts
+            .assume_role()
+            .role_arn(&self.role_arn)
+            .role_session_name(&self.session_name)
+            .set_external_id(self.external_id.clone())
+            .set_tags(Some(tags))
+            .send()
+            .await
+            .map_err(|e| AwsCallError::from_sdk("AssumeRole", e))?;
+        let issued = output
+            .credentials
+            .ok_or_else(|| AwsCallError::missing_url("AssumeRole"))?;
+        let credentials = Credentials::new(
+            issued.access_key_id,
+            issued.secret_access_key,
+            Some(issued.session_token),
+            SystemTime::try_from(issued.expiration).ok(),
+            "embed-url-operator-assume-role",
+        );
+        *cached = Some(credentials.clone());
+        Ok(credentials)
+    }
+}
+
+impl std::fmt::Debug for AssumedRole {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AssumedRole")
+            .field("role_arn", &self.role_arn)
+            .field("session_name", &self.session_name)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ProvideCredentials for AssumedRole {
+    fn provide_credentials<'a>(&'a self) -> future::ProvideCredentials<'a>
+    where
+        Self: 'a,
+    {
+        future::ProvideCredentials::new(async move {
+            self.credentials()
+                .await
+                .map_err(CredentialsError::provider_error)
+        })
+    }
+}
+
+/// `embedurl-<namespace>-<policy>`, trimmed to STS's 64 characters. Namespace and policy names
+/// are DNS names, which only use characters STS accepts.
+pub fn session_name(namespace: &str, policy: &str) -> String {
+    let mut name = format!("embedurl-{namespace}-{policy}");
+    name.truncate(MAX_SESSION_NAME);
+    name
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn session_names_fit_sts() {
+        assert_eq!(session_name("analytics", "team"), "embedurl-analytics-team");
+        let long = session_name(&"n".repeat(63), &"p".repeat(63));
+        assert_eq!(long.len(), 64);
+        assert!(long.starts_with("embedurl-nnn"));
+    }
+}

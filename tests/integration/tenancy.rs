@@ -1,0 +1,242 @@
+//! EmbedUrlPolicy enforcement and per-tenant AWS identities, against the stand-ins.
+
+use crate::quick_sight;
+use crate::support::fake_aws::{ASSUMED_ACCESS_KEY_PREFIX, TEST_ACCESS_KEY};
+use crate::support::{Harness, NS, eventually};
+use embed_url_operator::policy::{
+    EmbedUrlPolicy, EmbedUrlPolicySpec, PolicyAws, PolicyMode, QuickSightRules,
+};
+use embed_url_operator::providers::Service;
+use k8s_openapi::api::core::v1::Namespace;
+use kube::api::{Api, Patch, PatchParams, PostParams};
+use serde_json::json;
+use std::time::Duration;
+
+const WINDOW: Duration = Duration::from_secs(120);
+const WAIT: Duration = Duration::from_secs(10);
+
+fn viewer_policy(name: &str) -> EmbedUrlPolicy {
+    EmbedUrlPolicy::new(
+        name,
+        EmbedUrlPolicySpec {
+            namespaces: vec![NS.into()],
+            quick_sight: Some(QuickSightRules {
+                aws_account_ids: vec!["111122223333".into()],
+                user_arns: vec!["arn:aws:quicksight:*:111122223333:user/default/*".into()],
+                entry_points: vec!["/start/*".into()],
+                max_session_lifetime_in_minutes: Some(120),
+                allow_caller_identity: false,
+            }),
+            ..Default::default()
+        },
+    )
+}
+
+async fn apply_policy(h: &Harness, policy: &EmbedUrlPolicy) {
+    let api: Api<EmbedUrlPolicy> = Api::all(h.client.clone());
+    api.patch(
+        policy.metadata.name.as_deref().unwrap(),
+        &PatchParams::apply("test").force(),
+        &Patch::Apply(policy),
+    )
+    .await
+    .expect("apply policy");
+}
+
+async fn reason_of(h: &Harness, name: &str, reason: &str) -> String {
+    eventually(&format!("{reason} on {name}"), WAIT, || {
+        h.status(name)
+            .ready()
+            .filter(|c| c.reason == reason)
+            .map(|c| c.message.clone())
+    })
+    .await
+}
+
+#[tokio::test]
+async fn without_a_policy_nothing_is_minted() {
+    let h = Harness::start_with(WINDOW, PolicyMode::Enforce).await;
+    h.create("console", quick_sight()).await;
+    let message = reason_of(&h, "console", "NotPermitted").await;
+    assert!(
+        message.contains("no EmbedUrlPolicy selects namespace \"analytics\""),
+        "{message}"
+    );
+    assert_eq!(h.ready_reason("console").unwrap().0, "False");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        h.aws.calls().is_empty(),
+        "a denied request makes no AWS call"
+    );
+    assert!(h.secret("console").is_none());
+}
+
+#[tokio::test]
+async fn a_policy_allows_and_editing_it_flips_the_outcome() {
+    let h = Harness::start_with(WINDOW, PolicyMode::Enforce).await;
+    apply_policy(&h, &viewer_policy("analytics-team")).await;
+    h.create("console", quick_sight()).await;
+    eventually("minted", WAIT, || h.secret_value("console", "url")).await;
+    eventually("status.policy", WAIT, || {
+        (h.status("console").policy.as_deref() == Some("analytics-team")).then_some(())
+    })
+    .await;
+    // Minted with the operator's own identity: the policy names no role.
+    assert_eq!(
+        h.aws.calls()[0].access_key.as_deref(),
+        Some(TEST_ACCESS_KEY)
+    );
+
+    // The policy no longer allows alice: the request stops at once, with the field named.
+    let mut narrower = viewer_policy("analytics-team");
+    narrower.spec.quick_sight.as_mut().unwrap().user_arns =
+        vec!["arn:aws:quicksight:*:111122223333:user/default/viewer-*".into()];
+    apply_policy(&h, &narrower).await;
+    let message = reason_of(&h, "console", "NotPermitted").await;
+    assert!(message.contains("spec.quickSight.userArn"), "{message}");
+    assert!(message.contains("quickSight.userArns"), "{message}");
+    assert_eq!(h.status("console").policy, None);
+    let calls = h.aws.calls().len();
+
+    // Allowed again: the URL in the Secret is still fresh, so Ready returns without a mint.
+    apply_policy(&h, &viewer_policy("analytics-team")).await;
+    eventually("UrlReady again", WAIT, || {
+        h.ready_reason("console")
+            .filter(|(s, r)| s == "True" && r == "UrlReady")
+    })
+    .await;
+    assert_eq!(h.aws.calls().len(), calls);
+}
+
+#[tokio::test]
+async fn a_namespace_selector_selects_by_label() {
+    let h = Harness::start_with(WINDOW, PolicyMode::Enforce).await;
+    let mut by_label = viewer_policy("by-label");
+    by_label.spec.namespaces.clear();
+    by_label.spec.namespace_selector =
+        Some(serde_json::from_value(json!({"matchLabels": {"team": "analytics"}})).unwrap());
+    apply_policy(&h, &by_label).await;
+    let namespaces: Api<Namespace> = Api::all(h.client.clone());
+    let ns: Namespace = serde_json::from_value(json!({"metadata": {"name": NS}})).unwrap();
+    namespaces
+        .create(&PostParams::default(), &ns)
+        .await
+        .unwrap();
+    h.create("console", quick_sight()).await;
+    reason_of(&h, "console", "NotPermitted").await;
+    assert!(h.aws.calls().is_empty());
+
+    // Labelling the namespace re-evaluates its requests.
+    namespaces
+        .patch(
+            NS,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"labels": {"team": "analytics"}}})),
+        )
+        .await
+        .unwrap();
+    eventually("minted after labelling", WAIT, || {
+        h.secret_value("console", "url")
+    })
+    .await;
+    assert_eq!(h.status("console").policy.as_deref(), Some("by-label"));
+}
+
+#[tokio::test]
+async fn a_policy_role_is_assumed_with_external_id_and_session_tags() {
+    let h = Harness::start_with(WINDOW, PolicyMode::Enforce).await;
+    let mut with_role = viewer_policy("analytics-team");
+    with_role.spec.aws = Some(PolicyAws {
+        role_arn: Some("arn:aws:iam::111122223333:role/embed-analytics".into()),
+        external_id: Some("analytics".into()),
+        region: Some("eu-west-1".into()),
+    });
+    apply_policy(&h, &with_role).await;
+    h.create("console", quick_sight()).await;
+    eventually("minted", WAIT, || h.secret_value("console", "url")).await;
+
+    let sts = h.aws.sts_calls();
+    assert_eq!(sts.len(), 1, "{sts:?}");
+    let call = &sts[0];
+    assert_eq!(call["Action"], "AssumeRole");
+    assert_eq!(
+        call["RoleArn"],
+        "arn:aws:iam::111122223333:role/embed-analytics"
+    );
+    assert_eq!(call["ExternalId"], "analytics");
+    assert_eq!(call["RoleSessionName"], "embedurl-analytics-analytics-team");
+    let tags: Vec<(&str, &str)> = (1..=2)
+        .map(|i| {
+            (
+                call[&format!("Tags.member.{i}.Key")].as_str(),
+                call[&format!("Tags.member.{i}.Value")].as_str(),
+            )
+        })
+        .collect();
+    assert!(
+        tags.contains(&("kubernetes-namespace", "analytics")),
+        "{tags:?}"
+    );
+    assert!(
+        tags.contains(&("embedurl-policy", "analytics-team")),
+        "{tags:?}"
+    );
+
+    // The mint was signed with the assumed credentials, in the policy's default region.
+    let mint = &h.aws.calls()[0];
+    assert!(
+        mint.access_key
+            .as_deref()
+            .unwrap()
+            .starts_with(ASSUMED_ACCESS_KEY_PREFIX),
+        "{mint:?}"
+    );
+    assert_eq!(mint.region.as_deref(), Some("eu-west-1"));
+
+    // Refreshing again reuses the cached credentials: no second STS call.
+    h.requests()
+        .patch(
+            "console",
+            &PatchParams::default(),
+            &Patch::Merge(
+                json!({"metadata": {"annotations": {"embedurl.io/refresh-requested-at": "now"}}}),
+            ),
+        )
+        .await
+        .unwrap();
+    eventually("second mint", WAIT, || {
+        (h.aws.call_count(Service::QuickSight) == 2).then_some(())
+    })
+    .await;
+    assert_eq!(h.aws.sts_calls().len(), 1);
+}
+
+#[tokio::test]
+async fn an_sts_refusal_is_reported_as_assume_role_and_nothing_is_minted() {
+    let h = Harness::start_with(WINDOW, PolicyMode::Enforce).await;
+    h.aws.fail_sts_next(1);
+    let mut with_role = viewer_policy("analytics-team");
+    with_role.spec.aws = Some(PolicyAws {
+        role_arn: Some("arn:aws:iam::111122223333:role/embed-analytics".into()),
+        ..Default::default()
+    });
+    apply_policy(&h, &with_role).await;
+    h.create("console", quick_sight()).await;
+    let message = reason_of(&h, "console", "AssumeRoleFailed").await;
+    assert!(
+        message.contains("AssumeRole") && message.contains("AccessDenied"),
+        "{message}"
+    );
+    assert_eq!(h.aws.call_count(Service::QuickSight), 0);
+    assert_eq!(h.status("console").consecutive_failures, Some(1));
+}
+
+#[tokio::test]
+async fn permissive_mode_serves_unselected_namespaces_and_says_so() {
+    let h = Harness::start_with(WINDOW, PolicyMode::Permissive).await;
+    h.create("console", quick_sight()).await;
+    eventually("minted", WAIT, || h.secret_value("console", "url")).await;
+    let message = reason_of(&h, "console", "UrlReady").await;
+    assert!(message.contains("permissive"), "{message}");
+    assert_eq!(h.status("console").policy, None);
+}
