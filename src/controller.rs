@@ -3,6 +3,8 @@
 use crate::crd::EmbedUrlRequest;
 use crate::identity::AwsClients;
 use crate::policy::EmbedUrlPolicy;
+use crate::providers::Service;
+use crate::ratelimit::{RateLimits, required_rate};
 use crate::reconciler::{self, Context, Settings};
 use crate::secret::MANAGED_SECRETS_SELECTOR;
 use crate::telemetry::Metrics;
@@ -32,6 +34,10 @@ pub struct ControllerConfig {
     pub settings: Settings,
     /// This replica's name, reported in events.
     pub instance: Option<String>,
+    /// Client-side AWS rate per (service, region, identity), calls per second; 0 = unlimited.
+    pub aws_rate: f64,
+    /// Calls allowed at once above that rate.
+    pub aws_burst: u32,
 }
 
 /// Handle on the running controllers: whether their caches are synced.
@@ -41,6 +47,26 @@ pub struct Readiness {
 }
 
 impl Readiness {
+    /// How many readable requests of `service` the caches hold.
+    fn count_requests(&self, service: Service) -> usize {
+        self.stores
+            .iter()
+            .map(|(requests, _)| {
+                requests
+                    .state()
+                    .iter()
+                    .filter(|r| {
+                        r.0.as_ref().is_ok_and(|r| match service {
+                            Service::QuickSight => r.spec.quick_sight.is_some(),
+                            Service::QBusiness => r.spec.q_business.is_some(),
+                            Service::Flink => r.spec.flink.is_some(),
+                        })
+                    })
+                    .count()
+            })
+            .sum()
+    }
+
     /// Waits until every watch has listed once.
     pub async fn wait_synced(&self) {
         for (requests, secrets) in &self.stores {
@@ -82,6 +108,7 @@ pub fn run(
     shutdown: watch::Receiver<bool>,
 ) -> (Readiness, impl Future<Output = ()>) {
     let aws_permits = Arc::new(Semaphore::new(usize::from(config.concurrency.max(1))));
+    let rate_limits = Arc::new(RateLimits::new(config.aws_rate, config.aws_burst));
     let recorder = Recorder::new(
         client.clone(),
         Reporter {
@@ -181,6 +208,7 @@ pub fn run(
             namespaces: namespace_store,
             policies_synced,
             aws_permits: aws_permits.clone(),
+            rate_limits: rate_limits.clone(),
             metrics: metrics.clone(),
         });
         let mut stop = shutdown.clone();
@@ -201,9 +229,51 @@ pub fn run(
             });
         controllers.push(controller);
     }
+    let capacity = watch_capacity(readiness.clone(), config.clone(), metrics, shutdown);
     (readiness, async move {
+        let capacity = tokio::spawn(capacity);
         future::join_all(controllers).await;
+        capacity.abort();
     })
+}
+
+/// Every 30 s, compares the AWS call rate the current requests need with the configured rate,
+/// exports both, and warns when the configuration cannot keep up (refreshes would queue behind
+/// the rate limit and URLs could lapse). The need is `requests / (window - refreshBefore)` per
+/// service, with the default refreshBefore (half the window), summed over regions: an upper
+/// bound for any one (service, region, identity) bucket.
+async fn watch_capacity(
+    readiness: Readiness,
+    config: ControllerConfig,
+    metrics: Arc<Metrics>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    readiness.wait_synced().await;
+    let mut warned = std::collections::HashSet::new();
+    loop {
+        for service in [Service::QuickSight, Service::QBusiness, Service::Flink] {
+            let requests = readiness.count_requests(service);
+            let window = config.settings.windows.for_service(service);
+            let needed = required_rate(requests, window / 2);
+            metrics.set_rate_capacity(service, needed, config.aws_rate);
+            let short = config.aws_rate > 0.0 && needed > config.aws_rate;
+            if short && warned.insert(service) {
+                warn!(
+                    service = service.name(),
+                    requests,
+                    needed_calls_per_second = needed,
+                    configured_calls_per_second = config.aws_rate,
+                    "the AWS rate limit cannot keep up with this many requests: raise --aws-qps or URLs may lapse"
+                );
+            } else if !short {
+                warned.remove(&service);
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(30)) => {},
+            _ = shutdown.wait_for(|stop| *stop) => return,
+        }
+    }
 }
 
 /// Turns a policy or namespace watch into "re-evaluate every request" triggers, and marks the

@@ -123,6 +123,10 @@ pub struct AssumedRole {
 }
 
 impl AssumedRole {
+    pub fn role_arn(&self) -> &str {
+        &self.role_arn
+    }
+
     fn new(
         base: &SdkConfig,
         role: &RoleToAssume,

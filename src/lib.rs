@@ -14,6 +14,7 @@ pub mod identity;
 pub mod leader;
 pub mod policy;
 pub mod providers;
+pub mod ratelimit;
 pub mod reconciler;
 pub mod schedule;
 pub mod secret;

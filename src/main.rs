@@ -60,6 +60,15 @@ struct RunArgs {
     #[arg(long, env = "EMBEDURL_POLICY_MODE", value_enum, default_value_t = PolicyMode::Enforce)]
     policy_mode: PolicyMode,
 
+    /// Client-side limit on mint calls per second, per (service, region, identity); 0 disables it.
+    /// When calls queue, the URL that expires first goes first.
+    #[arg(long, env = "EMBEDURL_AWS_QPS", default_value_t = 10.0)]
+    aws_qps: f64,
+
+    /// Mint calls allowed at once above --aws-qps.
+    #[arg(long, env = "EMBEDURL_AWS_BURST", default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..))]
+    aws_burst: u32,
+
     /// Log format.
     #[arg(long, env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
@@ -190,6 +199,8 @@ async fn run(args: RunArgs) -> Result<(), String> {
             policy_mode: args.policy_mode,
         },
         instance: args.instance.clone(),
+        aws_rate: args.aws_qps,
+        aws_burst: args.aws_burst,
     };
 
     let metrics = Arc::new(Metrics::new());

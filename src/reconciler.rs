@@ -12,6 +12,7 @@ use crate::error::{Error, Result};
 use crate::identity::{AwsClients, Identity};
 use crate::policy::{self, Ask, Decision, EmbedUrlPolicy, PolicyMode};
 use crate::providers::{AwsCallError, EmbedUrl};
+use crate::ratelimit::{BucketKey, RateLimits};
 use crate::schedule::{self, Facts, MintReason, Plan};
 use crate::secret::{self, FIELD_MANAGER, SecretContent, StoredSecret, StoredUrl};
 use crate::telemetry::Metrics;
@@ -70,6 +71,8 @@ pub struct Context {
     pub policies_synced: Arc<AtomicBool>,
     /// Bounds the AWS calls in flight across every controller of this process.
     pub aws_permits: Arc<Semaphore>,
+    /// Paces the AWS calls per (service, region, identity), most urgent first.
+    pub rate_limits: Arc<RateLimits>,
     pub metrics: Arc<Metrics>,
 }
 
@@ -239,6 +242,20 @@ async fn mint(
     let result = {
         // The semaphore is never closed, so acquiring only fails if it were; treat that as "go".
         let _permit = ctx.aws_permits.acquire().await.ok();
+        let bucket = BucketKey {
+            service,
+            region: served.region.clone(),
+            identity: served
+                .identity
+                .assumed
+                .as_ref()
+                .map(|role| role.role_arn().to_string())
+                .unwrap_or_default(),
+        };
+        // The URL that stops working first goes first; without one, it is as urgent as can be.
+        let urgency = usable.map_or_else(Timestamp::now, |u| u.expires_at);
+        let waited = ctx.rate_limits.acquire(&bucket, urgency).await;
+        ctx.metrics.observe_rate_limit_wait(service, waited);
         let started = Timestamp::now();
         let timer = ctx.metrics.aws_call_started(service);
         let result = match &served.identity.assumed {

@@ -82,6 +82,14 @@ pub struct Metrics {
     next_refresh: Family<RequestLabels, TimestampGauge>,
     ready: Family<RequestLabels, Gauge>,
     refresh_lateness: Histogram,
+    rate_limit_wait: Family<ServiceLabels, Histogram>,
+    required_rate: Family<ServiceLabels, Gauge<f64, AtomicU64>>,
+    configured_rate: Gauge<f64, AtomicU64>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ServiceLabels {
+    service: String,
 }
 
 impl Default for Metrics {
@@ -148,8 +156,31 @@ impl Metrics {
             "Actual minus planned time of scheduled refreshes (negative: early)",
             refresh_lateness.clone(),
         );
+        let rate_limit_wait = Family::<ServiceLabels, Histogram>::new_with_constructor(|| {
+            Histogram::new([0.0, 0.01, 0.1, 0.5, 1.0, 5.0, 15.0, 30.0, 60.0])
+        });
+        registry.register(
+            "aws_rate_limit_wait_seconds",
+            "Time mint calls waited for the client-side AWS rate limit",
+            rate_limit_wait.clone(),
+        );
+        let required_rate = Family::<ServiceLabels, Gauge<f64, AtomicU64>>::default();
+        registry.register(
+            "aws_required_calls_per_second",
+            "Mint calls per second the current requests need (requests / refresh period)",
+            required_rate.clone(),
+        );
+        let configured_rate = Gauge::<f64, AtomicU64>::default();
+        registry.register(
+            "aws_rate_limit_calls_per_second",
+            "Configured client-side AWS rate per (service, region, identity); 0 = unlimited",
+            configured_rate.clone(),
+        );
         Metrics {
             registry,
+            rate_limit_wait,
+            required_rate,
+            configured_rate,
             reconciles,
             reconcile_errors,
             reconcile_duration,
@@ -184,6 +215,23 @@ impl Metrics {
             service,
             started: Instant::now(),
         }
+    }
+
+    pub fn observe_rate_limit_wait(&self, service: Service, waited: std::time::Duration) {
+        self.rate_limit_wait
+            .get_or_create(&ServiceLabels {
+                service: service.name().to_string(),
+            })
+            .observe(waited.as_secs_f64());
+    }
+
+    pub fn set_rate_capacity(&self, service: Service, required: f64, configured: f64) {
+        self.required_rate
+            .get_or_create(&ServiceLabels {
+                service: service.name().to_string(),
+            })
+            .set(required);
+        self.configured_rate.set(configured);
     }
 
     pub fn observe_refresh_lateness(&self, actual: Timestamp, planned: Timestamp) {

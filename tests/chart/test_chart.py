@@ -493,7 +493,13 @@ def test_image_defaults_to_app_version(chart):
 
 def test_default_args_and_env(chart):
     docs = render(chart)
-    assert args(docs) == ["--concurrency=16", "--log-format=text", "--policy-mode=enforce"]
+    assert args(docs) == [
+        "--concurrency=16",
+        "--log-format=text",
+        "--policy-mode=enforce",
+        "--aws-qps=10",
+        "--aws-burst=20",
+    ]
     variables = env(docs)
     assert variables["RUST_LOG"]["value"] == "info"
     assert variables["POD_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
@@ -796,3 +802,13 @@ def test_policy_mode(chart):
     assert "--policy-mode=permissive" in args(render(chart, {"policyMode": "permissive"}))
     with pytest.raises(helm.HelmValuesError):
         chart.validate_schema({"policyMode": "off"})
+
+
+def test_aws_rate_limit(chart):
+    docs = render(chart, {"awsRateLimit": {"qps": 2.5, "burst": 5}})
+    assert "--aws-qps=2.5" in args(docs)
+    assert "--aws-burst=5" in args(docs)
+    with pytest.raises(helm.HelmValuesError):
+        chart.validate_schema({"awsRateLimit": {"qps": -1}})
+    with pytest.raises(helm.HelmValuesError):
+        chart.validate_schema({"awsRateLimit": {"burst": "lots"}})

@@ -640,3 +640,37 @@ async fn specs_that_bypassed_the_schema_get_invalid_spec_and_no_call() {
     .await;
     minted_url(&h, "too-short").await;
 }
+
+#[tokio::test]
+async fn the_client_side_rate_limit_paces_mints() {
+    let mut h = Harness::start(LONG_WINDOW).await;
+    h.stop_operator().await;
+    h.aws_rate = 4.0;
+    h.start_operator().await;
+    for i in 0..6 {
+        h.create(&format!("console-{i}"), quick_sight()).await;
+    }
+    eventually("all minted", WAIT, || {
+        (0..6)
+            .all(|i| h.secret_value(&format!("console-{i}"), "url").is_some())
+            .then_some(())
+    })
+    .await;
+    // Burst of one, then one call every 250 ms: six calls take at least 1.25 s.
+    let calls = h.aws.calls();
+    assert_eq!(calls.len(), 6);
+    let spread = calls[5].at.duration_since(calls[0].at);
+    assert!(
+        spread >= Duration::from_millis(1200),
+        "six calls in {spread:?}"
+    );
+    for pair in calls.windows(2) {
+        let gap = pair[1].at.duration_since(pair[0].at);
+        assert!(gap >= Duration::from_millis(200), "calls {gap:?} apart");
+    }
+    let metrics = h.metrics().encode();
+    assert!(
+        metrics.contains("embedurl_aws_rate_limit_wait_seconds_count{service=\"QuickSight\"} 6"),
+        "{metrics}"
+    );
+}

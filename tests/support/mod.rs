@@ -41,6 +41,8 @@ pub struct Harness {
     pub window: Duration,
     /// Permissive unless a test is about policies: most tests are about minting.
     pub policy_mode: PolicyMode,
+    /// Client-side AWS calls per second; 0 (the default) = unlimited.
+    pub aws_rate: f64,
     pub operator: Option<Operator>,
 }
 
@@ -61,6 +63,7 @@ impl Harness {
             client,
             window,
             policy_mode,
+            aws_rate: 0.0,
             operator: None,
         };
         harness.start_operator().await;
@@ -80,6 +83,8 @@ impl Harness {
                 policy_mode: self.policy_mode,
             },
             instance: Some("test".to_string()),
+            aws_rate: self.aws_rate,
+            aws_burst: 1,
         };
         let aws = Arc::new(AwsClients::new(self.aws.sdk_config()));
         let (readiness, controllers) =
