@@ -292,6 +292,15 @@ async fn mint(
                 schedule::add(minted_at, spec.target.session_length()),
             )
             .await?;
+            // The Secret holds the new URL: say so in the metrics before the status does.
+            ctx.metrics.set_schedule(
+                &namespace,
+                &name,
+                service,
+                Some(expires_at),
+                Some(next),
+                true,
+            );
             let desired = served.stamp(minted_status(
                 request, current, spec, minted_at, expires_at, next,
             ));
@@ -301,14 +310,6 @@ async fn mint(
             {
                 ctx.metrics.observe_refresh_lateness(minted_at, planned);
             }
-            ctx.metrics.set_schedule(
-                &namespace,
-                &name,
-                service,
-                Some(expires_at),
-                Some(next),
-                true,
-            );
             info!(
                 namespace,
                 name,

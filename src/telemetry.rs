@@ -22,17 +22,41 @@ pub enum LogFormat {
 }
 
 /// Installs the global tracing subscriber. `filter` uses `RUST_LOG` syntax.
+///
+/// Whatever the filter says, TRACE output of the AWS SDK is dropped: at that level the SDK logs
+/// response bodies and deserialized outputs, and for Q Business and Flink those contain the URL
+/// unredacted (only QuickSight marks it sensitive).
 pub fn init_logging(format: LogFormat, filter: &str) -> Result<(), String> {
-    let filter = tracing_subscriber::EnvFilter::try_new(filter)
-        .map_err(|e| format!("invalid log filter {filter:?}: {e}"))?;
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_target(false);
-    let result = match format {
-        LogFormat::Text => builder.try_init(),
-        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+    use tracing_subscriber::filter::{FilterExt, filter_fn};
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    use tracing_subscriber::{EnvFilter, Layer};
+
+    let filter =
+        EnvFilter::try_new(filter).map_err(|e| format!("invalid log filter {filter:?}: {e}"))?;
+    let filter = filter.and(filter_fn(|meta| {
+        !may_carry_urls(meta.level(), meta.target())
+    }));
+    let layer = match format {
+        LogFormat::Text => tracing_subscriber::fmt::layer().with_target(false).boxed(),
+        LogFormat::Json => tracing_subscriber::fmt::layer()
+            .json()
+            .flatten_event(true)
+            .with_target(false)
+            .boxed(),
     };
-    result.map_err(|e| format!("could not install the logger: {e}"))
+    tracing_subscriber::registry()
+        .with(layer.with_filter(filter))
+        .try_init()
+        .map_err(|e| format!("could not install the logger: {e}"))
+}
+
+/// Whether a log target and level may print a URL: the AWS SDK's TRACE output.
+pub fn may_carry_urls(level: &tracing::Level, target: &str) -> bool {
+    *level == tracing::Level::TRACE
+        && ["aws_smithy", "aws_sdk", "aws_config", "aws_runtime"]
+            .iter()
+            .any(|prefix| target.starts_with(prefix))
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -354,6 +378,26 @@ impl AwsCallTimer<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sdk_trace_output_is_never_logged() {
+        assert!(may_carry_urls(
+            &tracing::Level::TRACE,
+            "aws_smithy_runtime::client::orchestrator"
+        ));
+        assert!(may_carry_urls(
+            &tracing::Level::TRACE,
+            "aws_sdk_kinesisanalyticsv2"
+        ));
+        assert!(!may_carry_urls(
+            &tracing::Level::DEBUG,
+            "aws_smithy_runtime"
+        ));
+        assert!(!may_carry_urls(
+            &tracing::Level::TRACE,
+            "embed_url_operator::reconciler"
+        ));
+    }
 
     #[test]
     fn exports_prefixed_metrics_without_secrets() {
