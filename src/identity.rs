@@ -119,7 +119,31 @@ pub struct AssumedRole {
     external_id: Option<String>,
     session_name: String,
     tags: Vec<(String, String)>,
-    cached: tokio::sync::Mutex<Option<Credentials>>,
+    cached: tokio::sync::Mutex<Option<CachedCredentials>>,
+}
+
+struct CachedCredentials {
+    credentials: Credentials,
+    /// When to fetch new ones: [`RENEW_BEFORE`] ahead of the expiry, but not before half the
+    /// lifetime has passed (for short-lived credentials).
+    renew_at: SystemTime,
+}
+
+impl CachedCredentials {
+    fn new(credentials: Credentials, fetched_at: SystemTime) -> Self {
+        let renew_at = match credentials.expiry() {
+            None => SystemTime::UNIX_EPOCH + Duration::from_secs(u64::MAX / 4),
+            Some(expiry) => {
+                let lifetime = expiry.duration_since(fetched_at).unwrap_or_default();
+                let margin_before_expiry = expiry.checked_sub(RENEW_BEFORE).unwrap_or(fetched_at);
+                margin_before_expiry.max(fetched_at + lifetime / 2)
+            }
+        };
+        CachedCredentials {
+            credentials,
+            renew_at,
+        }
+    }
 }
 
 impl AssumedRole {
@@ -154,13 +178,12 @@ impl AssumedRole {
     /// lock makes concurrent requests wait for one STS call instead of each making its own.
     pub async fn credentials(&self) -> Result<Credentials, AwsCallError> {
         let mut cached = self.cached.lock().await;
-        if let Some(credentials) = cached.as_ref()
-            && credentials
-                .expiry()
-                .is_none_or(|expiry| expiry > SystemTime::now() + RENEW_BEFORE)
+        if let Some(entry) = cached.as_ref()
+            && SystemTime::now() < entry.renew_at
         {
-            return Ok(credentials.clone());
+            return Ok(entry.credentials.clone());
         }
+        let fetched_at = SystemTime::now();
         let tags = self
             .tags
             .iter()
@@ -192,7 +215,7 @@ impl AssumedRole {
             SystemTime::try_from(issued.expiration).ok(),
             "embed-url-operator-assume-role",
         );
-        *cached = Some(credentials.clone());
+        *cached = Some(CachedCredentials::new(credentials.clone(), fetched_at));
         Ok(credentials)
     }
 }
@@ -230,6 +253,24 @@ pub fn session_name(namespace: &str, policy: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn renewal_is_five_minutes_ahead_or_at_half_life() {
+        let now = SystemTime::now();
+        let creds = |lifetime: u64| {
+            Credentials::new(
+                "a",
+                "b",
+                None,
+                Some(now + Duration::from_secs(lifetime)),
+                "t",
+            )
+        };
+        let hour = CachedCredentials::new(creds(3600), now);
+        assert_eq!(hour.renew_at, now + Duration::from_secs(3300));
+        let short = CachedCredentials::new(creds(240), now);
+        assert_eq!(short.renew_at, now + Duration::from_secs(120));
+    }
 
     #[test]
     fn session_names_fit_sts() {

@@ -240,3 +240,49 @@ async fn permissive_mode_serves_unselected_namespaces_and_says_so() {
     assert!(message.contains("permissive"), "{message}");
     assert_eq!(h.status("console").policy, None);
 }
+
+#[tokio::test]
+async fn assumed_credentials_are_renewed_before_they_expire() {
+    let h = Harness::start_with(WINDOW, PolicyMode::Enforce).await;
+    // Credentials valid for two seconds are renewed after half their life.
+    h.aws.set_sts_lifetime(Duration::from_secs(2));
+    let mut with_role = viewer_policy("analytics-team");
+    with_role.spec.aws = Some(PolicyAws {
+        role_arn: Some("arn:aws:iam::111122223333:role/embed-analytics".into()),
+        ..Default::default()
+    });
+    apply_policy(&h, &with_role).await;
+    h.create("console", quick_sight()).await;
+    eventually("minted", WAIT, || h.secret_value("console", "url")).await;
+    assert_eq!(
+        h.aws.sts_calls().len(),
+        1,
+        "the SDK reuses the credentials just fetched"
+    );
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    h.requests()
+        .patch(
+            "console",
+            &PatchParams::default(),
+            &Patch::Merge(
+                json!({"metadata": {"annotations": {"embedurl.io/refresh-requested-at": "again"}}}),
+            ),
+        )
+        .await
+        .unwrap();
+    eventually("second mint", WAIT, || {
+        (h.aws.call_count(Service::QuickSight) == 2).then_some(())
+    })
+    .await;
+    assert_eq!(h.aws.sts_calls().len(), 2);
+    let keys: Vec<String> = h
+        .aws
+        .calls()
+        .iter()
+        .filter_map(|c| c.access_key.clone())
+        .collect();
+    assert_ne!(
+        keys[0], keys[1],
+        "the second mint used the renewed credentials"
+    );
+}

@@ -70,6 +70,8 @@ struct State {
     sts_calls: Mutex<Vec<HashMap<String, String>>>,
     /// STS calls still to refuse with AccessDenied.
     sts_failures: AtomicU64,
+    /// Lifetime of the credentials STS hands out, in seconds (0: one hour).
+    sts_lifetime_secs: AtomicU64,
 }
 
 pub struct FakeAws {
@@ -127,6 +129,13 @@ impl FakeAws {
     /// Form parameters of every STS AssumeRole call so far.
     pub fn sts_calls(&self) -> Vec<HashMap<String, String>> {
         self.state.sts_calls.lock().unwrap().clone()
+    }
+
+    /// Hands out credentials that expire after `lifetime` (default one hour).
+    pub fn set_sts_lifetime(&self, lifetime: Duration) {
+        self.state
+            .sts_lifetime_secs
+            .store(lifetime.as_secs(), Ordering::Relaxed);
     }
 
     /// Refuses the next `times` AssumeRole calls with `AccessDenied`.
@@ -304,7 +313,11 @@ impl Respond for StsResponder {
                 "text/xml",
             );
         }
-        let expiration = jiff::Timestamp::now() + jiff::SignedDuration::from_hours(1);
+        let lifetime = match self.state.sts_lifetime_secs.load(Ordering::Relaxed) {
+            0 => 3600,
+            secs => secs as i64,
+        };
+        let expiration = jiff::Timestamp::now() + jiff::SignedDuration::from_secs(lifetime);
         ResponseTemplate::new(200).set_body_raw(
             format!(
                 "<AssumeRoleResponse xmlns=\"https://sts.amazonaws.com/doc/2011-06-15/\"><AssumeRoleResult>\
