@@ -18,5 +18,6 @@ pub mod ratelimit;
 pub mod reconciler;
 pub mod schedule;
 pub mod secret;
+pub mod status;
 pub mod telemetry;
 pub mod validation;

@@ -398,11 +398,13 @@ async fn throttling_keeps_the_old_url_then_recovers() {
         throttled_calls <= 16,
         "{throttled_calls} calls while throttled"
     );
-    let (ready, _) = h.ready_reason("chat").unwrap();
-    assert_eq!(
-        ready, "False",
-        "the old URL has lapsed, so the request is not ready"
-    );
+    // The old URL has lapsed: the next retry after its use-by time marks the request not ready.
+    let expiry: jiff::Timestamp = first_expiry.parse().unwrap();
+    eventually("Ready=False after the old URL lapsed", WAIT, || {
+        h.ready_reason("chat").filter(|(s, _)| s == "False")
+    })
+    .await;
+    assert!(jiff::Timestamp::now() > expiry);
 
     h.aws.clear_faults();
     let recovered = eventually("recovery", Duration::from_secs(15), || {

@@ -1,0 +1,346 @@
+//! What the request's status should say after each outcome of a reconcile.
+//!
+//! Pure functions: they take the current status and what happened, and return the desired
+//! status. The reconciler writes it only if it differs from the current one.
+
+use crate::crd::{
+    Condition, EmbedUrlRequest, EmbedUrlRequestStatus, READY_CONDITION,
+    REFRESH_REQUESTED_AT_ANNOTATION,
+};
+use crate::providers::AwsCallError;
+use crate::schedule;
+use crate::secret::{self, StoredSecret, StoredUrl};
+use crate::validation::{InvalidSpec, ValidSpec};
+use jiff::Timestamp;
+use kube::{Resource, ResourceExt};
+
+/// Condition reasons (part of the API: users and alerts match on them).
+pub mod reasons {
+    pub const URL_READY: &str = "UrlReady";
+    pub const INVALID_SPEC: &str = "InvalidSpec";
+    pub const SECRET_CONFLICT: &str = "SecretConflict";
+    pub const SUSPENDED: &str = "Suspended";
+    pub const NOT_PERMITTED: &str = "NotPermitted";
+    pub const ASSUME_ROLE_FAILED: &str = "AssumeRoleFailed";
+}
+
+pub fn refresh_request(request: &EmbedUrlRequest) -> Option<&str> {
+    request
+        .annotations()
+        .get(REFRESH_REQUESTED_AT_ANNOTATION)
+        .map(String::as_str)
+        .filter(|v| !v.is_empty())
+}
+
+/// The condition reason of a failed mint: STS failures say so, AWS service failures by kind.
+pub fn failure_reason(error: &AwsCallError) -> &'static str {
+    if error.operation == "AssumeRole" {
+        reasons::ASSUME_ROLE_FAILED
+    } else {
+        error.kind.reason()
+    }
+}
+
+/// The `Ready` condition, keeping `lastTransitionTime` when the status value does not change.
+pub fn ready(
+    previous: &EmbedUrlRequestStatus,
+    is_ready: bool,
+    reason: &str,
+    message: String,
+    generation: Option<i64>,
+    now: Timestamp,
+) -> Condition {
+    let status = if is_ready { "True" } else { "False" };
+    let last_transition_time = previous
+        .ready()
+        .filter(|c| c.status == status)
+        .map(|c| c.last_transition_time.clone())
+        .unwrap_or_else(|| secret::rfc3339(now));
+    Condition {
+        type_: READY_CONDITION.to_string(),
+        status: status.to_string(),
+        reason: reason.to_string(),
+        message,
+        observed_generation: generation,
+        last_transition_time,
+    }
+}
+
+pub fn with_ready(
+    mut status: EmbedUrlRequestStatus,
+    condition: Condition,
+) -> EmbedUrlRequestStatus {
+    status.conditions.retain(|c| c.type_ != READY_CONDITION);
+    status.conditions.push(condition);
+    status
+}
+
+pub fn invalid_spec_status(
+    current: &EmbedUrlRequestStatus,
+    generation: Option<i64>,
+    invalid: &InvalidSpec,
+    now: Timestamp,
+) -> EmbedUrlRequestStatus {
+    let status = EmbedUrlRequestStatus {
+        observed_generation: generation,
+        next_refresh_time: None,
+        ..current.clone()
+    };
+    let message = format!("{invalid}. No URL is minted until the spec is fixed.");
+    let condition = ready(
+        current,
+        false,
+        reasons::INVALID_SPEC,
+        message,
+        generation,
+        now,
+    );
+    with_ready(status, condition)
+}
+
+/// The current status, with `Ready=True` restored if the Secret holds a usable URL, nothing is
+/// failing, and the condition says otherwise (left from `NotPermitted`, say).
+pub fn ready_again(
+    request: &EmbedUrlRequest,
+    current: &EmbedUrlRequestStatus,
+    spec: &ValidSpec,
+    usable: Option<&StoredUrl>,
+    now: Timestamp,
+) -> EmbedUrlRequestStatus {
+    let healthy = current.consecutive_failures.unwrap_or(0) == 0;
+    let ready_now = current.ready().is_some_and(|c| c.status == "True");
+    match usable {
+        Some(url) if healthy && !ready_now => {
+            let message = format!(
+                "Secret {:?} holds a URL usable until {}",
+                spec.secret_name,
+                secret::rfc3339(url.expires_at)
+            );
+            let generation = request.meta().generation;
+            with_ready(
+                current.clone(),
+                ready(current, true, reasons::URL_READY, message, generation, now),
+            )
+        }
+        _ => current.clone(),
+    }
+}
+
+pub fn not_permitted_status(
+    current: &EmbedUrlRequestStatus,
+    request: &EmbedUrlRequest,
+    spec: &ValidSpec,
+    message: &str,
+    now: Timestamp,
+) -> EmbedUrlRequestStatus {
+    let generation = request.meta().generation;
+    let status = EmbedUrlRequestStatus {
+        service: Some(spec.service().name().to_string()),
+        secret_name: Some(spec.secret_name.clone()),
+        observed_generation: generation,
+        next_refresh_time: None,
+        policy: None,
+        ..current.clone()
+    };
+    let message = format!(
+        "not permitted: {message}. Nothing is minted; the Secret keeps its last URL until it expires"
+    );
+    with_ready(
+        status,
+        ready(
+            current,
+            false,
+            reasons::NOT_PERMITTED,
+            message,
+            generation,
+            now,
+        ),
+    )
+}
+
+pub fn suspended_status(
+    current: &EmbedUrlRequestStatus,
+    request: &EmbedUrlRequest,
+    spec: &ValidSpec,
+    stored: &StoredSecret,
+    now: Timestamp,
+) -> EmbedUrlRequestStatus {
+    let generation = request.meta().generation;
+    let status = EmbedUrlRequestStatus {
+        service: Some(spec.service().name().to_string()),
+        secret_name: Some(spec.secret_name.clone()),
+        observed_generation: generation,
+        next_refresh_time: None,
+        ..current.clone()
+    };
+    let message = match stored {
+        StoredSecret::Owned { url: Some(url) } => format!(
+            "spec.suspend is true: refreshing stopped; the URL in the Secret stops working at {}",
+            secret::rfc3339(url.expires_at)
+        ),
+        _ => "spec.suspend is true: refreshing stopped".to_string(),
+    };
+    with_ready(
+        status,
+        ready(current, false, reasons::SUSPENDED, message, generation, now),
+    )
+}
+
+pub fn conflict_status(
+    current: &EmbedUrlRequestStatus,
+    request: &EmbedUrlRequest,
+    spec: &ValidSpec,
+    controller: Option<&str>,
+    now: Timestamp,
+) -> EmbedUrlRequestStatus {
+    let generation = request.meta().generation;
+    let status = EmbedUrlRequestStatus {
+        service: Some(spec.service().name().to_string()),
+        secret_name: Some(spec.secret_name.clone()),
+        observed_generation: generation,
+        next_refresh_time: None,
+        ..current.clone()
+    };
+    let owner = controller.map_or_else(
+        || "it is not managed by this request".to_string(),
+        |c| format!("it is controlled by {c}"),
+    );
+    let message = format!(
+        "Secret {:?} already exists and {owner}; it is left untouched. Delete it, or set spec.secretName to another name",
+        spec.secret_name
+    );
+    with_ready(
+        status,
+        ready(
+            current,
+            false,
+            reasons::SECRET_CONFLICT,
+            message,
+            generation,
+            now,
+        ),
+    )
+}
+
+pub fn minted_status(
+    request: &EmbedUrlRequest,
+    current: &EmbedUrlRequestStatus,
+    spec: &ValidSpec,
+    minted_at: Timestamp,
+    expires_at: Timestamp,
+    next: Timestamp,
+) -> EmbedUrlRequestStatus {
+    let generation = request.meta().generation;
+    let status = EmbedUrlRequestStatus {
+        service: Some(spec.service().name().to_string()),
+        secret_name: Some(spec.secret_name.clone()),
+        url_expires_at: Some(secret::rfc3339(expires_at)),
+        session_expires_at: Some(secret::rfc3339(schedule::add(
+            minted_at,
+            spec.target.session_length(),
+        ))),
+        last_refresh_time: Some(secret::rfc3339(minted_at)),
+        next_refresh_time: Some(secret::rfc3339(next)),
+        observed_generation: generation,
+        consecutive_failures: Some(0),
+        last_handled_refresh_request: refresh_request(request)
+            .map(str::to_string)
+            .or_else(|| current.last_handled_refresh_request.clone()),
+        policy: current.policy.clone(),
+        conditions: current.conditions.clone(),
+    };
+    let message = format!(
+        "Secret {:?} holds a URL usable until {}",
+        spec.secret_name,
+        secret::rfc3339(expires_at)
+    );
+    with_ready(
+        status,
+        ready(
+            current,
+            true,
+            reasons::URL_READY,
+            message,
+            generation,
+            minted_at,
+        ),
+    )
+}
+
+#[allow(clippy::too_many_arguments)]
+pub fn failed_status(
+    request: &EmbedUrlRequest,
+    current: &EmbedUrlRequestStatus,
+    spec: &ValidSpec,
+    error: &AwsCallError,
+    failures: u32,
+    still_usable_until: Option<Timestamp>,
+    retry: Timestamp,
+    now: Timestamp,
+) -> EmbedUrlRequestStatus {
+    let generation = request.meta().generation;
+    let status = EmbedUrlRequestStatus {
+        service: Some(spec.service().name().to_string()),
+        secret_name: Some(spec.secret_name.clone()),
+        next_refresh_time: Some(secret::rfc3339(retry)),
+        observed_generation: generation,
+        consecutive_failures: Some(failures),
+        // The request is consumed even when the call fails; the retry follows the backoff.
+        last_handled_refresh_request: refresh_request(request)
+            .map(str::to_string)
+            .or_else(|| current.last_handled_refresh_request.clone()),
+        ..current.clone()
+    };
+    let kept = match still_usable_until {
+        Some(until) => format!(
+            "the current URL stays in the Secret, usable until {}",
+            secret::rfc3339(until)
+        ),
+        None => "the Secret holds no usable URL".to_string(),
+    };
+    let message = format!(
+        "{} failed with {}: {}; {kept}; next attempt at {} (failure {failures})",
+        error.operation,
+        error.code,
+        error.message,
+        secret::rfc3339(retry)
+    );
+    let is_ready = still_usable_until.is_some() && error.kind.is_retryable();
+    with_ready(
+        status,
+        ready(
+            current,
+            is_ready,
+            failure_reason(error),
+            message,
+            generation,
+            now,
+        ),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ready_keeps_transition_time_while_status_is_unchanged() {
+        let t0: Timestamp = "2026-11-22T10:00:00Z".parse().unwrap();
+        let t1: Timestamp = "2026-11-22T10:05:00Z".parse().unwrap();
+        let first = with_ready(
+            EmbedUrlRequestStatus::default(),
+            ready(
+                &EmbedUrlRequestStatus::default(),
+                true,
+                reasons::URL_READY,
+                "a".into(),
+                Some(1),
+                t0,
+            ),
+        );
+        let throttled = ready(&first, true, "AwsThrottled", "b".into(), Some(1), t1);
+        assert_eq!(throttled.last_transition_time, "2026-11-22T10:00:00Z");
+        let failed = ready(&first, false, "AwsRejected", "c".into(), Some(1), t1);
+        assert_eq!(failed.last_transition_time, "2026-11-22T10:05:00Z");
+    }
+}
