@@ -104,27 +104,37 @@ struct OperatorProcess {
 }
 
 impl OperatorProcess {
-    async fn get(&self, path: &str) -> Option<(u16, String)> {
-        let mut stream = tokio::net::TcpStream::connect(self.http).await.ok()?;
+    /// A plain HTTP/1.0 GET against the operator's own endpoints.
+    async fn get(&self, path: &str) -> Result<(u16, String), String> {
+        let mut stream = tokio::net::TcpStream::connect(self.http)
+            .await
+            .map_err(|e| format!("connect {}: {e}", self.http))?;
         stream
             .write_all(format!("GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").as_bytes())
             .await
-            .ok()?;
+            .map_err(|e| format!("send GET {path}: {e}"))?;
         let mut response = String::new();
-        stream.read_to_string(&mut response).await.ok()?;
-        let status = response.split_whitespace().nth(1)?.parse().ok()?;
+        stream
+            .read_to_string(&mut response)
+            .await
+            .map_err(|e| format!("read GET {path}: {e}"))?;
+        let status = response
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(|| format!("GET {path}: no status line in {response:?}"))?;
         let body = response
             .split("\r\n\r\n")
             .nth(1)
             .unwrap_or_default()
             .to_string();
-        Some((status, body))
+        Ok((status, body))
     }
 
     async fn wait_ready(&self) {
         let deadline = std::time::Instant::now() + WAIT;
         loop {
-            if let Some((200, _)) = self.get("/readyz").await {
+            if let Ok((200, _)) = self.get("/readyz").await {
                 return;
             }
             assert!(
@@ -187,7 +197,7 @@ async fn the_binary_mints_serves_metrics_and_shuts_down_on_sigterm() {
     let cluster = Cluster::start().await;
     let mut operator = cluster.spawn("solo", "60s", &[]);
     operator.wait_ready().await;
-    assert_eq!(operator.get("/healthz").await.map(|r| r.0), Some(200));
+    assert_eq!(operator.get("/healthz").await.map(|r| r.0), Ok(200));
 
     cluster.create("console", quick_sight()).await;
     cluster.create("dashboard", flink()).await;
@@ -218,7 +228,10 @@ async fn the_binary_mints_serves_metrics_and_shuts_down_on_sigterm() {
     let metrics = {
         let deadline = std::time::Instant::now() + WAIT;
         loop {
-            let (code, metrics) = operator.get("/metrics").await.unwrap();
+            let (code, metrics) = operator
+                .get("/metrics")
+                .await
+                .unwrap_or_else(|e| panic!("{e}"));
             assert_eq!(code, 200);
             if metrics.contains(
                 "embedurl_url_expiry_timestamp_seconds{namespace=\"analytics\",name=\"console\"",
