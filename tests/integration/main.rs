@@ -7,6 +7,7 @@ mod support;
 mod binary;
 mod controller;
 mod crd;
+mod faults;
 
 use embed_url_operator::crd::{
     EmbedUrlRequestSpec, FlinkSpec, FlinkUrlType, QBusinessSpec, QuickSightSpec,
