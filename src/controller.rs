@@ -8,7 +8,7 @@ use crate::ratelimit::{RateLimits, required_rate};
 use crate::reconciler::{self, Context, Settings};
 use crate::secret::MANAGED_SECRETS_SELECTOR;
 use crate::telemetry::Metrics;
-use futures::{StreamExt, TryStreamExt, future};
+use futures::{StreamExt, TryStreamExt, future, stream};
 use k8s_openapi::api::core::v1::{Namespace, Secret};
 use kube::core::{DeserializeGuard, PartialObjectMeta};
 use kube::runtime::events::{Recorder, Reporter};
@@ -18,7 +18,7 @@ use kube::{Api, Client, ResourceExt};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
-use tokio::sync::{Semaphore, watch};
+use tokio::sync::{Notify, Semaphore, watch};
 use tracing::{debug, warn};
 
 /// Name that events and the leader lease report the operator under.
@@ -132,6 +132,15 @@ pub fn run(
         // Only the Secrets the operator owns are watched and cached, and managedFields are
         // dropped from every cached object: memory grows with the operator's own objects only.
         let (secret_store, secret_writer) = reflector::store();
+        // A relist (after 410 Gone, when the watch could not resume) replaces the cache but
+        // reports no deletion for a Secret that vanished while the watch was down, so the
+        // owner of a Secret deleted in that gap would not be reconciled until its next planned
+        // refresh, and its Secret would stay missing that long. After every relist but the
+        // first (the initial list of requests reconciles everything anyway), every request is
+        // reconciled against the fresh cache; those whose Secret is present do nothing.
+        let secrets_relisted = Arc::new(Notify::new());
+        let mut first_list = true;
+        let relisted = secrets_relisted.clone();
         let secret_events = watcher(
             secrets,
             watcher::Config::default().labels(MANAGED_SECRETS_SELECTOR),
@@ -139,7 +148,20 @@ pub fn run(
         .default_backoff()
         .modify(|s: &mut Secret| s.managed_fields_mut().clear())
         .reflect(secret_writer)
+        .inspect_ok(move |event| {
+            if let watcher::Event::InitDone = event {
+                if !first_list {
+                    // Stores one permit at most: relists in a row make one reconcile of all.
+                    relisted.notify_one();
+                }
+                first_list = false;
+            }
+        })
         .touched_objects();
+        let reconcile_all_after_relist = stream::unfold(secrets_relisted, |notify| async move {
+            notify.notified().await;
+            Some(((), notify))
+        });
 
         let (request_store, request_writer) = reflector::store();
         let forget_metrics = metrics.clone();
@@ -214,7 +236,10 @@ pub fn run(
         let mut stop = shutdown.clone();
         let controller = Controller::for_stream(request_events, request_store)
             .owns_stream(secret_events)
-            .reconcile_all_on(futures::stream::select(policy_changes, namespace_changes))
+            .reconcile_all_on(stream::select(
+                stream::select(policy_changes, namespace_changes),
+                reconcile_all_after_relist,
+            ))
             .with_config(controller::Config::default().concurrency(config.concurrency.max(1)))
             .graceful_shutdown_on(async move {
                 let _ = stop.wait_for(|stop| *stop).await;

@@ -377,12 +377,34 @@ async fn reconcile_unreadable(invalid: &InvalidObject, ctx: &Context) -> Result<
         field: "spec".to_string(),
         message: invalid.error.clone(),
     });
-    // A status that does not parse is replaced wholesale; one that parses is kept.
-    let current: EmbedUrlRequestStatus = raw
-        .data
-        .get("status")
-        .and_then(|s| serde_json::from_value(s.clone()).ok())
-        .unwrap_or_default();
+    let mut shell = EmbedUrlRequest::new(&name, EmbedUrlRequestSpec::default());
+    shell.metadata = invalid.metadata.clone();
+    // A status that parses is kept; one that does not is replaced wholesale.
+    let stored_status = raw.data.get("status").filter(|s| !s.is_null());
+    let parsed_status = match stored_status {
+        None => Some(EmbedUrlRequestStatus::default()),
+        Some(status) => serde_json::from_value(status.clone()).ok(),
+    };
+    let Some(current) = parsed_status else {
+        // Server-side apply cannot do that: it leaves the fields other managers wrote (the
+        // unreadable ones) in place, so the object stayed unreadable and the request stuck at
+        // InvalidSpec for ever, even with a valid spec. If only the status was at fault, it is
+        // emptied and the next reconcile (the object now reads) serves the request; otherwise
+        // it becomes the InvalidSpec status.
+        let replacement = if problem.field == "status" || problem.field.starts_with("status.") {
+            EmbedUrlRequestStatus::default()
+        } else {
+            invalid_spec_status(
+                &EmbedUrlRequestStatus::default(),
+                invalid.metadata.generation,
+                &problem,
+                Timestamp::now(),
+            )
+        };
+        replace_status(&api, &name, stored_status, &replacement).await?;
+        publish_transition(ctx, &shell, &EmbedUrlRequestStatus::default(), &replacement).await;
+        return Ok(Action::await_change());
+    };
     let desired = invalid_spec_status(
         &current,
         invalid.metadata.generation,
@@ -390,12 +412,48 @@ async fn reconcile_unreadable(invalid: &InvalidObject, ctx: &Context) -> Result<
         Timestamp::now(),
     );
     if desired != current {
-        let mut shell = EmbedUrlRequest::new(&name, EmbedUrlRequestSpec::default());
-        shell.metadata = invalid.metadata.clone();
-        apply_status(ctx, &shell, &desired).await?;
+        // Through `Api<DynamicObject>`: the answer does not deserialize as an EmbedUrlRequest.
+        // (Written through `Api<EmbedUrlRequest>`, the write succeeded but the reconcile failed
+        // reading the answer: no event was published, and it was retried 5 s later.)
+        apply_status_with(&api, &name, &desired).await?;
         publish_transition(ctx, &shell, &current, &desired).await;
     }
     Ok(Action::await_change())
+}
+
+/// Replaces the stored status (`stored`, which does not parse) with `status`, wholesale: a
+/// JSON merge patch that sets every field of `status` and removes every other stored one (a
+/// stored status that is not even an object is replaced by the patch's object).
+async fn replace_status(
+    api: &Api<DynamicObject>,
+    name: &str,
+    stored: Option<&serde_json::Value>,
+    status: &EmbedUrlRequestStatus,
+) -> Result<()> {
+    let mut fields = match serde_json::to_value(status).map_err(|source| Error::Serialize {
+        what: "status",
+        source,
+    })? {
+        serde_json::Value::Object(fields) => fields,
+        _ => serde_json::Map::new(),
+    };
+    if let Some(serde_json::Value::Object(stored)) = stored {
+        for key in stored.keys() {
+            fields.entry(key.clone()).or_insert(serde_json::Value::Null);
+        }
+    }
+    let params = PatchParams {
+        field_manager: Some(FIELD_MANAGER.to_string()),
+        ..PatchParams::default()
+    };
+    api.patch_status(
+        name,
+        &params,
+        &Patch::Merge(serde_json::json!({ "status": fields })),
+    )
+    .await
+    .map_err(Error::kube("replacing an unreadable status"))?;
+    Ok(())
 }
 
 /// Names the first field of `object` that does not deserialize, e.g.
@@ -411,6 +469,26 @@ fn locate_deserialize_error(object: &serde_json::Value) -> Option<InvalidSpec> {
             }
             continue;
         };
+        // A struct also deserializes from a JSON array (its fields by position), so a list
+        // where the spec should be was reported at a misleading path such as `spec.[0]: missing
+        // field ...`. Name the part itself when it is not an object.
+        if !value.is_object() {
+            if part == "status" && value.is_null() {
+                continue;
+            }
+            let found = match value {
+                serde_json::Value::Null => "null",
+                serde_json::Value::Bool(_) => "boolean",
+                serde_json::Value::Number(_) => "number",
+                serde_json::Value::String(_) => "string",
+                serde_json::Value::Array(_) => "sequence",
+                serde_json::Value::Object(_) => "map",
+            };
+            return Some(InvalidSpec {
+                field: part.to_string(),
+                message: format!("invalid type: {found}, expected an object"),
+            });
+        }
         let result: Result<(), serde_path_to_error::Error<serde_json::Error>> = match part {
             "spec" => serde_path_to_error::deserialize::<_, EmbedUrlRequestSpec>(value).map(|_| ()),
             _ => serde_path_to_error::deserialize::<_, EmbedUrlRequestStatus>(value).map(|_| ()),
@@ -530,13 +608,28 @@ async fn apply_status(
 ) -> Result<()> {
     let namespace = request.namespace().unwrap_or_default();
     let api: Api<EmbedUrlRequest> = Api::namespaced(ctx.client.clone(), &namespace);
+    apply_status_with(&api, &request.name_any(), status).await
+}
+
+/// Writes the status with server-side apply through `api`. The API server answers with the
+/// whole object, which `api` reads as a `K`: an object that does not deserialize as an
+/// `EmbedUrlRequest` must be written through `Api<DynamicObject>`, or the write succeeds but
+/// the reconcile fails reading the answer.
+async fn apply_status_with<K>(
+    api: &Api<K>,
+    name: &str,
+    status: &EmbedUrlRequestStatus,
+) -> Result<()>
+where
+    K: Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
     let body = serde_json::json!({
         "apiVersion": EmbedUrlRequest::api_version(&()),
         "kind": EmbedUrlRequest::kind(&()),
         "status": serde_json::to_value(status).map_err(|source| Error::Serialize { what: "status", source })?,
     });
     api.patch_status(
-        &request.name_any(),
+        name,
         &PatchParams::apply(FIELD_MANAGER).force(),
         &Patch::Apply(&body),
     )
@@ -734,5 +827,18 @@ mod tests {
             "status.consecutiveFailures"
         );
         assert_eq!(locate_deserialize_error(&json!({})).unwrap().field, "spec");
+
+        // Not an object at all: the part itself is named, not a position inside it.
+        let object = json!({"spec": [{"quickSight": {"awsAccountId": "111122223333"}}]});
+        let problem = locate_deserialize_error(&object).unwrap();
+        assert_eq!(
+            problem.to_string(),
+            "spec: invalid type: sequence, expected an object"
+        );
+        let object = json!({"spec": {}, "status": "broken"});
+        assert_eq!(
+            locate_deserialize_error(&object).unwrap().to_string(),
+            "status: invalid type: string, expected an object"
+        );
     }
 }

@@ -75,6 +75,25 @@ pub fn with_ready(
     status
 }
 
+/// Longest field path and explanation an `InvalidSpec` message carries. Validation and
+/// deserialization messages quote the offending value, which can be as large as the object
+/// itself (a 1 MB string in a spec written around the schema): copied whole into the status it
+/// would double the object's size, which a real API server refuses beyond its limit (about
+/// 1.5 MB), leaving the request without any condition. The path comes first, so it survives.
+const MAX_INVALID_SPEC_MESSAGE: usize = 1024;
+
+/// `text` cut to at most `max` bytes (on a character boundary), marked with an ellipsis.
+fn shorten(text: &str, max: usize) -> String {
+    if text.len() <= max {
+        return text.to_string();
+    }
+    let mut end = max;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &text[..end])
+}
+
 pub fn invalid_spec_status(
     current: &EmbedUrlRequestStatus,
     generation: Option<i64>,
@@ -86,7 +105,10 @@ pub fn invalid_spec_status(
         next_refresh_time: None,
         ..current.clone()
     };
-    let message = format!("{invalid}. No URL is minted until the spec is fixed.");
+    let message = format!(
+        "{}. No URL is minted until the spec is fixed.",
+        shorten(&invalid.to_string(), MAX_INVALID_SPEC_MESSAGE)
+    );
     let condition = ready(
         current,
         false,
@@ -322,6 +344,21 @@ pub fn failed_status(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn invalid_spec_messages_do_not_copy_huge_values() {
+        let invalid = InvalidSpec {
+            field: "spec.quickSight.entryPoint".to_string(),
+            message: format!("{:?} is not one of /start, ...", "é".repeat(1 << 20)),
+        };
+        let t0: Timestamp = "2026-11-22T10:00:00Z".parse().unwrap();
+        let status = invalid_spec_status(&EmbedUrlRequestStatus::default(), Some(1), &invalid, t0);
+        let message = &status.ready().unwrap().message;
+        assert!(message.len() < 1100, "{} bytes", message.len());
+        assert!(message.starts_with("spec.quickSight.entryPoint: \"éé"));
+        assert!(message.ends_with("…. No URL is minted until the spec is fixed."));
+        assert_eq!(shorten("short", 10), "short");
+    }
 
     #[test]
     fn ready_keeps_transition_time_while_status_is_unchanged() {

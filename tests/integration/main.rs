@@ -7,6 +7,7 @@ mod support;
 mod binary;
 mod controller;
 mod crd;
+mod faults;
 mod tenancy;
 
 use embed_url_operator::crd::{

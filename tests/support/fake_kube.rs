@@ -64,6 +64,8 @@
 //! - list ignores `resourceVersion` / `resourceVersionMatch` and always serves the current state;
 //!   `continue` pages come from the current state, not a snapshot, and never expire; no
 //!   `remainingItemCount`.
+//! - No size limits like etcd's (about 1.5 MiB per object) or the API server's (3 MiB per
+//!   request): only axum's default 2 MB request body limit.
 //! - Watch: no periodic bookmarks (only the one closing a streaming list), no "too large
 //!   resourceVersion" wait; history is kept until `compact_history()` (a real etcd compacts every
 //!   few minutes).
@@ -351,6 +353,16 @@ impl FakeApiServer {
         let _ = self.lock().watchers.send(WatchSignal::CloseAll);
     }
 
+    /// Ends the open watches of one resource (a plural such as "secrets"), leaving the others
+    /// open, as when watches are spread over API server replicas and one of them goes away.
+    pub fn end_watches(&self, plural: &str) {
+        // An error only means nobody is watching.
+        let _ = self
+            .lock()
+            .watchers
+            .send(WatchSignal::Close(plural.to_owned()));
+    }
+
     /// Forgets the change history, so a watch from any resourceVersion older than the current
     /// one gets 410 Expired, as after an etcd compaction.
     pub fn compact_history(&self) {
@@ -517,6 +529,8 @@ struct Change {
 enum WatchSignal {
     Change(Arc<Change>),
     CloseAll,
+    /// Ends the watches of one plural.
+    Close(String),
 }
 
 struct InjectedFailure {
@@ -1422,6 +1436,11 @@ fn live_events(
                     // Timed out, closed by end_all_watches, or more than WATCH_BUFFER changes
                     // behind: end the stream; the client re-watches from the last
                     // resourceVersion it saw and catches up from the history.
+                    Ok(Ok(WatchSignal::Close(plural))) => {
+                        if plural == filter.kind.plural {
+                            return None;
+                        }
+                    }
                     Ok(Ok(WatchSignal::CloseAll) | Err(_)) | Err(_) => return None,
                 }
             }

@@ -20,6 +20,7 @@ use fake_aws::FakeAws;
 use fake_kube::FakeApiServer;
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::{Api, PostParams};
+use kube::client::retry::RetryPolicy;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
@@ -54,20 +55,28 @@ impl Harness {
     }
 
     pub async fn start_with(window: Duration, policy_mode: PolicyMode) -> Self {
+        let mut harness = Self::new_without_operator(window).await;
+        harness.policy_mode = policy_mode;
+        harness.start_operator().await;
+        harness
+    }
+
+    /// Starts both stand-ins but not the operator (permissive policy mode, no rate limit), so a
+    /// test can prepare objects or inject failures that the operator's first list and watch must
+    /// meet; then [`Harness::start_operator`].
+    pub async fn new_without_operator(window: Duration) -> Self {
         let kube = FakeApiServer::new();
         let aws = FakeAws::start().await;
-        let client = kube.client();
-        let mut harness = Harness {
+        let client = retrying_client(&kube);
+        Harness {
             kube,
             aws,
             client,
             window,
-            policy_mode,
+            policy_mode: PolicyMode::Permissive,
             aws_rate: 0.0,
             operator: None,
-        };
-        harness.start_operator().await;
-        harness
+        }
     }
 
     pub async fn start_operator(&mut self) {
@@ -116,6 +125,13 @@ impl Harness {
         if let Some(operator) = self.operator.take() {
             operator.task.abort();
         }
+    }
+
+    /// Whether the operator's task is still running (it ends early only if something panicked).
+    pub fn operator_running(&self) -> bool {
+        self.operator
+            .as_ref()
+            .is_some_and(|operator| !operator.task.is_finished())
     }
 
     pub fn metrics(&self) -> Arc<Metrics> {
@@ -167,6 +183,19 @@ impl Harness {
             .ready()
             .map(|c| (c.status.clone(), c.reason.clone()))
     }
+}
+
+/// A client for the in-process fake API server with the retry layer the operator's production
+/// client has: `kube::Client::try_default()` (src/main.rs) builds its client from a `Config`
+/// whose `default_retry` is on, which retries 429, 503 and 504 answers honouring `Retry-After`.
+/// `FakeApiServer::client()` plugs the router in directly, without that layer, so injected 429s
+/// would reach the operator in tests but not in production.
+fn retrying_client(kube: &FakeApiServer) -> kube::Client {
+    let service = tower::ServiceBuilder::new()
+        .layer(tower::retry::RetryLayer::new(RetryPolicy::server_retry()))
+        .map_err(tower::BoxError::from)
+        .service(kube.router());
+    kube::Client::new(service, "default")
 }
 
 /// Polls `check` every 20 ms until it returns `Some`, or fails the test after `timeout`.
