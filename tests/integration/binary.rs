@@ -195,10 +195,19 @@ fn free_port() -> SocketAddr {
 #[tokio::test]
 async fn the_binary_mints_serves_metrics_and_shuts_down_on_sigterm() {
     let cluster = Cluster::start().await;
-    let mut operator = cluster.spawn("solo", "60s", &[]);
+    // Watch two namespaces: a request elsewhere is none of this operator's business.
+    let mut operator = cluster.spawn("solo", "60s", &["--namespace", NS, "--namespace", "other"]);
     operator.wait_ready().await;
     assert_eq!(operator.get("/healthz").await.map(|r| r.0), Ok(200));
 
+    let elsewhere: Api<EmbedUrlRequest> = Api::namespaced(cluster.kube.client(), "unwatched");
+    elsewhere
+        .create(
+            &PostParams::default(),
+            &EmbedUrlRequest::new("ignored", quick_sight()),
+        )
+        .await
+        .unwrap();
     cluster.create("console", quick_sight()).await;
     cluster.create("dashboard", flink()).await;
     let url = eventually("URL in the Secret", WAIT, || {
@@ -248,6 +257,27 @@ async fn the_binary_mints_serves_metrics_and_shuts_down_on_sigterm() {
         "{metrics}"
     );
     assert!(!metrics.contains(&url));
+
+    // The request in the unwatched namespace was never touched.
+    assert!(
+        cluster
+            .kube
+            .get("v1", "secrets", Some("unwatched"), "ignored")
+            .is_none()
+    );
+    let ignored = cluster
+        .kube
+        .get(
+            "embedurl.io/v1alpha1",
+            "embedurlrequests",
+            Some("unwatched"),
+            "ignored",
+        )
+        .unwrap();
+    assert!(
+        ignored.get("status").is_none_or(|s| s.is_null()),
+        "{ignored}"
+    );
 
     let exit = operator.terminate().await;
     assert!(
