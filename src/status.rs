@@ -148,11 +148,14 @@ pub fn ready_again(
     }
 }
 
-pub fn not_permitted_status(
+/// A request the operator does not refresh for now: nothing is scheduled, and `Ready` is False
+/// with `reason`. The URL already in the Secret, if any, is left to expire.
+fn halted(
     current: &EmbedUrlRequestStatus,
     request: &EmbedUrlRequest,
     spec: &ValidSpec,
-    message: &str,
+    reason: &str,
+    message: String,
     now: Timestamp,
 ) -> EmbedUrlRequestStatus {
     let generation = request.meta().generation;
@@ -161,23 +164,28 @@ pub fn not_permitted_status(
         secret_name: Some(spec.secret_name.clone()),
         observed_generation: generation,
         next_refresh_time: None,
-        policy: None,
         ..current.clone()
     };
+    with_ready(
+        status,
+        ready(current, false, reason, message, generation, now),
+    )
+}
+
+pub fn not_permitted_status(
+    current: &EmbedUrlRequestStatus,
+    request: &EmbedUrlRequest,
+    spec: &ValidSpec,
+    message: &str,
+    now: Timestamp,
+) -> EmbedUrlRequestStatus {
     let message = format!(
         "not permitted: {message}. Nothing is minted; the Secret keeps its last URL until it expires"
     );
-    with_ready(
-        status,
-        ready(
-            current,
-            false,
-            reasons::NOT_PERMITTED,
-            message,
-            generation,
-            now,
-        ),
-    )
+    EmbedUrlRequestStatus {
+        policy: None,
+        ..halted(current, request, spec, reasons::NOT_PERMITTED, message, now)
+    }
 }
 
 pub fn suspended_status(
@@ -187,14 +195,6 @@ pub fn suspended_status(
     stored: &StoredSecret,
     now: Timestamp,
 ) -> EmbedUrlRequestStatus {
-    let generation = request.meta().generation;
-    let status = EmbedUrlRequestStatus {
-        service: Some(spec.service().name().to_string()),
-        secret_name: Some(spec.secret_name.clone()),
-        observed_generation: generation,
-        next_refresh_time: None,
-        ..current.clone()
-    };
     let message = match stored {
         StoredSecret::Owned { url: Some(url) } => format!(
             "spec.suspend is true: refreshing stopped; the URL in the Secret stops working at {}",
@@ -202,10 +202,7 @@ pub fn suspended_status(
         ),
         _ => "spec.suspend is true: refreshing stopped".to_string(),
     };
-    with_ready(
-        status,
-        ready(current, false, reasons::SUSPENDED, message, generation, now),
-    )
+    halted(current, request, spec, reasons::SUSPENDED, message, now)
 }
 
 pub fn conflict_status(
@@ -215,14 +212,6 @@ pub fn conflict_status(
     controller: Option<&str>,
     now: Timestamp,
 ) -> EmbedUrlRequestStatus {
-    let generation = request.meta().generation;
-    let status = EmbedUrlRequestStatus {
-        service: Some(spec.service().name().to_string()),
-        secret_name: Some(spec.secret_name.clone()),
-        observed_generation: generation,
-        next_refresh_time: None,
-        ..current.clone()
-    };
     let owner = controller.map_or_else(
         || "it is not managed by this request".to_string(),
         |c| format!("it is controlled by {c}"),
@@ -231,16 +220,13 @@ pub fn conflict_status(
         "Secret {:?} already exists and {owner}; it is left untouched. Delete it, or set spec.secretName to another name",
         spec.secret_name
     );
-    with_ready(
-        status,
-        ready(
-            current,
-            false,
-            reasons::SECRET_CONFLICT,
-            message,
-            generation,
-            now,
-        ),
+    halted(
+        current,
+        request,
+        spec,
+        reasons::SECRET_CONFLICT,
+        message,
+        now,
     )
 }
 

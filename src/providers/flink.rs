@@ -50,11 +50,7 @@ impl UrlProvider for FlinkProvider {
                 .send()
                 .await
                 .map_err(|e| AwsCallError::from_sdk(OPERATION, e))?;
-            output
-                .authorized_url
-                .filter(|u| !u.is_empty())
-                .map(EmbedUrl::new)
-                .ok_or_else(|| AwsCallError::missing_url(OPERATION))
+            EmbedUrl::from_response(output.authorized_url, OPERATION)
         })
     }
 }

@@ -115,6 +115,17 @@ impl EmbedUrl {
         EmbedUrl(url)
     }
 
+    /// The URL in an AWS answer; an answer without one is AWS breaking its contract, reported as
+    /// a retryable failure of `operation`.
+    pub fn from_response(
+        url: Option<String>,
+        operation: &'static str,
+    ) -> Result<Self, AwsCallError> {
+        url.filter(|u| !u.is_empty())
+            .map(EmbedUrl)
+            .ok_or_else(|| AwsCallError::missing_url(operation))
+    }
+
     /// The URL itself, for the one place that needs it: the Secret's data.
     pub fn expose(&self) -> &str {
         &self.0

@@ -52,11 +52,7 @@ impl UrlProvider for QBusinessProvider {
                 .send()
                 .await
                 .map_err(|e| AwsCallError::from_sdk(OPERATION, e))?;
-            output
-                .anonymous_url
-                .filter(|u| !u.is_empty())
-                .map(EmbedUrl::new)
-                .ok_or_else(|| AwsCallError::missing_url(OPERATION))
+            EmbedUrl::from_response(output.anonymous_url, OPERATION)
         })
     }
 }

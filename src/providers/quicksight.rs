@@ -45,11 +45,7 @@ impl UrlProvider for QuickSightProvider {
                 .send()
                 .await
                 .map_err(|e| AwsCallError::from_sdk(OPERATION, e))?;
-            output
-                .embed_url
-                .filter(|u| !u.is_empty())
-                .map(EmbedUrl::new)
-                .ok_or_else(|| AwsCallError::missing_url(OPERATION))
+            EmbedUrl::from_response(output.embed_url, OPERATION)
         })
     }
 }
