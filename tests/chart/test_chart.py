@@ -670,12 +670,17 @@ def test_notes(chart):
     text = notes(chart)
     assert "kubectl get pods" in text
     assert "kubectl logs" in text
-    assert "kubectl get crd embedurlrequests.embedurl.io" in text
+    assert "kubectl get crd embedurlrequests.embedurl.io embedurlpolicies.embedurl.io" in text
     assert "kubectl apply -f - <<EOF" in text
     assert not re.search(r"kubectl apply -f\s+https?://", text)
-    # The inline example is a valid EmbedUrlRequest with a QuickSight spec.
-    example = text.split("kubectl apply -f - <<EOF", 1)[1].split("EOF", 1)[0]
-    request = yaml.safe_load(example.replace("\n     ", "\n"))
+    # The inline examples are a valid EmbedUrlPolicy, then an EmbedUrlRequest it allows.
+    examples = [
+        yaml.safe_load(part.split("EOF", 1)[0].replace("\n     ", "\n"))
+        for part in text.split("kubectl apply -f - <<EOF")[1:]
+    ]
+    policy, request = examples
+    assert policy["kind"] == "EmbedUrlPolicy"
+    assert request["metadata"]["namespace"] in policy["spec"]["namespaces"]
     assert request["apiVersion"] == "embedurl.io/v1alpha1"
     assert request["kind"] == "EmbedUrlRequest"
     assert set(request["spec"]["quickSight"]) >= {"awsAccountId"}
