@@ -516,19 +516,7 @@ async fn the_refresh_annotation_mints_once() {
     let h = Harness::start(LONG_WINDOW).await;
     h.create("console", quick_sight()).await;
     let first = minted_url(&h, "console").await;
-    let annotate = |value: &'static str| {
-        let api = h.requests();
-        async move {
-            api.patch(
-                "console",
-                &PatchParams::default(),
-                &Patch::Merge(json!({"metadata": {"annotations": {"embedurl.io/refresh-requested-at": value}}})),
-            )
-            .await
-            .unwrap();
-        }
-    };
-    annotate("2026-11-22T10:00:00Z").await;
+    h.request_refresh("console", "2026-11-22T10:00:00Z").await;
     let second = eventually("refreshed URL", WAIT, || {
         h.secret_value("console", "url").filter(|u| *u != first)
     })
@@ -541,7 +529,7 @@ async fn the_refresh_annotation_mints_once() {
     .await;
     assert_eq!(h.aws.calls().len(), 2);
     // Touching the object again with the same value does nothing.
-    annotate("2026-11-22T10:00:00Z").await;
+    h.request_refresh("console", "2026-11-22T10:00:00Z").await;
     h.kube.end_all_watches();
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(h.aws.calls().len(), 2);
@@ -549,7 +537,7 @@ async fn the_refresh_annotation_mints_once() {
         h.secret_value("console", "url").as_deref(),
         Some(second.as_str())
     );
-    annotate("second").await;
+    h.request_refresh("console", "second").await;
     eventually("second refresh", WAIT, || {
         (h.aws.calls().len() == 3).then_some(())
     })

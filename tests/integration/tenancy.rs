@@ -194,16 +194,7 @@ async fn a_policy_role_is_assumed_with_external_id_and_session_tags() {
     assert_eq!(mint.region.as_deref(), Some("eu-west-1"));
 
     // Refreshing again reuses the cached credentials: no second STS call.
-    h.requests()
-        .patch(
-            "console",
-            &PatchParams::default(),
-            &Patch::Merge(
-                json!({"metadata": {"annotations": {"embedurl.io/refresh-requested-at": "now"}}}),
-            ),
-        )
-        .await
-        .unwrap();
+    h.request_refresh("console", "now").await;
     eventually("second mint", WAIT, || {
         (h.aws.call_count(Service::QuickSight) == 2).then_some(())
     })
@@ -260,16 +251,7 @@ async fn assumed_credentials_are_renewed_before_they_expire() {
         "the SDK reuses the credentials just fetched"
     );
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    h.requests()
-        .patch(
-            "console",
-            &PatchParams::default(),
-            &Patch::Merge(
-                json!({"metadata": {"annotations": {"embedurl.io/refresh-requested-at": "again"}}}),
-            ),
-        )
-        .await
-        .unwrap();
+    h.request_refresh("console", "again").await;
     eventually("second mint", WAIT, || {
         (h.aws.call_count(Service::QuickSight) == 2).then_some(())
     })

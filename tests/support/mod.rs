@@ -157,6 +157,20 @@ impl Harness {
             .expect("create request")
     }
 
+    /// Sets the `embedurl.io/refresh-requested-at` annotation, as a user asking for a refresh.
+    pub async fn request_refresh(&self, name: &str, value: &str) {
+        self.requests()
+            .patch(
+                name,
+                &kube::api::PatchParams::default(),
+                &kube::api::Patch::Merge(serde_json::json!({
+                    "metadata": {"annotations": {"embedurl.io/refresh-requested-at": value}}
+                })),
+            )
+            .await
+            .expect("annotate request");
+    }
+
     /// The Secret as stored by the fake API server.
     pub fn secret(&self, name: &str) -> Option<Secret> {
         self.kube
