@@ -179,12 +179,17 @@ async fn reconcile_request(request: &EmbedUrlRequest, ctx: &Context) -> Result<A
                 // URL, without asking AWS for a new one.
                 apply_secret(ctx, request, &spec, &url_text, url, now).await?;
             }
-            let desired =
+            let waiting =
                 waiting_status(request, &current, &spec, usable.as_ref(), until, ctx).await?;
-            // Nothing to repair: still record a change of policy, and a Ready condition that a
-            // policy change (which bumps no generation) has made true again.
-            let desired = desired
-                .unwrap_or_else(|| ready_again(request, &current, &spec, usable.as_ref(), now));
+            let desired = match waiting {
+                Waiting::Repair(repaired) => *repaired,
+                // Nothing to repair: still record a change of policy, and a Ready condition
+                // that a policy change (which bumps no generation) has made true again.
+                Waiting::UpToDate => ready_again(request, &current, &spec, usable.as_ref(), now),
+                // A status computed from the stale copy would undo the newer one (apply drops
+                // the fields it leaves out); the newer one's watch event reconciles again.
+                Waiting::StaleCache => return Ok(requeue_at(now, until)),
+            };
             let desired = served.stamp(desired);
             write_status(request, &current, desired, ctx).await?;
             Ok(requeue_at(now, until))
@@ -756,6 +761,17 @@ fn authorize(
     }
 }
 
+/// What the status needs while waiting.
+enum Waiting {
+    /// The cached status describes the Secret's URL (or a failure backoff runs): it is current.
+    UpToDate,
+    /// The status write after the last mint was lost: this status, rebuilt from the Secret.
+    Repair(Box<EmbedUrlRequestStatus>),
+    /// The cached request is older than the stored one, which already describes the Secret (the
+    /// Secret's watch event came first), or the request is gone: write nothing.
+    StaleCache,
+}
+
 /// The status while waiting. Normally the stored status already says everything and nothing is
 /// written. When the status does not describe the URL the Secret holds (the status write after
 /// a mint was lost, or the cache has not caught up with it), the request is read fresh, and the
@@ -767,16 +783,16 @@ async fn waiting_status(
     stored: Option<&StoredUrl>,
     until: Timestamp,
     ctx: &Context,
-) -> Result<Option<EmbedUrlRequestStatus>> {
+) -> Result<Waiting> {
     let Some(stored) = stored else {
         // Waiting without a URL only happens during a failure backoff: the status is current.
-        return Ok(None);
+        return Ok(Waiting::UpToDate);
     };
     let described =
         schedule::parse_time(current.url_expires_at.as_deref()) == Some(stored.expires_at);
     let failing = current.consecutive_failures.unwrap_or(0) > 0;
     if described || failing {
-        return Ok(None);
+        return Ok(Waiting::UpToDate);
     }
     let api: Api<EmbedUrlRequest> =
         Api::namespaced(ctx.client.clone(), &request.namespace().unwrap_or_default());
@@ -785,18 +801,18 @@ async fn waiting_status(
         .await
         .map_err(Error::kube("re-reading the request"))?
     else {
-        return Ok(None);
+        return Ok(Waiting::StaleCache);
     };
     let fresh_status = fresh.status.unwrap_or_default();
     if schedule::parse_time(fresh_status.url_expires_at.as_deref()) == Some(stored.expires_at) {
-        return Ok(None);
+        return Ok(Waiting::StaleCache);
     }
     let window = ctx.settings.windows.for_service(spec.service());
     let minted_at = schedule::sub(stored.expires_at, window);
     let mut repaired = minted_status(request, current, spec, minted_at, stored.expires_at, until);
     repaired.session_expires_at = stored.session_expires_at.map(secret::rfc3339);
     repaired.observed_generation = stored.generation.or(repaired.observed_generation);
-    Ok(Some(repaired))
+    Ok(Waiting::Repair(Box::new(repaired)))
 }
 
 #[cfg(test)]
