@@ -12,7 +12,8 @@
 //!
 //! Errors use AWS's own shapes: the code in `x-amzn-ErrorType` for the rest-json services, in
 //! `__type` for awsJson. Every successful call hands out a new, unique URL. Calls are recorded
-//! (inputs, the signing access key and region) and faults can be injected per service.
+//! (inputs, the URL handed out, the signing access key and region) and faults can be injected per
+//! service, as can a rate limit above which calls are throttled.
 
 use aws_config::retry::RetryConfig;
 use aws_config::{BehaviorVersion, Region};
@@ -55,6 +56,8 @@ pub struct Call {
     pub succeeded: bool,
     /// When the call arrived.
     pub at: std::time::Instant,
+    /// The URL handed out, if the call succeeded.
+    pub url: Option<String>,
 }
 
 #[derive(Default)]
@@ -72,6 +75,31 @@ struct State {
     sts_failures: AtomicU64,
     /// Lifetime of the credentials STS hands out, in seconds (0: one hour).
     sts_lifetime_secs: AtomicU64,
+    /// Per-service call rate above which calls are throttled, if any.
+    rate_limit: Mutex<Option<RateLimit>>,
+}
+
+/// A token bucket: `per_second` tokens a second, at most `burst` saved up.
+struct RateLimit {
+    per_second: f64,
+    burst: f64,
+    tokens: HashMap<Service, (f64, std::time::Instant)>,
+}
+
+impl RateLimit {
+    fn admit(&mut self, service: Service) -> bool {
+        let now = std::time::Instant::now();
+        let (tokens, last) = self.tokens.entry(service).or_insert((self.burst, now));
+        *tokens =
+            (*tokens + now.duration_since(*last).as_secs_f64() * self.per_second).min(self.burst);
+        *last = now;
+        if *tokens >= 1.0 {
+            *tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
 }
 
 pub struct FakeAws {
@@ -81,7 +109,12 @@ pub struct FakeAws {
 
 impl FakeAws {
     pub async fn start() -> Self {
-        let server = MockServer::start().await;
+        // Not recording requests: `calls` keeps what tests need, and a long benchmark run would
+        // otherwise hold every request in memory twice.
+        let server = MockServer::builder()
+            .disable_request_recording()
+            .start()
+            .await;
         let state = Arc::new(State::default());
         Mock::given(method("GET"))
             .and(path_regex(r"^/accounts/[^/]+/session-embed-url$"))
@@ -214,6 +247,16 @@ impl FakeAws {
         self.state.queued_faults.lock().unwrap().clear();
     }
 
+    /// Throttles each service above `per_second` calls a second (a token bucket holding at most
+    /// `burst` calls), answering its throttling error as AWS does; `None` lifts the limit.
+    pub fn set_rate_limit(&self, limit: Option<(f64, f64)>) {
+        *self.state.rate_limit.lock().unwrap() = limit.map(|(per_second, burst)| RateLimit {
+            per_second,
+            burst: burst.max(1.0),
+            tokens: HashMap::new(),
+        });
+    }
+
     /// Delays every answer by `latency`.
     pub fn set_latency(&self, latency: Duration) {
         self.state
@@ -231,28 +274,34 @@ impl Respond for Responder {
     fn respond(&self, request: &Request) -> ResponseTemplate {
         let inputs = inputs_of(self.service, request);
         let (access_key, region) = signing_scope(request);
-        let fault = self.next_fault();
+        let at = std::time::Instant::now();
+        let fault = self.next_fault().or_else(|| {
+            let mut limit = self.state.rate_limit.lock().unwrap();
+            let over = limit.as_mut().is_some_and(|l| !l.admit(self.service));
+            over.then_some(Fault::Throttle)
+        });
         let delay = Duration::from_millis(self.state.latency_ms.load(Ordering::Relaxed));
+        let url = fault.is_none().then(|| {
+            let n = self.state.issued.fetch_add(1, Ordering::Relaxed) + 1;
+            format!(
+                "https://{}.fake.test/sign-in/{n}?code=secret-{n}-{:x}",
+                self.service.name().to_lowercase(),
+                rand::random::<u64>()
+            )
+        });
+        let response = match (fault, &url) {
+            (Some(fault), _) => error_response(self.service, fault),
+            (None, url) => success_response(self.service, url.as_deref().unwrap_or_default()),
+        };
         self.state.calls.lock().unwrap().push(Call {
             service: self.service,
             inputs,
             access_key,
             region,
             succeeded: fault.is_none(),
-            at: std::time::Instant::now(),
+            at,
+            url,
         });
-        let response = match fault {
-            Some(fault) => error_response(self.service, fault),
-            None => {
-                let n = self.state.issued.fetch_add(1, Ordering::Relaxed) + 1;
-                let url = format!(
-                    "https://{}.fake.test/sign-in/{n}?code=secret-{n}-{:x}",
-                    self.service.name().to_lowercase(),
-                    rand::random::<u64>()
-                );
-                success_response(self.service, &url)
-            }
-        };
         response.set_delay(delay)
     }
 }

@@ -25,7 +25,8 @@
 //!   `metadata.namespace` field selectors on list and watch; `limit` and `continue`;
 //!   metadata-only get, list and watch (`as=PartialObjectMetadata` / `PartialObjectMetadataList`);
 //! - watch from a resourceVersion replays later changes; one older than the retained history
-//!   (see [`FakeApiServer::compact_history`]) gets an `ERROR` event with a 410 Expired Status;
+//!   (see [`FakeApiServer::compact_history`], [`FakeApiServer::set_history_limit`]) gets an
+//!   `ERROR` event with a 410 Expired Status;
 //!   streaming lists (`sendInitialEvents=true`, ended by a `k8s.io/initial-events-end` bookmark);
 //!   `timeoutSeconds`; an object that leaves a watch's selectors is a DELETED event for it, one
 //!   that enters them an ADDED event;
@@ -67,8 +68,8 @@
 //! - No size limits like etcd's (about 1.5 MiB per object) or the API server's (3 MiB per
 //!   request): only axum's default 2 MB request body limit.
 //! - Watch: no periodic bookmarks (only the one closing a streaming list), no "too large
-//!   resourceVersion" wait; history is kept until `compact_history()` (a real etcd compacts every
-//!   few minutes).
+//!   resourceVersion" wait; history is kept until `compact_history()`, or only the last n changes
+//!   after `set_history_limit(n)` (a real etcd compacts every few minutes).
 //! - Garbage collection ignores `propagationPolicy` (always background, never orphans or
 //!   foreground) and grace periods; dependents whose owner never existed are not collected;
 //!   deleting a Namespace does not delete its contents, and objects can live in namespaces that
@@ -78,7 +79,7 @@
 // Every integration-test binary that includes `tests/support` uses a different part of this API.
 #![allow(dead_code)]
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -371,6 +372,23 @@ impl FakeApiServer {
         store.oldest_resumable = store.resource_version;
     }
 
+    /// Keeps only the last `changes` changes for watches to resume from (by default all are
+    /// kept until [`Self::compact_history`]), as a real etcd compacts. A watch from a
+    /// resourceVersion older than what is kept gets 410 Expired. For long runs with many writes
+    /// (benchmarks), where the unbounded history would dominate memory.
+    pub fn set_history_limit(&self, changes: usize) {
+        let mut store = self.lock();
+        store.history_limit = Some(changes.max(1));
+        store.trim_history();
+    }
+
+    /// Calls `observer` with every change the server stores from now on (creations, updates,
+    /// deletions, garbage collection), in resourceVersion order. It runs while the server's state
+    /// is locked: it must be quick and must not call the server.
+    pub fn observe(&self, observer: impl Fn(&ObservedChange<'_>) + Send + 'static) {
+        self.lock().observers.push(Box::new(observer));
+    }
+
     fn lock(&self) -> MutexGuard<'_, Store> {
         self.store.lock().expect("fake API server state poisoned")
     }
@@ -491,13 +509,27 @@ async fn handle_request(
         .unwrap_or_else(ApiError::into_response)
 }
 
+/// A change as [`FakeApiServer::observe`] reports it: `before` is `None` for a creation, `after`
+/// for a deletion.
+pub struct ObservedChange<'a> {
+    pub resource_version: u64,
+    pub kind: ResourceKind,
+    pub before: Option<&'a Value>,
+    pub after: Option<&'a Value>,
+}
+
+type Observer = Box<dyn Fn(&ObservedChange<'_>) + Send>;
+
 /// Everything the server knows, behind one mutex that is never held across an `.await`.
 struct Store {
     kinds: Vec<ResourceKind>,
     objects: BTreeMap<ObjectKey, Value>,
     resource_version: u64,
     /// Changes a watch can still replay, oldest first.
-    history: Vec<Arc<Change>>,
+    history: VecDeque<Arc<Change>>,
+    /// Most changes kept in `history` (see [`FakeApiServer::set_history_limit`]); `None`: all.
+    history_limit: Option<usize>,
+    observers: Vec<Observer>,
     /// A watch may start from this resourceVersion or a later one; older ones get 410.
     oldest_resumable: u64,
     /// Sending happens with the mutex held, so a new watcher's replay and live feed neither
@@ -678,7 +710,9 @@ impl Store {
             objects: BTreeMap::new(),
             // Starts above 0 because resourceVersion "0" means "any" to list and watch.
             resource_version: 1,
-            history: Vec::new(),
+            history: VecDeque::new(),
+            history_limit: None,
+            observers: Vec::new(),
             oldest_resumable: 0,
             watchers,
             request_counts: HashMap::new(),
@@ -1201,9 +1235,29 @@ impl Store {
             before,
             after,
         });
-        self.history.push(change.clone());
+        for observer in &self.observers {
+            observer(&ObservedChange {
+                resource_version: change.resource_version,
+                kind,
+                before: change.before.as_ref(),
+                after: change.after.as_ref(),
+            });
+        }
+        self.history.push_back(change.clone());
+        self.trim_history();
         // An error only means nobody is watching.
         let _ = self.watchers.send(WatchSignal::Change(change));
+    }
+
+    /// Drops the oldest changes beyond the history limit.
+    fn trim_history(&mut self) {
+        let limit = self.history_limit.unwrap_or(usize::MAX);
+        while self.history.len() > limit {
+            if let Some(dropped) = self.history.pop_front() {
+                // A watch from the last dropped change's resourceVersion misses nothing.
+                self.oldest_resumable = dropped.resource_version;
+            }
+        }
     }
 }
 
@@ -2792,6 +2846,82 @@ mod tests {
             "{errors:?}"
         );
         assert_eq!(server.request_count("list", "secrets"), lists + 1);
+    }
+
+    #[tokio::test]
+    async fn observers_see_every_change_and_history_limit_expires_older_versions() {
+        let server = FakeApiServer::new();
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let log = seen.clone();
+        server.observe(move |change| {
+            let name = change.after.or(change.before).unwrap()["metadata"]["name"].clone();
+            log.lock().unwrap().push((
+                change.kind.plural,
+                name,
+                change.before.is_some(),
+                change.after.is_some(),
+                change.resource_version,
+            ));
+        });
+        server.set_history_limit(2);
+        let secrets: Api<Secret> = Api::default_namespaced(server.client());
+        let mut versions = Vec::new();
+        for name in ["a", "b", "c", "d"] {
+            let created = secrets
+                .create(&PostParams::default(), &secret(name, &[]))
+                .await
+                .unwrap();
+            versions.push(created.resource_version().unwrap());
+        }
+        secrets.delete("a", &DeleteParams::default()).await.unwrap();
+
+        let seen = seen.lock().unwrap().clone();
+        let kinds: Vec<_> = seen
+            .iter()
+            .map(|(p, n, b, a, _)| (*p, n.clone(), *b, *a))
+            .collect();
+        assert_eq!(
+            kinds,
+            [
+                ("secrets", json!("a"), false, true),
+                ("secrets", json!("b"), false, true),
+                ("secrets", json!("c"), false, true),
+                ("secrets", json!("d"), false, true),
+                ("secrets", json!("a"), true, false),
+            ]
+        );
+        assert!(seen.windows(2).all(|w| w[0].4 < w[1].4));
+
+        // Only the last two changes (d created, a deleted) are kept: a watch from c's version
+        // resumes with them, one from b's version has expired.
+        let params = WatchParams::default().timeout(1);
+        let resumed: Vec<_> = secrets
+            .watch(&params, &versions[2])
+            .await
+            .unwrap()
+            .try_collect()
+            .await
+            .unwrap();
+        let resumed: Vec<String> = resumed
+            .iter()
+            .map(|event| match event {
+                WatchEvent::Added(s) => format!("added {}", s.name_any()),
+                WatchEvent::Deleted(s) => format!("deleted {}", s.name_any()),
+                other => format!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(resumed, ["added d", "deleted a"]);
+        let expired: Vec<_> = secrets
+            .watch(&params, &versions[1])
+            .await
+            .unwrap()
+            .try_collect()
+            .await
+            .unwrap();
+        assert!(
+            matches!(&expired[..], [WatchEvent::Error(e)] if e.code == 410),
+            "{expired:?}"
+        );
     }
 
     struct Context {
