@@ -277,7 +277,7 @@ async fn mint(
     let name = request.name_any();
     match result {
         Ok((url, minted_at)) => {
-            let expires_at = schedule::add(minted_at, window);
+            let expires_at = schedule::url_expires_at(minted_at, window);
             let next = schedule::planned_refresh(expires_at, spec.refresh_before, rand::random());
             apply_secret_content(
                 ctx,

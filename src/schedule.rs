@@ -122,12 +122,23 @@ pub fn plan(facts: &Facts<'_>) -> Plan {
     }
 }
 
+// Every time the schedule produces is a whole second, because the cluster stores whole seconds
+// (RFC 3339, second precision). Working in the stored precision means the live operator acts on
+// exactly the times a restarted one will read back: a use-by time or planned refresh rounded down
+// (never claiming time the URL does not have), a retry rounded up (never shortening a backoff, so a
+// status write's own echo can never find its retry already due and start a hot loop).
+
+/// The use-by time of a URL minted at `minted_at` with a use-by window of `window`.
+pub fn url_expires_at(minted_at: Timestamp, window: Duration) -> Timestamp {
+    floor_second(add(minted_at, window))
+}
+
 /// When to replace a URL that is usable until `expires_at`: `refresh_before` ahead of it, brought
 /// forward by `jitter` (0.0 to 1.0) times [`MAX_JITTER_SHARE`] of `refresh_before`.
 pub fn planned_refresh(expires_at: Timestamp, refresh_before: Duration, jitter: f64) -> Timestamp {
     let jitter = jitter.clamp(0.0, 1.0) * MAX_JITTER_SHARE;
     let lead = refresh_before.mul_f64(1.0 + jitter);
-    sub(expires_at, lead)
+    floor_second(sub(expires_at, lead))
 }
 
 /// When to try again after the `failures`-th consecutive failure of kind `kind`.
@@ -154,14 +165,30 @@ pub fn retry_at(
     let delay = delay
         .mul_f64(1.0 - 0.2 * jitter.clamp(0.0, 1.0))
         .max(MIN_RETRY);
-    let mut retry = add(now, delay);
+    let earliest = ceil_second(add(now, MIN_RETRY));
+    let mut retry = ceil_second(add(now, delay));
     if kind.is_retryable()
         && let Some(expires) = url_expires_at
     {
-        let last_chance = sub(expires, window / 10);
-        retry = retry.min(last_chance).max(add(now, MIN_RETRY));
+        let last_chance = floor_second(sub(expires, window / 10));
+        retry = retry.min(last_chance).max(earliest);
     }
     retry
+}
+
+/// `t` with its fraction of a second dropped.
+pub fn floor_second(t: Timestamp) -> Timestamp {
+    Timestamp::from_second(t.as_second()).unwrap_or(t)
+}
+
+/// `t` rounded up to the next whole second (unchanged if it is one).
+pub fn ceil_second(t: Timestamp) -> Timestamp {
+    let floor = floor_second(t);
+    if floor == t {
+        t
+    } else {
+        add(floor, Duration::from_secs(1))
+    }
 }
 
 /// Parses an RFC 3339 time written by the operator; anything unreadable counts as absent.
@@ -407,11 +434,40 @@ mod tests {
         let lapsed = Some(t("2026-11-22T09:00:00Z"));
         assert_eq!(
             retry_at(now, AwsErrorKind::Throttled, 3, lapsed, WINDOW, 0.0),
-            add(now, MIN_RETRY)
+            t("2026-11-22T10:00:01Z"),
+            "the minimum retry delay, rounded up to the stored second"
         );
-        // Jitter shortens by at most 20%.
+        // Jitter shortens by at most 20% (8 s becomes 6.4 s, stored as 7 s).
         let jittered = retry_at(now, AwsErrorKind::Throttled, 4, far, WINDOW, 1.0);
-        assert_eq!(jittered.duration_since(now).as_millis(), 6400);
+        assert_eq!(jittered, t("2026-11-22T10:00:07Z"));
+    }
+
+    #[test]
+    fn times_are_whole_seconds_rounded_to_the_safe_side() {
+        // Minted at .9: the URL is usable until .9 past the window, stored as the second before.
+        let minted = t("2026-11-22T10:00:00.900Z");
+        let expires = url_expires_at(minted, WINDOW);
+        assert_eq!(expires, t("2026-11-22T10:05:00Z"));
+        assert!(expires <= add(minted, WINDOW));
+        // A retry never comes earlier than its delay, so the stored retry time is never already
+        // due when the status write's echo is reconciled: no hot loop, even at the 0.5 s floor.
+        let now = t("2026-11-22T10:00:00.600Z");
+        let retry = retry_at(now, AwsErrorKind::Throttled, 1, None, WINDOW, 0.0);
+        assert_eq!(retry, t("2026-11-22T10:00:02Z"));
+        // Usable until 10:00:33.2: the last chance, a tenth of the window before, is 10:00:03.2.
+        let usable = Some(t("2026-11-22T10:00:33.200Z"));
+        let retry = retry_at(now, AwsErrorKind::Throttled, 9, usable, WINDOW, 0.0);
+        assert_eq!(
+            retry,
+            t("2026-11-22T10:00:03Z"),
+            "last chance, rounded down"
+        );
+        let lapsed = Some(t("2026-11-22T10:00:00.700Z"));
+        let retry = retry_at(now, AwsErrorKind::Throttled, 9, lapsed, WINDOW, 0.0);
+        assert!(retry >= add(now, MIN_RETRY), "{}", rfc3339(retry));
+        for time in [expires, retry, planned_refresh(expires, RB, 0.37)] {
+            assert_eq!(floor_second(time), time);
+        }
     }
 
     #[test]

@@ -182,8 +182,9 @@ fn digest(url: &str) -> String {
 
 /// RFC 3339 in UTC with second precision, the format of every time the operator writes.
 pub fn rfc3339(t: Timestamp) -> String {
-    t.round(jiff::Unit::Second)
-        .unwrap_or(t)
+    // Truncate, never round: a stored `expiresAt` must not claim time the URL does not have,
+    // and every schedule derived from it (after a restart) must stay on the safe side.
+    crate::schedule::floor_second(t)
         .strftime("%Y-%m-%dT%H:%M:%SZ")
         .to_string()
 }
@@ -314,5 +315,13 @@ mod tests {
     fn debug_output_never_shows_the_url() {
         let url = EmbedUrl::new("https://secret.test/xyz".into());
         assert!(!format!("{url:?}").contains("secret.test"));
+    }
+
+    #[test]
+    fn written_times_are_truncated_so_they_never_claim_extra_time() {
+        let t: Timestamp = "2026-11-22T08:00:09.999Z".parse().unwrap();
+        assert_eq!(rfc3339(t), "2026-11-22T08:00:09Z");
+        let whole: Timestamp = "2026-11-22T08:00:09Z".parse().unwrap();
+        assert_eq!(rfc3339(whole), "2026-11-22T08:00:09Z");
     }
 }
