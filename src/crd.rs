@@ -14,8 +14,11 @@ use std::collections::BTreeMap;
 pub const GROUP: &str = "embedurl.io";
 /// Annotation a user sets to a new value to ask for one immediate refresh.
 pub const REFRESH_REQUESTED_AT_ANNOTATION: &str = "embedurl.io/refresh-requested-at";
-/// Type of the one condition the operator maintains.
+/// Type of the condition that tells whether the Secret holds a usable URL.
 pub const READY_CONDITION: &str = "Ready";
+/// Type of the condition that tells whether the operator's own AWS rate limit delayed the last
+/// refresh (demand above the configured rate). Set once it first applies, then kept up to date.
+pub const RATE_LIMITED_CONDITION: &str = "RateLimited";
 
 /// Pattern of a Go/Kubernetes duration as accepted by `refreshBefore` (for example `150s`, `2m30s`).
 pub const DURATION_PATTERN: &str = r"^([0-9]+(\.[0-9]+)?(ms|s|m|h))+$";
@@ -238,7 +241,8 @@ pub struct EmbedUrlRequestStatus {
     /// The value of the `embedurl.io/refresh-requested-at` annotation last acted on.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_handled_refresh_request: Option<String>,
-    /// `Ready` tells whether the Secret holds a usable URL, and why not.
+    /// `Ready` tells whether the Secret holds a usable URL, and why not. `RateLimited` (once
+    /// it first applies) tells whether the operator's AWS rate limit delayed the last refresh.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
 }
@@ -247,7 +251,7 @@ pub struct EmbedUrlRequestStatus {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema, Default)]
 #[serde(rename_all = "camelCase")]
 pub struct Condition {
-    /// Condition type; the operator sets `Ready`.
+    /// Condition type: `Ready` or `RateLimited`.
     #[serde(rename = "type")]
     pub type_: String,
     /// `True`, `False` or `Unknown`.
@@ -266,7 +270,12 @@ pub struct Condition {
 impl EmbedUrlRequestStatus {
     /// The `Ready` condition, if set.
     pub fn ready(&self) -> Option<&Condition> {
-        self.conditions.iter().find(|c| c.type_ == READY_CONDITION)
+        self.condition(READY_CONDITION)
+    }
+
+    /// The condition of type `type_`, if set.
+    pub fn condition(&self, type_: &str) -> Option<&Condition> {
+        self.conditions.iter().find(|c| c.type_ == type_)
     }
 }
 

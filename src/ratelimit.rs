@@ -63,6 +63,11 @@ impl RateLimits {
         self.rate
     }
 
+    pub fn burst(&self) -> u32 {
+        // Built from a u32 in `new`.
+        self.burst as u32
+    }
+
     /// Waits for a token of `key`'s bucket. `urgency` is when the current URL stops working
     /// (now, if there is none): earlier goes first. Returns how long the caller waited.
     /// Dropping the future gives up the place in the queue.
@@ -169,6 +174,17 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
         .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
+/// Whether waiting `waited` for a token means demand is above the configured rate, as far as
+/// one request can tell: the wait delayed its refresh by more than the random lead its schedule
+/// allows for (the jitter share of `refresh_before`), and by at least a second. Shorter waits are
+/// the limiter doing its job: spreading a burst of refreshes that fall due together.
+pub fn delayed_refresh(waited: Duration, refresh_before: Duration) -> bool {
+    let tolerated = refresh_before
+        .mul_f64(crate::schedule::MAX_JITTER_SHARE)
+        .max(Duration::from_secs(1));
+    waited >= tolerated
+}
+
 /// Calls per second needed to refresh `requests` URLs of one bucket every `refresh_period`.
 pub fn required_rate(requests: usize, refresh_period: Duration) -> f64 {
     if refresh_period.is_zero() {
@@ -269,6 +285,17 @@ mod tests {
                 Duration::ZERO
             );
         }
+    }
+
+    #[test]
+    fn only_waits_longer_than_the_jitter_lead_count_as_delays() {
+        let refresh_before = Duration::from_secs(150);
+        assert!(!delayed_refresh(Duration::from_secs(14), refresh_before));
+        assert!(delayed_refresh(Duration::from_secs(15), refresh_before));
+        // Short refreshBefore: at least a second.
+        let short = Duration::from_secs(3);
+        assert!(!delayed_refresh(Duration::from_millis(900), short));
+        assert!(delayed_refresh(Duration::from_secs(1), short));
     }
 
     #[test]

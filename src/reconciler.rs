@@ -13,8 +13,9 @@ use crate::ratelimit::{BucketKey, RateLimits};
 use crate::schedule::{self, Facts, MintReason, Plan};
 use crate::secret::{self, FIELD_MANAGER, SecretContent, StoredSecret, StoredUrl};
 use crate::status::{
-    conflict_status, failed_status, failure_reason, invalid_spec_status, minted_status,
-    not_permitted_status, ready_again, reasons, refresh_request, suspended_status,
+    RateLimitWait, conflict_status, failed_status, failure_reason, invalid_spec_status,
+    minted_status, not_permitted_status, ready_again, reasons, refresh_request, suspended_status,
+    with_rate_limit,
 };
 use crate::telemetry::Metrics;
 use crate::validation::{self, InvalidSpec, UseByWindows, ValidSpec};
@@ -235,6 +236,7 @@ async fn mint(
     let service = spec.service();
     let window = ctx.settings.windows.for_service(service);
     let planned = schedule::parse_time(current.next_refresh_time.as_deref());
+    let rate_limit_wait;
     let result = {
         // The semaphore is never closed, so acquiring only fails if it were; treat that as "go".
         let _permit = ctx.aws_permits.acquire().await.ok();
@@ -252,6 +254,11 @@ async fn mint(
         let urgency = usable.map_or_else(Timestamp::now, |u| u.expires_at);
         let waited = ctx.rate_limits.acquire(&bucket, urgency).await;
         ctx.metrics.observe_rate_limit_wait(service, waited);
+        rate_limit_wait = RateLimitWait {
+            waited,
+            rate: ctx.rate_limits.rate(),
+            burst: ctx.rate_limits.burst(),
+        };
         let started = Timestamp::now();
         let timer = ctx.metrics.aws_call_started(service);
         let result = match &served.identity.assumed {
@@ -297,8 +304,13 @@ async fn mint(
                 Some(next),
                 true,
             );
-            let desired = served.stamp(minted_status(
-                request, current, spec, minted_at, expires_at, next,
+            let desired = served.stamp(with_rate_limit(
+                minted_status(request, current, spec, minted_at, expires_at, next),
+                current,
+                rate_limit_wait,
+                spec.refresh_before,
+                request.meta().generation,
+                minted_at,
             ));
             write_status(request, current, desired, ctx).await?;
             if reason == MintReason::Due
@@ -340,14 +352,21 @@ async fn mint(
                 retry_at = %secret::rfc3339(retry),
                 "AWS call failed"
             );
-            let desired = served.stamp(failed_status(
-                request,
+            let desired = served.stamp(with_rate_limit(
+                failed_status(
+                    request,
+                    current,
+                    spec,
+                    &error,
+                    failures,
+                    still_usable_until,
+                    retry,
+                    now,
+                ),
                 current,
-                spec,
-                &error,
-                failures,
-                still_usable_until,
-                retry,
+                rate_limit_wait,
+                spec.refresh_before,
+                request.meta().generation,
                 now,
             ));
             write_status(request, current, desired, ctx).await?;

@@ -4,7 +4,7 @@
 //! status. The reconciler writes it only if it differs from the current one.
 
 use crate::crd::{
-    Condition, EmbedUrlRequest, EmbedUrlRequestStatus, READY_CONDITION,
+    Condition, EmbedUrlRequest, EmbedUrlRequestStatus, RATE_LIMITED_CONDITION, READY_CONDITION,
     REFRESH_REQUESTED_AT_ANNOTATION,
 };
 use crate::providers::AwsCallError;
@@ -22,6 +22,10 @@ pub mod reasons {
     pub const SUSPENDED: &str = "Suspended";
     pub const NOT_PERMITTED: &str = "NotPermitted";
     pub const ASSUME_ROLE_FAILED: &str = "AssumeRoleFailed";
+    /// `RateLimited=True`: the operator's AWS rate limit delayed the last refresh.
+    pub const DEMAND_EXCEEDS_RATE_LIMIT: &str = "DemandExceedsRateLimit";
+    /// `RateLimited=False`: the last refresh went out without a noticeable wait.
+    pub const WITHIN_RATE_LIMIT: &str = "WithinRateLimit";
 }
 
 pub fn refresh_request(request: &EmbedUrlRequest) -> Option<&str> {
@@ -50,14 +54,35 @@ pub fn ready(
     generation: Option<i64>,
     now: Timestamp,
 ) -> Condition {
-    let status = if is_ready { "True" } else { "False" };
+    condition(
+        READY_CONDITION,
+        previous,
+        is_ready,
+        reason,
+        message,
+        generation,
+        now,
+    )
+}
+
+/// A condition of type `type_`, keeping `lastTransitionTime` when its status does not change.
+fn condition(
+    type_: &str,
+    previous: &EmbedUrlRequestStatus,
+    is_true: bool,
+    reason: &str,
+    message: String,
+    generation: Option<i64>,
+    now: Timestamp,
+) -> Condition {
+    let status = if is_true { "True" } else { "False" };
     let last_transition_time = previous
-        .ready()
+        .condition(type_)
         .filter(|c| c.status == status)
         .map(|c| c.last_transition_time.clone())
         .unwrap_or_else(|| secret::rfc3339(now));
     Condition {
-        type_: READY_CONDITION.to_string(),
+        type_: type_.to_string(),
         status: status.to_string(),
         reason: reason.to_string(),
         message,
@@ -66,13 +91,81 @@ pub fn ready(
     }
 }
 
-pub fn with_ready(
+pub fn with_ready(status: EmbedUrlRequestStatus, condition: Condition) -> EmbedUrlRequestStatus {
+    with_condition(status, condition)
+}
+
+fn with_condition(
     mut status: EmbedUrlRequestStatus,
     condition: Condition,
 ) -> EmbedUrlRequestStatus {
-    status.conditions.retain(|c| c.type_ != READY_CONDITION);
-    status.conditions.push(condition);
+    match status
+        .conditions
+        .iter_mut()
+        .find(|c| c.type_ == condition.type_)
+    {
+        Some(existing) => *existing = condition,
+        None => status.conditions.push(condition),
+    }
     status
+}
+
+/// How long a mint waited for the operator's AWS rate limit, and the limit it waited for.
+#[derive(Clone, Copy, Debug)]
+pub struct RateLimitWait {
+    pub waited: std::time::Duration,
+    /// Calls per second and burst of the limit (per service, region and identity).
+    pub rate: f64,
+    pub burst: u32,
+}
+
+/// Records in `status` whether the operator's AWS rate limit delayed this attempt (see
+/// [`crate::ratelimit::delayed_refresh`]). The condition appears the first time a refresh is
+/// delayed, then says `False` once they go out on time again: requests that were never delayed
+/// carry no such condition.
+pub fn with_rate_limit(
+    status: EmbedUrlRequestStatus,
+    previous: &EmbedUrlRequestStatus,
+    wait: RateLimitWait,
+    refresh_before: std::time::Duration,
+    generation: Option<i64>,
+    now: Timestamp,
+) -> EmbedUrlRequestStatus {
+    let delayed = crate::ratelimit::delayed_refresh(wait.waited, refresh_before);
+    let new_condition = if delayed {
+        condition(
+            RATE_LIMITED_CONDITION,
+            previous,
+            true,
+            reasons::DEMAND_EXCEEDS_RATE_LIMIT,
+            format!(
+                "The last refresh waited {:.1}s for the operator's AWS rate limit ({} calls/s, \
+                 burst {}, shared by all requests of one service, region and identity): more URLs \
+                 fall due than that rate allows, and if demand stays this high URLs will lapse. \
+                 Raise --aws-qps (chart value awsRateLimit.qps) as far as the AWS account's quota \
+                 allows, or spread requests over more roles or regions",
+                wait.waited.as_secs_f64(),
+                wait.rate,
+                wait.burst
+            ),
+            generation,
+            now,
+        )
+    } else if previous.condition(RATE_LIMITED_CONDITION).is_some() {
+        condition(
+            RATE_LIMITED_CONDITION,
+            previous,
+            false,
+            reasons::WITHIN_RATE_LIMIT,
+            "The last refresh went out without waiting for the operator's AWS rate limit"
+                .to_string(),
+            generation,
+            now,
+        )
+    } else {
+        return status;
+    };
+    with_condition(status, new_condition)
 }
 
 /// Longest field path and explanation an `InvalidSpec` message carries. Validation and
@@ -344,6 +437,57 @@ mod tests {
         assert!(message.starts_with("spec.quickSight.entryPoint: \"éé"));
         assert!(message.ends_with("…. No URL is minted until the spec is fixed."));
         assert_eq!(shorten("short", 10), "short");
+    }
+
+    #[test]
+    fn rate_limited_appears_when_a_refresh_is_delayed_and_clears_after() {
+        let t0: Timestamp = "2026-11-22T10:00:00Z".parse().unwrap();
+        let t1: Timestamp = "2026-11-22T10:05:00Z".parse().unwrap();
+        let refresh_before = std::time::Duration::from_secs(150);
+        let wait = |secs| RateLimitWait {
+            waited: std::time::Duration::from_secs(secs),
+            rate: 10.0,
+            burst: 20,
+        };
+        let never = EmbedUrlRequestStatus::default();
+        let on_time = with_rate_limit(never.clone(), &never, wait(2), refresh_before, Some(1), t0);
+        assert!(
+            on_time.conditions.is_empty(),
+            "no condition until it applies"
+        );
+
+        let delayed = with_rate_limit(never.clone(), &never, wait(40), refresh_before, Some(1), t0);
+        let c = delayed.condition(RATE_LIMITED_CONDITION).unwrap();
+        assert_eq!(
+            (c.status.as_str(), c.reason.as_str()),
+            ("True", "DemandExceedsRateLimit")
+        );
+        assert!(
+            c.message.contains("40.0s") && c.message.contains("10 calls/s"),
+            "{}",
+            c.message
+        );
+        assert!(c.message.contains("--aws-qps"), "{}", c.message);
+
+        let still = with_rate_limit(
+            delayed.clone(),
+            &delayed,
+            wait(30),
+            refresh_before,
+            Some(1),
+            t1,
+        );
+        let c = still.condition(RATE_LIMITED_CONDITION).unwrap();
+        assert_eq!(c.last_transition_time, "2026-11-22T10:00:00Z");
+        assert_eq!(still.conditions.len(), 1, "replaced, not added");
+
+        let cleared = with_rate_limit(still.clone(), &still, wait(0), refresh_before, Some(1), t1);
+        let c = cleared.condition(RATE_LIMITED_CONDITION).unwrap();
+        assert_eq!(
+            (c.status.as_str(), c.reason.as_str()),
+            ("False", "WithinRateLimit")
+        );
+        assert_eq!(c.last_transition_time, "2026-11-22T10:05:00Z");
     }
 
     #[test]

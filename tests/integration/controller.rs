@@ -664,3 +664,64 @@ async fn the_client_side_rate_limit_paces_mints() {
         "{metrics}"
     );
 }
+
+#[tokio::test]
+async fn refreshes_delayed_by_the_rate_limit_are_reported_on_the_request() {
+    let mut h = Harness::start(LONG_WINDOW).await;
+    h.stop_operator().await;
+    h.aws_rate = 1.0;
+    h.start_operator().await;
+    // refreshBefore 3 s: a wait of a second or more is more than the schedule's jitter allows.
+    let spec = || {
+        let mut spec = quick_sight();
+        spec.refresh_before = Some("3s".into());
+        spec
+    };
+    for i in 0..4 {
+        h.create(&format!("console-{i}"), spec()).await;
+    }
+    // One call per second: the last of four waits about three seconds for its token.
+    let delayed = eventually("a request reports RateLimited=True", WAIT, || {
+        (0..4).map(|i| format!("console-{i}")).find(|name| {
+            h.status(name)
+                .condition("RateLimited")
+                .is_some_and(|c| c.status == "True" && c.reason == "DemandExceedsRateLimit")
+        })
+    })
+    .await;
+    let status = h.status(&delayed);
+    let message = &status.condition("RateLimited").unwrap().message;
+    assert!(
+        message.contains("1 calls/s") && message.contains("--aws-qps"),
+        "{message}"
+    );
+    assert_eq!(
+        status.ready().unwrap().reason,
+        "UrlReady",
+        "the URL was still minted"
+    );
+    // The first request got its token at once: no condition at all.
+    assert!(h.status("console-0").condition("RateLimited").is_none());
+    // URLs never appear in the condition.
+    assert!(!message.contains("https://"), "{message}");
+
+    // Demand drops: the next refresh goes out at once and the condition says so.
+    for i in 0..4 {
+        let name = format!("console-{i}");
+        if name != delayed {
+            h.requests()
+                .delete(&name, &DeleteParams::default())
+                .await
+                .expect("delete");
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    h.request_refresh(&delayed, "once").await;
+    eventually("RateLimited=False", WAIT, || {
+        h.status(&delayed)
+            .condition("RateLimited")
+            .filter(|c| c.status == "False" && c.reason == "WithinRateLimit")
+            .map(|_| ())
+    })
+    .await;
+}
