@@ -854,6 +854,8 @@ impl<'a> World<'a> {
                 format!("{}ms", self.window.as_millis()),
             )
             .env("EMBEDURL_CONCURRENCY", self.opts.concurrency.to_string())
+            // As in-process: the fake AWS's TPS cap, not the operator's pacing, is the limit.
+            .env("EMBEDURL_AWS_QPS", "0")
             .env("EMBEDURL_POLICY_MODE", "permissive")
             .env("POD_NAME", "bench")
             .env("RUST_LOG", if self.opts.logs { "info" } else { "off" })

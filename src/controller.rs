@@ -7,14 +7,16 @@ use crate::providers::Service;
 use crate::ratelimit::{RateLimits, required_rate};
 use crate::reconciler::{self, Context, Settings};
 use crate::secret::MANAGED_SECRETS_SELECTOR;
+use crate::secret_cache::SecretCache;
 use crate::telemetry::Metrics;
 use futures::{StreamExt, TryStreamExt, future, stream};
 use k8s_openapi::api::core::v1::{Namespace, Secret};
 use kube::core::{DeserializeGuard, PartialObjectMeta};
-use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::events::Reporter;
 use kube::runtime::reflector::{self, Store};
-use kube::runtime::{Controller, WatchStreamExt, controller, watcher};
+use kube::runtime::{Controller, PredicateConfig, WatchStreamExt, controller, watcher};
 use kube::{Api, Client, ResourceExt};
+use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -43,7 +45,7 @@ pub struct ControllerConfig {
 /// Handle on the running controllers: whether their caches are synced.
 #[derive(Clone, Default)]
 pub struct Readiness {
-    stores: Vec<(Store<DeserializeGuard<EmbedUrlRequest>>, Store<Secret>)>,
+    stores: Vec<(Store<DeserializeGuard<EmbedUrlRequest>>, Arc<SecretCache>)>,
 }
 
 impl Readiness {
@@ -71,7 +73,9 @@ impl Readiness {
     pub async fn wait_synced(&self) {
         for (requests, secrets) in &self.stores {
             wait_until_ready(|| requests.wait_until_ready()).await;
-            wait_until_ready(|| secrets.wait_until_ready()).await;
+            while !secrets.is_synced() {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
         }
         debug!("caches synced");
     }
@@ -109,13 +113,10 @@ pub fn run(
 ) -> (Readiness, impl Future<Output = ()>) {
     let aws_permits = Arc::new(Semaphore::new(usize::from(config.concurrency.max(1))));
     let rate_limits = Arc::new(RateLimits::new(config.aws_rate, config.aws_burst));
-    let recorder = Recorder::new(
-        client.clone(),
-        Reporter {
-            controller: CONTROLLER_NAME.to_string(),
-            instance: config.instance.clone(),
-        },
-    );
+    let reporter = Reporter {
+        controller: CONTROLLER_NAME.to_string(),
+        instance: config.instance.clone(),
+    };
     let scopes: Vec<Option<String>> = if config.namespaces.is_empty() {
         vec![None]
     } else {
@@ -127,11 +128,13 @@ pub fn run(
     for namespace in scopes {
         let requests: Api<DeserializeGuard<EmbedUrlRequest>> =
             scoped_api(&client, namespace.as_deref());
-        let secrets: Api<Secret> = scoped_api(&client, namespace.as_deref());
+        let secrets: Api<PartialObjectMeta<Secret>> = scoped_api(&client, namespace.as_deref());
 
-        // Only the Secrets the operator owns are watched and cached, and managedFields are
-        // dropped from every cached object: memory grows with the operator's own objects only.
-        let (secret_store, secret_writer) = reflector::store();
+        // Only the Secrets the operator owns are watched, metadata only, and the cache keeps a
+        // small snapshot of each (never the URL): see secret_cache. Memory grows with the
+        // operator's own objects only, and the echo of the operator's own Secret writes
+        // triggers no reconcile.
+        let secret_cache = Arc::new(SecretCache::default());
         // A relist (after 410 Gone, when the watch could not resume) replaces the cache but
         // reports no deletion for a Secret that vanished while the watch was down, so the
         // owner of a Secret deleted in that gap would not be reconciled until its next planned
@@ -141,13 +144,12 @@ pub fn run(
         let secrets_relisted = Arc::new(Notify::new());
         let mut first_list = true;
         let relisted = secrets_relisted.clone();
+        let observing = secret_cache.clone();
         let secret_events = watcher(
             secrets,
             watcher::Config::default().labels(MANAGED_SECRETS_SELECTOR),
         )
         .default_backoff()
-        .modify(|s: &mut Secret| s.managed_fields_mut().clear())
-        .reflect(secret_writer)
         .inspect_ok(move |event| {
             if let watcher::Event::InitDone = event {
                 if !first_list {
@@ -157,7 +159,7 @@ pub fn run(
                 first_list = false;
             }
         })
-        .touched_objects();
+        .try_filter_map(move |event| future::ready(Ok(observing.observe(event))));
         let reconcile_all_after_relist = stream::unfold(secrets_relisted, |notify| async move {
             notify.notified().await;
             Some(((), notify))
@@ -167,7 +169,7 @@ pub fn run(
         let forget_metrics = metrics.clone();
         let request_events = watcher(requests, watcher::Config::default())
             .default_backoff()
-            .modify(|r: &mut DeserializeGuard<EmbedUrlRequest>| r.managed_fields_mut().clear())
+            .modify(trim_request)
             .reflect(request_writer)
             .inspect_ok(move |event| {
                 if let watcher::Event::Delete(request) = event {
@@ -177,7 +179,12 @@ pub fn run(
                     );
                 }
             })
-            .touched_objects();
+            .touched_objects()
+            // The operator's own status writes come back as events too; reconciling them again
+            // would find nothing to do, at the cost of a second reconcile per refresh. Only
+            // what a user changes (the spec, the refresh annotation) triggers a reconcile; the
+            // schedule's own requeue does the rest.
+            .predicate_filter(user_intent, PredicateConfig::default());
 
         // Policies and namespace labels decide what may be minted. Any change to them
         // re-evaluates every request (a live change is rare; the initial listing is one event).
@@ -219,13 +226,13 @@ pub fn run(
 
         readiness
             .stores
-            .push((request_store.clone(), secret_store.clone()));
+            .push((request_store.clone(), secret_cache.clone()));
         let context = Arc::new(Context {
             client: client.clone(),
             aws: aws.clone(),
             settings: config.settings.clone(),
-            recorder: recorder.clone(),
-            secrets: secret_store,
+            reporter: reporter.clone(),
+            secrets: secret_cache,
             policies: policy_store,
             namespaces: namespace_store,
             policies_synced,
@@ -299,6 +306,34 @@ async fn watch_capacity(
             _ = shutdown.wait_for(|stop| *stop) => return,
         }
     }
+}
+
+/// Drops from a cached request what the operator never reads: managedFields, labels, and
+/// annotations other than its own (`kubectl.kubernetes.io/last-applied-configuration` alone can
+/// double an object's size).
+fn trim_request(request: &mut DeserializeGuard<EmbedUrlRequest>) {
+    request.managed_fields_mut().clear();
+    request.labels_mut().clear();
+    request
+        .annotations_mut()
+        .retain(|key, _| key.starts_with(OWN_ANNOTATION_PREFIX));
+}
+
+const OWN_ANNOTATION_PREFIX: &str = "embedurl.io/";
+
+/// What a reconcile acts on that a user can change: the generation (the spec) and the
+/// operator's annotations. A request that does not even deserialize is reconciled on any change,
+/// since what is wrong with it may be its status.
+fn user_intent(request: &DeserializeGuard<EmbedUrlRequest>) -> Option<u64> {
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    match &request.0 {
+        Ok(request) => {
+            request.metadata.generation.hash(&mut hasher);
+            request.metadata.annotations.hash(&mut hasher);
+        }
+        Err(_) => request.resource_version().hash(&mut hasher),
+    }
+    Some(hasher.finish())
 }
 
 /// Turns a policy or namespace watch into "re-evaluate every request" triggers, and marks the

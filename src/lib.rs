@@ -18,6 +18,7 @@ pub mod ratelimit;
 pub mod reconciler;
 pub mod schedule;
 pub mod secret;
+pub mod secret_cache;
 pub mod status;
 pub mod telemetry;
 pub mod validation;

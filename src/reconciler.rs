@@ -11,7 +11,8 @@ use crate::policy::{self, Ask, Decision, EmbedUrlPolicy, PolicyMode};
 use crate::providers::EmbedUrl;
 use crate::ratelimit::{BucketKey, RateLimits};
 use crate::schedule::{self, Facts, MintReason, Plan};
-use crate::secret::{self, FIELD_MANAGER, SecretContent, StoredSecret, StoredUrl};
+use crate::secret::{self, FIELD_MANAGER, SecretContent, SecretSnapshot, StoredSecret, StoredUrl};
+use crate::secret_cache::{Lookup, SecretCache};
 use crate::status::{
     RateLimitWait, conflict_status, failed_status, failure_reason, invalid_spec_status,
     minted_status, not_permitted_status, ready_again, reasons, refresh_request, suspended_status,
@@ -24,7 +25,7 @@ use k8s_openapi::api::core::v1::{Namespace, Secret};
 use kube::api::{Api, DynamicObject, Patch, PatchParams};
 use kube::core::{ApiResource, DeserializeGuard, PartialObjectMeta, error_boundary::InvalidObject};
 use kube::runtime::controller::Action;
-use kube::runtime::events::{Event, EventType, Recorder};
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Resource, ResourceExt};
 use std::sync::Arc;
@@ -51,9 +52,11 @@ pub struct Context {
     pub client: kube::Client,
     pub aws: Arc<AwsClients>,
     pub settings: Settings,
-    pub recorder: Recorder,
-    /// Cache of the Secrets the operator owns (label-selected), filled by the controller.
-    pub secrets: Store<Secret>,
+    /// Who events are reported by.
+    pub reporter: Reporter,
+    /// What is known of the Secrets the operator owns (label-selected, no data), filled by the
+    /// controller's watch and by the operator's own reads and writes.
+    pub secrets: Arc<SecretCache>,
     /// Cache of every EmbedUrlPolicy.
     pub policies: Store<EmbedUrlPolicy>,
     /// Cache of the watched namespaces' metadata (their labels select policies).
@@ -135,22 +138,24 @@ async fn reconcile_request(request: &EmbedUrlRequest, ctx: &Context) -> Result<A
     };
 
     let uid = request.uid().unwrap_or_default();
-    let mut secret = cached_secret(ctx, &namespace, &spec.secret_name);
-    let mut stored = secret::inspect(secret.as_deref(), &uid, &spec.secret_template);
-    // The cache only holds labelled Secrets and may lag behind our own writes. Read through when
-    // it shows nothing, or an older URL than the status says we wrote, before acting on it.
-    let status_expiry = schedule::parse_time(current.url_expires_at.as_deref());
-    let cache_is_behind = match &stored {
-        StoredSecret::Missing => true,
-        StoredSecret::Owned { url: Some(url) } => status_expiry.is_some_and(|s| s > url.expires_at),
-        StoredSecret::Owned { url: None } | StoredSecret::Foreign { .. } => false,
+    let stored = match ctx.secrets.get(&namespace, &spec.secret_name) {
+        Lookup::Known(snapshot) => {
+            let stored = secret::inspect(Some(&snapshot), &uid, &spec.secret_template);
+            // Another replica may have written since (the watch has not told yet): an older
+            // URL than the status says was written means read it again before acting on it.
+            let status_expiry = schedule::parse_time(current.url_expires_at.as_deref());
+            match &stored {
+                StoredSecret::Owned { url: Some(url) }
+                    if status_expiry.is_some_and(|s| s > url.expires_at) =>
+                {
+                    read_secret(ctx, &namespace, &spec.secret_name, &uid, &spec).await?
+                }
+                _ => stored,
+            }
+        }
+        // Not cached (new, not labelled by the operator, or changed by someone else): read it.
+        Lookup::Unknown => read_secret(ctx, &namespace, &spec.secret_name, &uid, &spec).await?,
     };
-    if cache_is_behind {
-        secret = fetch_secret(ctx, &namespace, &spec.secret_name)
-            .await?
-            .map(Arc::new);
-        stored = secret::inspect(secret.as_deref(), &uid, &spec.secret_template);
-    }
 
     if spec.suspend {
         let desired = served.stamp(suspended_status(&current, request, &spec, &stored, now));
@@ -172,13 +177,10 @@ async fn reconcile_request(request: &EmbedUrlRequest, ctx: &Context) -> Result<A
     };
     match schedule::plan(&facts) {
         Plan::Wait { until } => {
-            if let (Some(url), Some(secret)) = (&usable, &secret)
-                && !url.metadata_intact
-                && let Some(url_text) = secret::stored_url(secret)
-            {
+            if usable.as_ref().is_some_and(|url| !url.metadata_intact) {
                 // Labels or template metadata were edited by hand: restore them with the same
-                // URL, without asking AWS for a new one.
-                apply_secret(ctx, request, &spec, &url_text, url, now).await?;
+                // URL, without asking AWS for a new one. The cache holds no URL: read it.
+                restore_metadata(ctx, request, &spec, &uid, now).await?;
             }
             let waiting =
                 waiting_status(request, &current, &spec, usable.as_ref(), until, ctx).await?;
@@ -533,15 +535,66 @@ fn locate_deserialize_error(object: &serde_json::Value) -> Option<InvalidSpec> {
     None
 }
 
-fn cached_secret(ctx: &Context, namespace: &str, name: &str) -> Option<Arc<Secret>> {
-    ctx.secrets.get(&ObjectRef::new(name).within(namespace))
+/// Reads a Secret from the API server, records it in the cache, and says what it holds.
+async fn read_secret(
+    ctx: &Context,
+    namespace: &str,
+    name: &str,
+    owner_uid: &str,
+    spec: &ValidSpec,
+) -> Result<StoredSecret> {
+    let secret = fetch_secret(ctx, namespace, name).await?;
+    let snapshot = secret.as_ref().map(SecretSnapshot::of);
+    Ok(secret::inspect(
+        snapshot.as_ref(),
+        owner_uid,
+        &spec.secret_template,
+    ))
 }
 
 async fn fetch_secret(ctx: &Context, namespace: &str, name: &str) -> Result<Option<Secret>> {
     let api: Api<Secret> = Api::namespaced(ctx.client.clone(), namespace);
-    api.get_opt(name)
+    let secret = api
+        .get_opt(name)
         .await
-        .map_err(Error::kube("reading the Secret"))
+        .map_err(Error::kube("reading the Secret"))?;
+    if let Some(secret) = &secret {
+        ctx.secrets.record(secret);
+    }
+    Ok(secret)
+}
+
+/// Re-applies the request's own Secret with the URL it holds, to restore labels and annotations
+/// edited by hand. Reads the Secret first: the cache never holds the URL.
+async fn restore_metadata(
+    ctx: &Context,
+    request: &EmbedUrlRequest,
+    spec: &ValidSpec,
+    owner_uid: &str,
+    now: Timestamp,
+) -> Result<()> {
+    let Some(secret) = fetch_secret(
+        ctx,
+        &request.namespace().unwrap_or_default(),
+        &spec.secret_name,
+    )
+    .await?
+    else {
+        return Ok(());
+    };
+    let stored = secret::inspect(
+        Some(&SecretSnapshot::of(&secret)),
+        owner_uid,
+        &spec.secret_template,
+    );
+    // Only if it still holds this request's URL and still needs it (it may have changed since).
+    if let StoredSecret::Owned { url: Some(url) } = stored
+        && !url.metadata_intact
+        && let Some(url_text) = secret::stored_url(&secret)
+    {
+        apply_secret(ctx, request, spec, &url_text, &url, now).await?;
+    }
+    Ok(())
 }
 
 async fn apply_secret(
@@ -600,13 +653,16 @@ async fn server_side_apply_secret(
         "type": secret.type_,
         "data": secret.data,
     });
-    api.patch(
-        content.name,
-        &PatchParams::apply(FIELD_MANAGER).force(),
-        &Patch::Apply(&body),
-    )
-    .await
-    .map_err(Error::kube("writing the Secret"))?;
+    let written = api
+        .patch(
+            content.name,
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(&body),
+        )
+        .await
+        .map_err(Error::kube("writing the Secret"))?;
+    // What was written is known: the watch's echo of this write triggers no reconcile.
+    ctx.secrets.record(&written);
     Ok(())
 }
 
@@ -689,7 +745,11 @@ async fn publish_transition(
         action: "Reconcile".to_string(),
         secondary: None,
     };
-    if let Err(error) = ctx.recorder.publish(&event, &request.object_ref(&())).await {
+    // A recorder per event: a shared one keeps every event it published for six minutes (to
+    // count repeats into a series), about 2 KiB per request after a burst of new requests, and
+    // scans them all on each publish. Events here mark transitions, so repeats are rare.
+    let recorder = Recorder::new(ctx.client.clone(), ctx.reporter.clone());
+    if let Err(error) = recorder.publish(&event, &request.object_ref(&())).await {
         // An event is a courtesy; failing to publish one must not fail the reconcile.
         warn!(error = %error, "could not publish event");
     }

@@ -109,59 +109,142 @@ pub struct StoredUrl {
     pub metadata_intact: bool,
 }
 
-/// Reads a stored Secret back for the request `owner_uid`.
+/// What the operator keeps of a Secret: the metadata it checks and a digest of the data, never
+/// the URL itself. Small (a few hundred bytes), so that caching every owned Secret costs little,
+/// and safe to keep around: nothing in it is a credential.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SecretSnapshot {
+    pub resource_version: Option<Box<str>>,
+    /// `Kind/name` and uid of the controlling owner reference.
+    controller: Option<(Box<str>, Box<str>)>,
+    labels: Box<[(Box<str>, Box<str>)]>,
+    annotations: Box<[(Box<str>, Box<str>)]>,
+    /// What the data says, if known: a metadata-only watch event does not carry it.
+    pub data: Option<DataFacts>,
+}
+
+/// The facts the operator needs from a Secret's data and type.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DataFacts {
+    /// SHA-256 of `data.url`, if it holds a non-empty text.
+    url_digest: Option<[u8; 32]>,
+    expires_at: Option<Timestamp>,
+    session_expires_at: Option<Timestamp>,
+    opaque: bool,
+}
+
+impl SecretSnapshot {
+    /// The snapshot of a whole Secret, as read or written.
+    pub fn of(secret: &Secret) -> Self {
+        let data = secret.data.as_ref();
+        let text = |key: &str| {
+            data.and_then(|d| d.get(key))
+                .and_then(|v| std::str::from_utf8(&v.0).ok())
+        };
+        let facts = DataFacts {
+            url_digest: text(URL_KEY)
+                .filter(|u| !u.is_empty())
+                .map(|u| Sha256::digest(u.as_bytes()).into()),
+            expires_at: text(EXPIRES_AT_KEY).and_then(|t| t.parse().ok()),
+            session_expires_at: text(SESSION_EXPIRES_AT_KEY).and_then(|t| t.parse().ok()),
+            opaque: secret.type_.as_deref() == Some("Opaque"),
+        };
+        Self::of_metadata(&secret.metadata, Some(facts))
+    }
+
+    /// The snapshot of a Secret's metadata; `data` as far as known.
+    pub fn of_metadata(meta: &ObjectMeta, data: Option<DataFacts>) -> Self {
+        let pairs = |map: &Option<BTreeMap<String, String>>| {
+            map.iter()
+                .flatten()
+                .map(|(k, v)| (Box::from(k.as_str()), Box::from(v.as_str())))
+                .collect()
+        };
+        let controller = meta
+            .owner_references
+            .iter()
+            .flatten()
+            .find(|r| r.controller == Some(true))
+            .map(|c| {
+                (
+                    format!("{}/{}", c.kind, c.name).into_boxed_str(),
+                    c.uid.as_str().into(),
+                )
+            });
+        SecretSnapshot {
+            resource_version: meta.resource_version.as_deref().map(Box::from),
+            controller,
+            labels: pairs(&meta.labels),
+            annotations: pairs(&meta.annotations),
+            data,
+        }
+    }
+
+    fn label(&self, key: &str) -> Option<&str> {
+        lookup(&self.labels, key)
+    }
+
+    fn annotation(&self, key: &str) -> Option<&str> {
+        lookup(&self.annotations, key)
+    }
+
+    /// Whether the Secret carries the label the operator's watch selects.
+    pub fn is_labelled(&self) -> bool {
+        self.label(MANAGED_BY_LABEL) == Some(MANAGED_BY_VALUE)
+    }
+}
+
+fn lookup<'a>(pairs: &'a [(Box<str>, Box<str>)], key: &str) -> Option<&'a str> {
+    pairs
+        .iter()
+        .find(|(k, _)| k.as_ref() == key)
+        .map(|(_, v)| v.as_ref())
+}
+
+/// Reads a stored Secret back for the request `owner_uid`. The snapshot must include its data
+/// facts (see [`SecretSnapshot::data`]); without them it counts as holding no URL.
 pub fn inspect(
-    secret: Option<&Secret>,
+    secret: Option<&SecretSnapshot>,
     owner_uid: &str,
     template: &SecretTemplate,
 ) -> StoredSecret {
     let Some(secret) = secret else {
         return StoredSecret::Missing;
     };
-    let controller = secret
-        .metadata
-        .owner_references
-        .iter()
-        .flatten()
-        .find(|r| r.controller == Some(true));
-    if controller.is_none_or(|c| c.uid != owner_uid) {
-        return StoredSecret::Foreign {
-            controller: controller.map(|c| format!("{}/{}", c.kind, c.name)),
-        };
-    }
-    StoredSecret::Owned {
-        url: read_url_record(secret, template),
+    match &secret.controller {
+        Some((_, uid)) if uid.as_ref() == owner_uid => StoredSecret::Owned {
+            url: read_url_record(secret, template),
+        },
+        controller => StoredSecret::Foreign {
+            controller: controller.as_ref().map(|(name, _)| name.to_string()),
+        },
     }
 }
 
-fn read_url_record(secret: &Secret, template: &SecretTemplate) -> Option<StoredUrl> {
+fn read_url_record(secret: &SecretSnapshot, template: &SecretTemplate) -> Option<StoredUrl> {
     let data = secret.data.as_ref()?;
-    let text = |key: &str| data.get(key).and_then(|v| std::str::from_utf8(&v.0).ok());
-    let url = text(URL_KEY).filter(|u| !u.is_empty())?;
-    let expires_at: Timestamp = text(EXPIRES_AT_KEY)?.parse().ok()?;
-    let annotations = secret.metadata.annotations.clone().unwrap_or_default();
+    let url_digest = data.url_digest?;
+    let expires_at = data.expires_at?;
     // A URL that does not match the digest was edited by hand: it is not the one we minted and
     // we cannot vouch for its use-by time.
-    if annotations.get(URL_DIGEST_ANNOTATION) != Some(&digest(url)) {
+    if secret.annotation(URL_DIGEST_ANNOTATION) != Some(hex(&url_digest).as_str()) {
         return None;
     }
-    let labels = secret.metadata.labels.clone().unwrap_or_default();
-    let metadata_intact = labels.get(MANAGED_BY_LABEL).map(String::as_str)
-        == Some(MANAGED_BY_VALUE)
+    let metadata_intact = secret.is_labelled()
         && template
             .labels
             .iter()
-            .all(|(k, v)| labels.get(k) == Some(v))
+            .all(|(k, v)| secret.label(k) == Some(v.as_str()))
         && template
             .annotations
             .iter()
-            .all(|(k, v)| annotations.get(k) == Some(v))
-        && secret.type_.as_deref() == Some("Opaque");
+            .all(|(k, v)| secret.annotation(k) == Some(v.as_str()))
+        && data.opaque;
     Some(StoredUrl {
         expires_at,
-        session_expires_at: text(SESSION_EXPIRES_AT_KEY).and_then(|t| t.parse().ok()),
-        generation: annotations
-            .get(GENERATION_ANNOTATION)
+        session_expires_at: data.session_expires_at,
+        generation: secret
+            .annotation(GENERATION_ANNOTATION)
             .and_then(|g| g.parse().ok()),
         metadata_intact,
     })
@@ -176,8 +259,11 @@ pub fn stored_url(secret: &Secret) -> Option<EmbedUrl> {
 }
 
 fn digest(url: &str) -> String {
-    let hash = Sha256::digest(url.as_bytes());
-    hash.iter().map(|b| format!("{b:02x}")).collect()
+    hex(&Sha256::digest(url.as_bytes()).into())
+}
+
+fn hex(bytes: &[u8; 32]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// RFC 3339 in UTC with second precision, the format of every time the operator writes.
@@ -259,7 +345,7 @@ mod tests {
     fn reads_back_what_it_wrote() {
         let secret = rendered("https://example.test/a");
         let StoredSecret::Owned { url: Some(stored) } =
-            inspect(Some(&secret), "uid-1", &template())
+            inspect(Some(&SecretSnapshot::of(&secret)), "uid-1", &template())
         else {
             panic!("expected an owned Secret with a URL");
         };
@@ -286,14 +372,14 @@ mod tests {
             .unwrap()
             .insert(URL_KEY.into(), ByteString(b"https://evil.test".to_vec()));
         assert_eq!(
-            inspect(Some(&edited), "uid-1", &template()),
+            inspect(Some(&SecretSnapshot::of(&edited)), "uid-1", &template()),
             StoredSecret::Owned { url: None }
         );
 
         let mut relabelled = rendered("https://example.test/a");
         relabelled.metadata.labels = None;
         let StoredSecret::Owned { url: Some(stored) } =
-            inspect(Some(&relabelled), "uid-1", &template())
+            inspect(Some(&SecretSnapshot::of(&relabelled)), "uid-1", &template())
         else {
             panic!("a relabelled Secret still holds a good URL");
         };
@@ -301,12 +387,12 @@ mod tests {
 
         let other_owner = rendered("https://example.test/a");
         assert!(matches!(
-            inspect(Some(&other_owner), "uid-2", &template()),
+            inspect(Some(&SecretSnapshot::of(&other_owner)), "uid-2", &template()),
             StoredSecret::Foreign { controller: Some(c) } if c == "EmbedUrlRequest/sales"
         ));
         let unowned = Secret::default();
         assert_eq!(
-            inspect(Some(&unowned), "uid-1", &template()),
+            inspect(Some(&SecretSnapshot::of(&unowned)), "uid-1", &template()),
             StoredSecret::Foreign { controller: None }
         );
     }

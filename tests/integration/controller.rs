@@ -725,3 +725,31 @@ async fn refreshes_delayed_by_the_rate_limit_are_reported_on_the_request() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn a_refresh_costs_one_reconcile_not_one_per_echo_of_its_own_writes() {
+    let h = Harness::start(Duration::from_secs(6)).await;
+    h.create("console", quick_sight()).await;
+    minted_url(&h, "console").await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let reconciles = || {
+        let metrics = h.metrics().encode();
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix("embedurl_reconciles_total "))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .expect("reconcile counter")
+    };
+    let (reconciles_before, calls_before) = (reconciles(), h.aws.calls().len());
+    // Refreshes every 2.7-3 s (refreshBefore 3 s, minus jitter): three in 9 s.
+    tokio::time::sleep(Duration::from_secs(9)).await;
+    let refreshes = h.aws.calls().len() - calls_before;
+    let reconciled = reconciles() - reconciles_before;
+    assert!(refreshes >= 2, "{refreshes} refreshes");
+    // Each refresh writes the Secret and the status; the watch events of both writes come back.
+    // Reconciling them would double the operator's CPU per refresh and find nothing to do.
+    assert!(
+        reconciled <= refreshes as f64 + 1.0,
+        "{reconciled} reconciles for {refreshes} refreshes"
+    );
+}

@@ -129,8 +129,9 @@ async fn secret_write_conflicts_cost_one_mint_each_and_status_conflicts_none() {
         .inject_failure("patch", "embedurlrequests/status", 409, 1);
     h.create("console", quick_sight()).await;
 
-    // Two failed Secret writes, 5-6 s apart, then the write that lands.
-    converged(&h, "console", "console", Duration::from_secs(16)).await;
+    // Two failed Secret writes, 5-6 s apart, then the write that lands and a refused status
+    // write, repaired 5-6 s later (the echo of the operator's own Secret write triggers nothing).
+    converged(&h, "console", "console", Duration::from_secs(22)).await;
     // The bound: a Secret write that fails loses the URL minted just before it (a single-use
     // URL cannot be kept anywhere else), so each of the 2 refused Secret writes forces exactly
     // one more mint: 1 + 2 = 3. The refused status write forces none: the Secret already holds
