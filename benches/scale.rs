@@ -132,7 +132,7 @@ options:
   --aws-latency D         fake AWS answer delay (default 50ms)
   --aws-tps X             fake AWS calls per second before it throttles (default 0: no limit)
   --concurrency N         operator --concurrency (default 16, the chart's)
-  --operator-threads N    tokio workers of the operator (default: cores, as in production)
+  --operator-threads N    tokio workers of the operator (default 1, as --worker-threads in production)
   --stand-in-threads N    tokio workers of the fake API server (default 2)
   --restart-gap D         how long the operator is down in the restart scenario (default window/10)
   --sample-every D        lapse sampler period (default 200ms)
@@ -169,7 +169,6 @@ struct Options {
 impl Options {
     fn parse() -> Result<Self, String> {
         let args: Vec<String> = std::env::args().skip(1).collect();
-        let cores = std::thread::available_parallelism().map_or(2, usize::from);
         let mut o = Options {
             preset: "default",
             burst: true,
@@ -183,7 +182,7 @@ impl Options {
             latency: Duration::from_millis(50),
             tps: None,
             concurrency: 16,
-            operator_threads: cores,
+            operator_threads: 1,
             stand_in_threads: 2,
             restart_gap: None,
             sample_every: Duration::from_millis(200),
@@ -856,6 +855,10 @@ impl<'a> World<'a> {
             .env("EMBEDURL_CONCURRENCY", self.opts.concurrency.to_string())
             // As in-process: the fake AWS's TPS cap, not the operator's pacing, is the limit.
             .env("EMBEDURL_AWS_QPS", "0")
+            .env(
+                "EMBEDURL_WORKER_THREADS",
+                self.opts.operator_threads.to_string(),
+            )
             .env("EMBEDURL_POLICY_MODE", "permissive")
             .env("POD_NAME", "bench")
             .env("RUST_LOG", if self.opts.logs { "info" } else { "off" })

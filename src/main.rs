@@ -51,6 +51,12 @@ struct RunArgs {
     #[arg(long, env = "EMBEDURL_CONCURRENCY", default_value_t = 16, value_parser = clap::value_parser!(u16).range(1..))]
     concurrency: u16,
 
+    /// Threads that run the operator's async work. The work is waiting on the API server and
+    /// AWS: one thread served 10,000 requests in the scale benchmark, and each extra thread
+    /// costs CPU in cross-thread wake-ups.
+    #[arg(long, env = "EMBEDURL_WORKER_THREADS", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=256))]
+    worker_threads: u16,
+
     /// Address of the /healthz, /readyz and /metrics endpoints.
     #[arg(long, env = "EMBEDURL_HTTP_ADDR", default_value = "0.0.0.0:8080")]
     http_addr: SocketAddr,
@@ -147,10 +153,17 @@ fn run_blocking(args: RunArgs) -> ExitCode {
         eprintln!("{e}");
         return ExitCode::FAILURE;
     }
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    // One thread: everything on the main thread, with no cross-thread wake-ups and one heap
+    // arena. (A multi-thread runtime with one worker still splits the work between the main
+    // thread, which runs the controllers' future, and the worker, which runs spawned tasks.)
+    let mut builder = if args.worker_threads == 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        let mut builder = tokio::runtime::Builder::new_multi_thread();
+        builder.worker_threads(usize::from(args.worker_threads));
+        builder
+    };
+    let runtime = match builder.enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             error!(error = %e, "could not start the async runtime");
