@@ -177,10 +177,11 @@ async fn reconcile_request(request: &EmbedUrlRequest, ctx: &Context) -> Result<A
     };
     match schedule::plan(&facts) {
         Plan::Wait { until } => {
+            let mut restored = None;
             if usable.as_ref().is_some_and(|url| !url.metadata_intact) {
                 // Labels or template metadata were edited by hand: restore them with the same
                 // URL, without asking AWS for a new one. The cache holds no URL: read it.
-                restore_metadata(ctx, request, &spec, &uid, now).await?;
+                restored = restore_metadata(ctx, request, &spec, &uid, now).await?;
             }
             let waiting =
                 waiting_status(request, &current, &spec, usable.as_ref(), until, ctx).await?;
@@ -195,7 +196,10 @@ async fn reconcile_request(request: &EmbedUrlRequest, ctx: &Context) -> Result<A
             };
             let desired = served.stamp(desired);
             write_status(request, &current, desired, ctx).await?;
-            Ok(requeue_at(now, until))
+            Ok(match restored {
+                Some(written) => written.requeue(now, until),
+                None => requeue_at(now, until),
+            })
         }
         Plan::Mint(reason) => {
             if let StoredSecret::Foreign { controller } = &stored {
@@ -288,7 +292,7 @@ async fn mint(
         Ok((url, minted_at)) => {
             let expires_at = schedule::url_expires_at(minted_at, window);
             let next = schedule::planned_refresh(expires_at, spec.refresh_before, rand::random());
-            apply_secret_content(
+            let written = apply_secret_content(
                 ctx,
                 request,
                 spec,
@@ -329,7 +333,7 @@ async fn mint(
                 next_refresh = %secret::rfc3339(next),
                 "minted URL"
             );
-            Ok(requeue_at(Timestamp::now(), next))
+            Ok(written.requeue(Timestamp::now(), next))
         }
         Err(error) => {
             let now = Timestamp::now();
@@ -572,7 +576,7 @@ async fn restore_metadata(
     spec: &ValidSpec,
     owner_uid: &str,
     now: Timestamp,
-) -> Result<()> {
+) -> Result<Option<SecretWritten>> {
     let Some(secret) = fetch_secret(
         ctx,
         &request.namespace().unwrap_or_default(),
@@ -580,7 +584,7 @@ async fn restore_metadata(
     )
     .await?
     else {
-        return Ok(());
+        return Ok(None);
     };
     let stored = secret::inspect(
         Some(&SecretSnapshot::of(&secret)),
@@ -592,9 +596,11 @@ async fn restore_metadata(
         && !url.metadata_intact
         && let Some(url_text) = secret::stored_url(&secret)
     {
-        apply_secret(ctx, request, spec, &url_text, &url, now).await?;
+        return apply_secret(ctx, request, spec, &url_text, &url, now)
+            .await
+            .map(Some);
     }
-    Ok(())
+    Ok(None)
 }
 
 async fn apply_secret(
@@ -604,7 +610,7 @@ async fn apply_secret(
     url: &EmbedUrl,
     stored: &StoredUrl,
     now: Timestamp,
-) -> Result<()> {
+) -> Result<SecretWritten> {
     let session_expires = stored.session_expires_at.unwrap_or(now);
     let content = SecretContent {
         name: &spec.secret_name,
@@ -624,7 +630,7 @@ async fn apply_secret_content(
     url: &EmbedUrl,
     url_expires_at: Timestamp,
     session_expires_at: Timestamp,
-) -> Result<()> {
+) -> Result<SecretWritten> {
     let content = SecretContent {
         name: &spec.secret_name,
         url,
@@ -640,7 +646,7 @@ async fn server_side_apply_secret(
     ctx: &Context,
     request: &EmbedUrlRequest,
     content: &SecretContent<'_>,
-) -> Result<()> {
+) -> Result<SecretWritten> {
     let namespace = request.namespace().unwrap_or_default();
     let api: Api<Secret> = Api::namespaced(ctx.client.clone(), &namespace);
     let mut secret = secret::render(request, content);
@@ -653,17 +659,39 @@ async fn server_side_apply_secret(
         "type": secret.type_,
         "data": secret.data,
     });
+    // What is written becomes known: the watch's echo of this write, whether it arrives before
+    // or after the response, triggers no reconcile.
+    ctx.secrets.begin_write(&namespace, content.name);
     let written = api
         .patch(
             content.name,
             &PatchParams::apply(FIELD_MANAGER).force(),
             &Patch::Apply(&body),
         )
-        .await
-        .map_err(Error::kube("writing the Secret"))?;
-    // What was written is known: the watch's echo of this write triggers no reconcile.
-    ctx.secrets.record(&written);
-    Ok(())
+        .await;
+    let changed_meanwhile =
+        ctx.secrets
+            .finish_write(&namespace, content.name, written.as_ref().ok());
+    written.map_err(Error::kube("writing the Secret"))?;
+    Ok(SecretWritten { changed_meanwhile })
+}
+
+/// The outcome of a Secret write.
+#[must_use]
+struct SecretWritten {
+    /// Someone else changed the Secret while it was being written: look at it again soon.
+    changed_meanwhile: bool,
+}
+
+impl SecretWritten {
+    /// `planned`, or a prompt second look if the Secret changed under the write.
+    fn requeue(&self, now: Timestamp, planned: Timestamp) -> Action {
+        if self.changed_meanwhile {
+            Action::requeue(Duration::from_millis(100))
+        } else {
+            requeue_at(now, planned)
+        }
+    }
 }
 
 /// Writes `desired` if it differs from `current`, and publishes an event if `Ready` changed.

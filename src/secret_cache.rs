@@ -7,6 +7,11 @@
 //! the echo of the operator's own write, and triggers no reconcile); one at another
 //! `resourceVersion` means someone else changed the Secret, so its data is unknown until the
 //! next reconcile reads it again.
+//!
+//! The watch event of a write can arrive before the write's own response. While the operator
+//! writes a Secret, events for it are held back; when the response arrives, an event at the
+//! written `resourceVersion` was the echo, and any other means someone else changed the Secret
+//! meanwhile, which the writer is told about.
 
 use crate::secret::SecretSnapshot;
 use k8s_openapi::api::core::v1::Secret;
@@ -30,6 +35,9 @@ struct State {
     entries: HashMap<Key, SecretSnapshot>,
     /// Keys seen during a (re)list in progress; the others are dropped when it ends.
     relisting: Option<HashSet<Key>>,
+    /// Secrets the operator is writing, with the last watch event seen for each meanwhile
+    /// (`None`: none yet; `Some(None)`: a deletion).
+    writing: HashMap<Key, Option<Option<SecretSnapshot>>>,
 }
 
 /// What the cache can say about one Secret.
@@ -47,6 +55,43 @@ impl SecretCache {
         match state.entries.get(&key(namespace, name)) {
             Some(snapshot) if snapshot.data.is_some() => Lookup::Known(snapshot.clone()),
             _ => Lookup::Unknown,
+        }
+    }
+
+    /// Marks the start of a write of this Secret by the operator: until [`Self::finish_write`],
+    /// watch events for it are held back rather than trigger a reconcile.
+    pub fn begin_write(&self, namespace: &str, name: &str) {
+        self.lock().writing.insert(key(namespace, name), None);
+    }
+
+    /// Ends a write: records what was written (`None` if the write failed). Returns true if a
+    /// watch event during the write was not the echo of this write (someone else changed or
+    /// deleted the Secret meanwhile): its owner should be reconciled again.
+    pub fn finish_write(&self, namespace: &str, name: &str, written: Option<&Secret>) -> bool {
+        let key = key(namespace, name);
+        let held = self.lock().writing.remove(&key).flatten();
+        match written {
+            Some(secret) => {
+                self.record(secret);
+                let written_version = secret.metadata.resource_version.as_deref();
+                held.is_some_and(|event| {
+                    event.and_then(|e| e.resource_version).as_deref() != written_version
+                })
+            }
+            None => {
+                let mut state = self.lock();
+                match held {
+                    Some(Some(snapshot)) => {
+                        state.entries.insert(key, snapshot);
+                        true
+                    }
+                    Some(None) => {
+                        state.entries.remove(&key);
+                        true
+                    }
+                    None => false,
+                }
+            }
         }
     }
 
@@ -90,7 +135,12 @@ impl SecretCache {
         match event {
             watcher::Event::Apply(meta) => state.apply(meta),
             watcher::Event::Delete(meta) => {
-                state.entries.remove(&meta_key(&meta));
+                let key = meta_key(&meta);
+                if let Some(held) = state.writing.get_mut(&key) {
+                    *held = Some(None);
+                    return None;
+                }
+                state.entries.remove(&key);
                 Some(meta)
             }
             watcher::Event::Init => {
@@ -126,6 +176,11 @@ impl SecretCache {
 impl State {
     fn apply(&mut self, meta: PartialObjectMeta<Secret>) -> Option<PartialObjectMeta<Secret>> {
         let key = meta_key(&meta);
+        if let Some(held) = self.writing.get_mut(&key) {
+            // Decided when the write's response arrives (finish_write).
+            *held = Some(Some(SecretSnapshot::of_metadata(&meta.metadata, None)));
+            return None;
+        }
         let version = meta.metadata.resource_version.as_deref();
         if let Some(known) = self.entries.get(&key)
             && known.resource_version.as_deref() == version
@@ -222,6 +277,35 @@ mod tests {
         assert!(cache.observe(watcher::Event::Delete(meta("8"))).is_some());
         assert_eq!(cache.get("team", "sales-url"), Lookup::Unknown);
         assert!(cache.is_empty());
+    }
+
+    #[test]
+    fn an_echo_that_beats_the_write_response_triggers_nothing() {
+        let cache = SecretCache::default();
+        cache.begin_write("team", "sales-url");
+        assert!(cache.observe(watcher::Event::Apply(meta("9"))).is_none());
+        assert!(!cache.finish_write("team", "sales-url", Some(&secret("9", true))));
+        assert!(matches!(cache.get("team", "sales-url"), Lookup::Known(_)));
+        // Later events are handled as usual again.
+        assert!(cache.observe(watcher::Event::Apply(meta("10"))).is_some());
+    }
+
+    #[test]
+    fn a_change_by_someone_else_during_a_write_is_reported() {
+        let cache = SecretCache::default();
+        cache.begin_write("team", "sales-url");
+        assert!(cache.observe(watcher::Event::Apply(meta("8"))).is_none());
+        assert!(cache.finish_write("team", "sales-url", Some(&secret("9", true))));
+        // The write failed and someone deleted the Secret meanwhile.
+        cache.begin_write("team", "sales-url");
+        assert!(cache.observe(watcher::Event::Delete(meta("9"))).is_none());
+        assert!(cache.finish_write("team", "sales-url", None));
+        assert_eq!(cache.get("team", "sales-url"), Lookup::Unknown);
+        // A failed write with no event meanwhile changes nothing.
+        cache.record(&secret("10", true));
+        cache.begin_write("team", "sales-url");
+        assert!(!cache.finish_write("team", "sales-url", None));
+        assert!(matches!(cache.get("team", "sales-url"), Lookup::Known(_)));
     }
 
     #[test]
