@@ -5,7 +5,7 @@ use crate::identity::AwsClients;
 use crate::policy::EmbedUrlPolicy;
 use crate::providers::Service;
 use crate::ratelimit::{RateLimits, required_rate};
-use crate::reconciler::{self, Context, Settings};
+use crate::reconciler::{self, Context, FailureCounts, Settings};
 use crate::secret::MANAGED_SECRETS_SELECTOR;
 use crate::secret_cache::SecretCache;
 use crate::telemetry::Metrics;
@@ -113,6 +113,7 @@ pub fn run(
 ) -> (Readiness, impl Future<Output = ()>) {
     let aws_permits = Arc::new(Semaphore::new(usize::from(config.concurrency.max(1))));
     let rate_limits = Arc::new(RateLimits::new(config.aws_rate, config.aws_burst));
+    let failures = Arc::new(FailureCounts::default());
     let reporter = Reporter {
         controller: CONTROLLER_NAME.to_string(),
         instance: config.instance.clone(),
@@ -167,16 +168,17 @@ pub fn run(
 
         let (request_store, request_writer) = reflector::store();
         let forget_metrics = metrics.clone();
+        let forget_failures = failures.clone();
         let request_events = watcher(requests, watcher::Config::default())
             .default_backoff()
             .modify(trim_request)
             .reflect(request_writer)
             .inspect_ok(move |event| {
                 if let watcher::Event::Delete(request) = event {
-                    forget_metrics.forget_request(
-                        &request.namespace().unwrap_or_default(),
-                        &request.name_any(),
-                    );
+                    let (namespace, name) =
+                        (request.namespace().unwrap_or_default(), request.name_any());
+                    forget_metrics.forget_request(&namespace, &name);
+                    forget_failures.forget(&namespace, &name);
                 }
             })
             .touched_objects()
@@ -239,6 +241,7 @@ pub fn run(
             aws_permits: aws_permits.clone(),
             rate_limits: rate_limits.clone(),
             metrics: metrics.clone(),
+            failures: failures.clone(),
         });
         let mut stop = shutdown.clone();
         let controller = Controller::for_stream(request_events, request_store)

@@ -69,6 +69,50 @@ pub struct Context {
     /// Paces the AWS calls per (service, region, identity), most urgent first.
     pub rate_limits: Arc<RateLimits>,
     pub metrics: Arc<Metrics>,
+    /// Consecutive failed reconciles per request, for the retry backoff.
+    pub failures: Arc<FailureCounts>,
+}
+
+/// Consecutive failed reconciles per request (namespace, name). Only failing requests have an
+/// entry: it goes on the next success, or when the request is deleted.
+#[derive(Default)]
+pub struct FailureCounts(std::sync::Mutex<std::collections::HashMap<(String, String), u32>>);
+
+impl FailureCounts {
+    fn record_failure(&self, namespace: &str, name: &str) -> u32 {
+        let mut counts = self.lock();
+        let count = counts
+            .entry((namespace.to_string(), name.to_string()))
+            .or_insert(0);
+        *count = count.saturating_add(1);
+        *count
+    }
+
+    pub fn forget(&self, namespace: &str, name: &str) {
+        let mut counts = self.lock();
+        if !counts.is_empty() {
+            counts.remove(&(namespace.to_string(), name.to_string()));
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<(String, String), u32>> {
+        // Plain counters: still usable after a panic elsewhere.
+        self.0
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+/// How long to wait after the `failures`-th consecutive failed reconcile. Retryable errors
+/// (conflicts, throttling, API server errors) are retried after 5 s three times, then back off,
+/// doubling up to a minute: a failed Secret write throws away the URL just minted, so during an
+/// API server outage a fixed 5 s would mint and lose a URL per request every 5 s.
+fn api_retry_delay(retryable: bool, failures: u32) -> Duration {
+    if !retryable {
+        return Duration::from_secs(60);
+    }
+    let doublings = failures.saturating_sub(3).min(4);
+    (Duration::from_secs(5) * (1 << doublings)).min(Duration::from_secs(60))
 }
 
 /// Entry point for the controller: dispatches readable and unreadable objects.
@@ -82,6 +126,10 @@ pub async fn reconcile(
         Err(invalid) => reconcile_unreadable(invalid, &ctx).await,
     };
     timer.finish(result.as_ref().err().map(Error::metric_label));
+    if result.is_ok() {
+        ctx.failures
+            .forget(&object.namespace().unwrap_or_default(), &object.name_any());
+    }
     result
 }
 
@@ -89,13 +137,12 @@ pub async fn reconcile(
 pub fn error_policy(
     object: Arc<DeserializeGuard<EmbedUrlRequest>>,
     error: &Error,
-    _ctx: Arc<Context>,
+    ctx: Arc<Context>,
 ) -> Action {
-    let delay = if error.is_retryable() {
-        Duration::from_secs(5)
-    } else {
-        Duration::from_secs(60)
-    };
+    let failures = ctx
+        .failures
+        .record_failure(&object.namespace().unwrap_or_default(), &object.name_any());
+    let delay = api_retry_delay(error.is_retryable(), failures);
     warn!(
         namespace = object.namespace().unwrap_or_default(),
         name = object.name_any(),
@@ -926,6 +973,16 @@ async fn waiting_status(
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn api_errors_back_off_after_three_quick_retries() {
+        let delays: Vec<u64> = (1..=9)
+            .map(|n| api_retry_delay(true, n).as_secs())
+            .collect();
+        assert_eq!(delays, vec![5, 5, 5, 10, 20, 40, 60, 60, 60]);
+        assert_eq!(api_retry_delay(false, 1), Duration::from_secs(60));
+        assert_eq!(api_retry_delay(true, u32::MAX), Duration::from_secs(60));
+    }
 
     #[test]
     fn locates_the_field_that_does_not_deserialize() {
