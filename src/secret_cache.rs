@@ -69,46 +69,39 @@ impl SecretCache {
     /// deleted the Secret meanwhile): its owner should be reconciled again.
     pub fn finish_write(&self, namespace: &str, name: &str, written: Option<&Secret>) -> bool {
         let key = key(namespace, name);
-        let held = self.lock().writing.remove(&key).flatten();
-        match written {
-            Some(secret) => {
-                self.record(secret);
-                let written_version = secret.metadata.resource_version.as_deref();
-                held.is_some_and(|event| {
-                    event.and_then(|e| e.resource_version).as_deref() != written_version
-                })
+        let mut state = self.lock();
+        let held = state.writing.remove(&key).flatten();
+        let Some(event) = held else {
+            // Nothing happened to it meanwhile but (perhaps) this write.
+            if let Some(secret) = written {
+                state.record(key, secret);
             }
-            None => {
-                let mut state = self.lock();
-                match held {
-                    Some(Some(snapshot)) => {
-                        state.entries.insert(key, snapshot);
-                        true
-                    }
-                    Some(None) => {
-                        state.entries.remove(&key);
-                        true
-                    }
-                    None => false,
-                }
+            return false;
+        };
+        let echo = written.is_some_and(|secret| {
+            event.as_ref().and_then(|e| e.resource_version.as_deref())
+                == secret.metadata.resource_version.as_deref()
+        });
+        if echo {
+            if let Some(secret) = written {
+                state.record(key, secret);
             }
+            return false;
         }
+        // Someone else's change came during the write, before or after it: which is newer cannot
+        // be told from resourceVersions, so the data is unknown until the Secret is read again.
+        state.entries.remove(&key);
+        true
     }
 
     /// Records a Secret the operator has just written or read in full. Secrets without the
     /// managed-by label are not recorded: the watch would never tell of their changes.
     pub fn record(&self, secret: &Secret) {
-        let snapshot = SecretSnapshot::of(secret);
         let key = key(
             secret.metadata.namespace.as_deref().unwrap_or_default(),
             secret.metadata.name.as_deref().unwrap_or_default(),
         );
-        let mut state = self.lock();
-        if snapshot.is_labelled() {
-            state.entries.insert(key, snapshot);
-        } else {
-            state.entries.remove(&key);
-        }
+        self.lock().record(key, secret);
     }
 
     /// Whether the first listing has completed.
@@ -174,6 +167,15 @@ impl SecretCache {
 }
 
 impl State {
+    fn record(&mut self, key: Key, secret: &Secret) {
+        let snapshot = SecretSnapshot::of(secret);
+        if snapshot.is_labelled() {
+            self.entries.insert(key, snapshot);
+        } else {
+            self.entries.remove(&key);
+        }
+    }
+
     fn apply(&mut self, meta: PartialObjectMeta<Secret>) -> Option<PartialObjectMeta<Secret>> {
         let key = meta_key(&meta);
         if let Some(held) = self.writing.get_mut(&key) {
@@ -296,6 +298,16 @@ mod tests {
         cache.begin_write("team", "sales-url");
         assert!(cache.observe(watcher::Event::Apply(meta("8"))).is_none());
         assert!(cache.finish_write("team", "sales-url", Some(&secret("9", true))));
+        assert_eq!(
+            cache.get("team", "sales-url"),
+            Lookup::Unknown,
+            "which of the two is newer is unknown: read it again"
+        );
+        // Someone else's change right after the write, arriving before its response.
+        cache.begin_write("team", "sales-url");
+        assert!(cache.observe(watcher::Event::Apply(meta("11"))).is_none());
+        assert!(cache.finish_write("team", "sales-url", Some(&secret("10", true))));
+        assert_eq!(cache.get("team", "sales-url"), Lookup::Unknown);
         // The write failed and someone deleted the Secret meanwhile.
         cache.begin_write("team", "sales-url");
         assert!(cache.observe(watcher::Event::Delete(meta("9"))).is_none());
