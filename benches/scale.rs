@@ -31,7 +31,7 @@
 mod support;
 
 use embed_url_operator::controller::{self, ControllerConfig};
-use embed_url_operator::crd::{EmbedUrlRequest, EmbedUrlRequestSpec, QuickSightSpec};
+use embed_url_operator::crd::EmbedUrlRequest;
 use embed_url_operator::identity::AwsClients;
 use embed_url_operator::policy::PolicyMode;
 use embed_url_operator::reconciler::Settings;
@@ -944,7 +944,7 @@ impl<'a> World<'a> {
                 async move {
                     api.create(
                         &PostParams::default(),
-                        &EmbedUrlRequest::new(&request_name(i), spec()),
+                        &EmbedUrlRequest::new(&request_name(i), support::quick_sight()),
                     )
                     .await
                     .expect("create request");
@@ -1055,18 +1055,6 @@ impl<'a> World<'a> {
             self.stop_operator().await;
         }
         let _ = self.sampler.send(true);
-    }
-}
-
-fn spec() -> EmbedUrlRequestSpec {
-    EmbedUrlRequestSpec {
-        quick_sight: Some(QuickSightSpec {
-            aws_account_id: "111122223333".into(),
-            entry_point: Some("/start/dashboards".into()),
-            session_lifetime_in_minutes: Some(120),
-            user_arn: Some("arn:aws:quicksight:us-east-1:111122223333:user/default/alice".into()),
-        }),
-        ..Default::default()
     }
 }
 

@@ -10,23 +10,11 @@ mod crd;
 mod faults;
 mod tenancy;
 
-use embed_url_operator::crd::{
-    EmbedUrlRequestSpec, FlinkSpec, FlinkUrlType, QBusinessSpec, QuickSightSpec,
-};
+use embed_url_operator::crd::{EmbedUrlRequestSpec, FlinkSpec, FlinkUrlType, QBusinessSpec};
 
 pub const ID36: &str = "a1b2c3d4-1111-2222-3333-444455556666";
 
-pub fn quick_sight() -> EmbedUrlRequestSpec {
-    EmbedUrlRequestSpec {
-        quick_sight: Some(QuickSightSpec {
-            aws_account_id: "111122223333".into(),
-            entry_point: Some("/start/dashboards".into()),
-            session_lifetime_in_minutes: Some(120),
-            user_arn: Some("arn:aws:quicksight:us-east-1:111122223333:user/default/alice".into()),
-        }),
-        ..Default::default()
-    }
-}
+pub use support::quick_sight;
 
 pub fn q_business() -> EmbedUrlRequestSpec {
     EmbedUrlRequestSpec {

@@ -10,7 +10,9 @@ pub mod fake_aws;
 pub mod fake_kube;
 
 use embed_url_operator::controller::{self, ControllerConfig};
-use embed_url_operator::crd::{EmbedUrlRequest, EmbedUrlRequestSpec, EmbedUrlRequestStatus};
+use embed_url_operator::crd::{
+    EmbedUrlRequest, EmbedUrlRequestSpec, EmbedUrlRequestStatus, QuickSightSpec,
+};
 use embed_url_operator::identity::AwsClients;
 use embed_url_operator::policy::PolicyMode;
 use embed_url_operator::reconciler::Settings;
@@ -228,5 +230,18 @@ pub async fn eventually<T>(
             "timed out after {timeout:?} waiting for {what}"
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A valid QuickSight console request: the spec most tests and the benchmark use.
+pub fn quick_sight() -> EmbedUrlRequestSpec {
+    EmbedUrlRequestSpec {
+        quick_sight: Some(QuickSightSpec {
+            aws_account_id: "111122223333".into(),
+            entry_point: Some("/start/dashboards".into()),
+            session_lifetime_in_minutes: Some(120),
+            user_arn: Some("arn:aws:quicksight:us-east-1:111122223333:user/default/alice".into()),
+        }),
+        ..Default::default()
     }
 }
