@@ -70,28 +70,20 @@ impl SecretCache {
     pub fn finish_write(&self, namespace: &str, name: &str, written: Option<&Secret>) -> bool {
         let key = key(namespace, name);
         let mut state = self.lock();
-        let held = state.writing.remove(&key).flatten();
-        let Some(event) = held else {
-            // Nothing happened to it meanwhile but (perhaps) this write.
-            if let Some(secret) = written {
-                state.record(key, secret);
-            }
-            return false;
-        };
-        let echo = written.is_some_and(|secret| {
-            event.as_ref().and_then(|e| e.resource_version.as_deref())
-                == secret.metadata.resource_version.as_deref()
+        // An event held during the write that is not this write's own echo.
+        let interfered = state.writing.remove(&key).flatten().is_some_and(|event| {
+            let event_version = event.as_ref().and_then(|e| e.resource_version.as_deref());
+            written
+                .is_none_or(|secret| event_version != secret.metadata.resource_version.as_deref())
         });
-        if echo {
-            if let Some(secret) = written {
-                state.record(key, secret);
-            }
-            return false;
+        if interfered {
+            // Someone else's change came during the write, before or after it: which is newer
+            // cannot be told from resourceVersions, so the data is unknown until read again.
+            state.entries.remove(&key);
+        } else if let Some(secret) = written {
+            state.record(key, secret);
         }
-        // Someone else's change came during the write, before or after it: which is newer cannot
-        // be told from resourceVersions, so the data is unknown until the Secret is read again.
-        state.entries.remove(&key);
-        true
+        interfered
     }
 
     /// Records a Secret the operator has just written or read in full. Secrets without the
@@ -109,13 +101,9 @@ impl SecretCache {
         self.synced.load(Ordering::Acquire)
     }
 
-    /// Number of Secrets cached.
-    pub fn len(&self) -> usize {
-        self.lock().entries.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
+    #[cfg(test)]
+    fn is_empty(&self) -> bool {
+        self.lock().entries.is_empty()
     }
 
     /// Applies one event of the metadata-only watch. Returns the Secret if its owner should be
