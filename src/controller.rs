@@ -1,5 +1,6 @@
 //! Wires the kube-runtime controller(s): watches, caches, concurrency and shutdown.
 
+use crate::admission::Admission;
 use crate::crd::EmbedUrlRequest;
 use crate::identity::AwsClients;
 use crate::policy::EmbedUrlPolicy;
@@ -20,7 +21,7 @@ use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
-use tokio::sync::{Notify, Semaphore, watch};
+use tokio::sync::{Notify, watch};
 use tracing::{debug, warn};
 
 /// Name that events and the leader lease report the operator under.
@@ -111,7 +112,7 @@ pub fn run(
     metrics: Arc<Metrics>,
     shutdown: watch::Receiver<bool>,
 ) -> (Readiness, impl Future<Output = ()>) {
-    let aws_permits = Arc::new(Semaphore::new(usize::from(config.concurrency.max(1))));
+    let admission = Arc::new(Admission::new(usize::from(config.concurrency)));
     let rate_limits = Arc::new(RateLimits::new(config.aws_rate, config.aws_burst));
     let failures = Arc::new(FailureCounts::default());
     let reporter = Reporter {
@@ -238,7 +239,7 @@ pub fn run(
             policies: policy_store,
             namespaces: namespace_store,
             policies_synced,
-            aws_permits: aws_permits.clone(),
+            admission: admission.clone(),
             rate_limits: rate_limits.clone(),
             metrics: metrics.clone(),
             failures: failures.clone(),
@@ -250,7 +251,10 @@ pub fn run(
                 stream::select(policy_changes, namespace_changes),
                 reconcile_all_after_relist,
             ))
-            .with_config(controller::Config::default().concurrency(config.concurrency.max(1)))
+            // Every due reconcile starts at once and waits for its turn in `admission`, which
+            // runs `concurrency` at a time, most urgent first. kube-runtime's own bound would
+            // take the waiting ones in hash order, starving some for good under a backlog.
+            .with_config(controller::Config::default().concurrency(0))
             .graceful_shutdown_on(async move {
                 let _ = stop.wait_for(|stop| *stop).await;
             })

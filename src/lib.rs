@@ -3,9 +3,10 @@
 //!
 //! Module map: [`crd`] is the API; [`validation`] checks a spec; [`providers`] calls AWS;
 //! [`schedule`] decides when; [`secret`] renders and reads the Secret; [`reconciler`] ties them
-//! together for one object; [`controller`] runs the watches; [`telemetry`] and [`http`] are the
-//! operator's logs, metrics and probes.
+//! together for one object; [`admission`] decides which reconciles run now; [`controller`] runs
+//! the watches; [`telemetry`] and [`http`] are the operator's logs, metrics and probes.
 
+pub mod admission;
 pub mod controller;
 pub mod crd;
 pub mod error;

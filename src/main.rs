@@ -47,7 +47,8 @@ struct RunArgs {
     #[arg(long = "namespace", env = "WATCH_NAMESPACES", value_delimiter = ',')]
     namespaces: Vec<String>,
 
-    /// Most reconciles, and AWS calls, in flight at once.
+    /// Most reconciles, and AWS calls, in flight at once; the others wait, the request whose URL
+    /// stops working first going first.
     #[arg(long, env = "EMBEDURL_CONCURRENCY", default_value_t = 16, value_parser = clap::value_parser!(u16).range(1..))]
     concurrency: u16,
 

@@ -4,6 +4,7 @@
 //! [`crate::schedule`], and the status is only written when it differs from what is stored, so
 //! the echoes of the operator's own writes settle at once.
 
+use crate::admission::Admission;
 use crate::crd::{EmbedUrlRequest, EmbedUrlRequestSpec, EmbedUrlRequestStatus, READY_CONDITION};
 use crate::error::{Error, Result};
 use crate::identity::{AwsClients, Identity};
@@ -31,7 +32,6 @@ use kube::{Resource, ResourceExt};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
-use tokio::sync::Semaphore;
 use tracing::{info, warn};
 
 /// How often a request blocked by a foreign Secret checks whether the Secret is gone. The
@@ -64,8 +64,9 @@ pub struct Context {
     /// True once the policy and namespace caches have listed: deciding before would deny
     /// requests that a policy allows.
     pub policies_synced: Arc<AtomicBool>,
-    /// Bounds the AWS calls in flight across every controller of this process.
-    pub aws_permits: Arc<Semaphore>,
+    /// Bounds the reconciles (and so the AWS calls) in flight across every controller of this
+    /// process, most urgent first.
+    pub admission: Arc<Admission>,
     /// Paces the AWS calls per (service, region, identity), most urgent first.
     pub rate_limits: Arc<RateLimits>,
     pub metrics: Arc<Metrics>,
@@ -115,15 +116,36 @@ fn api_retry_delay(retryable: bool, failures: u32) -> Duration {
     (Duration::from_secs(5) * (1 << doublings)).min(Duration::from_secs(60))
 }
 
-/// Entry point for the controller: dispatches readable and unreadable objects.
+/// Entry point for the controller: waits for a turn (see [`crate::admission`]), then
+/// dispatches readable and unreadable objects.
 pub async fn reconcile(
     object: Arc<DeserializeGuard<EmbedUrlRequest>>,
     ctx: Arc<Context>,
 ) -> Result<Action> {
+    let _slot = ctx.admission.wait_turn(urgency(&object)).await;
+    // Boxed so that a reconcile waiting for its turn stays small: the controller starts every
+    // due reconcile at once, and under a backlog thousands may wait.
+    Box::pin(reconcile_admitted(object, &ctx)).await
+}
+
+/// When the URL in the request's Secret stops working, as its status says (the time of the
+/// last mint's use-by, written with the Secret); now if it has none, or the request cannot be
+/// read. Orders reconciles that wait for a turn: earliest first.
+fn urgency(object: &DeserializeGuard<EmbedUrlRequest>) -> Timestamp {
+    let status = object.0.as_ref().ok().and_then(|r| r.status.as_ref());
+    status
+        .and_then(|s| schedule::parse_time(s.url_expires_at.as_deref()))
+        .unwrap_or_else(Timestamp::now)
+}
+
+async fn reconcile_admitted(
+    object: Arc<DeserializeGuard<EmbedUrlRequest>>,
+    ctx: &Context,
+) -> Result<Action> {
     let timer = ctx.metrics.reconcile_started();
     let result = match &object.0 {
-        Ok(request) => reconcile_request(request, &ctx).await,
-        Err(invalid) => reconcile_unreadable(invalid, &ctx).await,
+        Ok(request) => reconcile_request(request, ctx).await,
+        Err(invalid) => reconcile_unreadable(invalid, ctx).await,
     };
     timer.finish(result.as_ref().err().map(Error::metric_label));
     if result.is_ok() {
@@ -291,8 +313,6 @@ async fn mint(
     let planned = schedule::parse_time(current.next_refresh_time.as_deref());
     let rate_limit_wait;
     let result = {
-        // The semaphore is never closed, so acquiring only fails if it were; treat that as "go".
-        let _permit = ctx.aws_permits.acquire().await.ok();
         let bucket = BucketKey {
             service,
             region: served.region.clone(),

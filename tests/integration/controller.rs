@@ -727,6 +727,40 @@ async fn refreshes_delayed_by_the_rate_limit_are_reported_on_the_request() {
 }
 
 #[tokio::test]
+async fn a_lasting_backlog_serves_every_request_in_turn() {
+    let mut h = Harness::start(Duration::from_secs(6)).await;
+    h.stop_operator().await;
+    h.aws_rate = 4.0;
+    h.start_operator().await;
+    // Sixteen requests refreshing every 3 s (half of the 6 s window) need 5.3 calls/s, more than
+    // the 4 allowed: the backlog lasts as long as the test. Taken in any order but urgency,
+    // some requests are served again and again and others never.
+    let names: Vec<String> = (0..16).map(|i| format!("console-{i}")).collect();
+    for name in &names {
+        h.create(name, quick_sight()).await;
+    }
+    let mut urls: BTreeMap<&str, std::collections::HashSet<String>> = BTreeMap::new();
+    let started = std::time::Instant::now();
+    while started.elapsed() < Duration::from_secs(15) {
+        for name in &names {
+            if let Some(url) = h.secret_value(name, "url") {
+                urls.entry(name).or_default().insert(url);
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // About 60 mints in 15 s for 16 requests: in turn, three or four each.
+    let mints: Vec<usize> = names
+        .iter()
+        .map(|name| urls.get(name.as_str()).map_or(0, |seen| seen.len()))
+        .collect();
+    assert!(
+        mints.iter().all(|&n| n >= 2),
+        "URLs minted per request: {mints:?}"
+    );
+}
+
+#[tokio::test]
 async fn a_refresh_costs_one_reconcile_not_one_per_echo_of_its_own_writes() {
     let h = Harness::start(Duration::from_secs(6)).await;
     h.create("console", quick_sight()).await;
