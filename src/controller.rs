@@ -15,14 +15,19 @@ use k8s_openapi::api::core::v1::{Namespace, Secret};
 use kube::core::{DeserializeGuard, PartialObjectMeta};
 use kube::runtime::events::Reporter;
 use kube::runtime::reflector::{self, Store};
-use kube::runtime::{Controller, PredicateConfig, WatchStreamExt, controller, watcher};
+use kube::runtime::{Controller, WatchStreamExt, controller, watcher};
 use kube::{Api, Client, ResourceExt};
+use std::collections::hash_map::DefaultHasher;
+use std::collections::{HashMap, HashSet};
 use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 use tokio::sync::{Notify, watch};
 use tracing::{debug, warn};
+
+/// A request as watched and cached: readable or not (see `reconciler::reconcile`).
+type CachedRequest = DeserializeGuard<EmbedUrlRequest>;
 
 /// Name that events and the leader lease report the operator under.
 pub const CONTROLLER_NAME: &str = "embed-url-operator";
@@ -182,12 +187,14 @@ pub fn run(
                     forget_failures.forget(&namespace, &name);
                 }
             })
-            .touched_objects()
             // The operator's own status writes come back as events too; reconciling them again
             // would find nothing to do, at the cost of a second reconcile per refresh. Only
             // what a user changes (the spec, the refresh annotation) triggers a reconcile; the
             // schedule's own requeue does the rest.
-            .predicate_filter(user_intent, PredicateConfig::default());
+            .try_filter_map({
+                let mut intents = UserIntents::default();
+                move |event| future::ready(Ok(intents.trigger(event)))
+            });
 
         // Policies and namespace labels decide what may be minted. Any change to them
         // re-evaluates every request (a live change is rare; the initial listing is one event).
@@ -328,11 +335,66 @@ fn trim_request(request: &mut DeserializeGuard<EmbedUrlRequest>) {
 
 const OWN_ANNOTATION_PREFIX: &str = "embedurl.io/";
 
+/// Remembers each request's user intent (see [`user_intent`]) to let only its changes through.
+///
+/// kube-runtime's `predicate_filter` does the same, but keys its cache by name, namespace and
+/// uid as strings (three allocations per request) and forgets entries only after an hour; this
+/// keeps two integers per request and forgets a request when it is deleted, or when a relist
+/// no longer shows it.
+#[derive(Default)]
+struct UserIntents {
+    by_request: HashMap<u64, u64>,
+    /// Requests seen during a relist in progress; the others are forgotten when it ends.
+    relisting: Option<HashSet<u64>>,
+}
+
+impl UserIntents {
+    /// The request to reconcile for this event, if its user intent is new or changed.
+    fn trigger(&mut self, event: watcher::Event<CachedRequest>) -> Option<CachedRequest> {
+        match event {
+            watcher::Event::Apply(request) | watcher::Event::InitApply(request) => {
+                let key = request_key(&request);
+                if let Some(seen) = &mut self.relisting {
+                    seen.insert(key);
+                }
+                let intent = user_intent(&request);
+                let changed = self.by_request.insert(key, intent) != Some(intent);
+                changed.then_some(request)
+            }
+            watcher::Event::Delete(request) => {
+                self.by_request.remove(&request_key(&request));
+                None
+            }
+            watcher::Event::Init => {
+                self.relisting = Some(HashSet::new());
+                None
+            }
+            watcher::Event::InitDone => {
+                if let Some(seen) = self.relisting.take() {
+                    self.by_request.retain(|key, _| seen.contains(key));
+                }
+                None
+            }
+        }
+    }
+}
+
+/// The key of a request in [`UserIntents`]: a hash of its uid (of namespace and name if it has
+/// none), so that a request deleted and created again under the same name counts as new.
+fn request_key(request: &impl ResourceExt) -> u64 {
+    let mut hasher = DefaultHasher::new();
+    match &request.meta().uid {
+        Some(uid) => uid.hash(&mut hasher),
+        None => (request.namespace(), request.name_any()).hash(&mut hasher),
+    }
+    hasher.finish()
+}
+
 /// What a reconcile acts on that a user can change: the generation (the spec) and the
 /// operator's annotations. A request that does not even deserialize is reconciled on any change,
 /// since what is wrong with it may be its status.
-fn user_intent(request: &DeserializeGuard<EmbedUrlRequest>) -> Option<u64> {
-    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+fn user_intent(request: &CachedRequest) -> u64 {
+    let mut hasher = DefaultHasher::new();
     match &request.0 {
         Ok(request) => {
             request.metadata.generation.hash(&mut hasher);
@@ -340,7 +402,7 @@ fn user_intent(request: &DeserializeGuard<EmbedUrlRequest>) -> Option<u64> {
         }
         Err(_) => request.resource_version().hash(&mut hasher),
     }
-    Some(hasher.finish())
+    hasher.finish()
 }
 
 /// Turns a policy or namespace watch into "re-evaluate every request" triggers, and marks the
@@ -378,5 +440,116 @@ where
     match namespace {
         Some(ns) => Api::namespaced(client.clone(), ns),
         None => Api::all(client.clone()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crd::EmbedUrlRequestSpec;
+    use kube::core::ObjectMeta;
+    use kube::core::error_boundary::InvalidObject;
+
+    fn metadata(uid: &str, generation: i64, resource_version: u32) -> ObjectMeta {
+        ObjectMeta {
+            name: Some("sales".into()),
+            namespace: Some("analytics".into()),
+            uid: Some(uid.into()),
+            generation: Some(generation),
+            resource_version: Some(resource_version.to_string()),
+            ..ObjectMeta::default()
+        }
+    }
+
+    fn request(uid: &str, generation: i64, resource_version: u32) -> CachedRequest {
+        let mut request = EmbedUrlRequest::new("sales", EmbedUrlRequestSpec::default());
+        request.metadata = metadata(uid, generation, resource_version);
+        DeserializeGuard(Ok(request))
+    }
+
+    fn unreadable(uid: &str, resource_version: u32) -> CachedRequest {
+        DeserializeGuard(Err(InvalidObject {
+            error: "invalid type".into(),
+            metadata: metadata(uid, 1, resource_version),
+        }))
+    }
+
+    fn passes(intents: &mut UserIntents, event: watcher::Event<CachedRequest>) -> bool {
+        intents.trigger(event).is_some()
+    }
+
+    #[test]
+    fn only_user_changes_trigger_a_reconcile() {
+        let mut intents = UserIntents::default();
+        assert!(passes(
+            &mut intents,
+            watcher::Event::Apply(request("u1", 1, 10))
+        ));
+        // The operator's own status write: new resourceVersion, same generation.
+        assert!(!passes(
+            &mut intents,
+            watcher::Event::Apply(request("u1", 1, 11))
+        ));
+        // A spec change.
+        assert!(passes(
+            &mut intents,
+            watcher::Event::Apply(request("u1", 2, 12))
+        ));
+        // An on-demand refresh.
+        let mut annotated = request("u1", 2, 13);
+        annotated
+            .annotations_mut()
+            .insert("embedurl.io/refresh-requested-at".into(), "now".into());
+        assert!(passes(&mut intents, watcher::Event::Apply(annotated)));
+        // A request that does not deserialize: any change, since its status may be the problem.
+        assert!(passes(
+            &mut intents,
+            watcher::Event::Apply(unreadable("u2", 14))
+        ));
+        assert!(passes(
+            &mut intents,
+            watcher::Event::Apply(unreadable("u2", 15))
+        ));
+        assert!(!passes(
+            &mut intents,
+            watcher::Event::Apply(unreadable("u2", 15))
+        ));
+    }
+
+    #[test]
+    fn deleted_and_relisted_requests_are_forgotten() {
+        let mut intents = UserIntents::default();
+        assert!(passes(
+            &mut intents,
+            watcher::Event::Apply(request("u1", 1, 10))
+        ));
+        assert!(!passes(
+            &mut intents,
+            watcher::Event::Delete(request("u1", 1, 11))
+        ));
+        assert!(intents.by_request.is_empty());
+        // Created again under the same name: a new uid, a new request.
+        assert!(passes(
+            &mut intents,
+            watcher::Event::Apply(request("u3", 1, 12))
+        ));
+        assert!(passes(
+            &mut intents,
+            watcher::Event::Apply(request("u4", 1, 13))
+        ));
+
+        // A relist that no longer shows u3 (deleted while the watch was down) forgets it, and
+        // does not trigger u4 again.
+        assert!(!passes(&mut intents, watcher::Event::Init));
+        assert!(!passes(
+            &mut intents,
+            watcher::Event::InitApply(request("u4", 1, 13))
+        ));
+        assert!(!passes(&mut intents, watcher::Event::InitDone));
+        assert_eq!(intents.by_request.len(), 1);
+        assert!(passes(
+            &mut intents,
+            watcher::Event::InitApply(request("u3", 1, 20))
+        ));
     }
 }

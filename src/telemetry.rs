@@ -5,13 +5,19 @@
 
 use crate::providers::{AwsErrorKind, Service};
 use jiff::Timestamp;
-use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{
+    DescriptorEncoder, EncodeGaugeValue, EncodeLabelSet, EncodeLabelValue, EncodeMetric,
+};
+use prometheus_client::metrics::MetricType;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
+use std::collections::HashMap;
 use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
 /// Log output format.
@@ -85,15 +91,6 @@ struct AwsOperationLabels {
     operation: String,
 }
 
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct RequestLabels {
-    namespace: String,
-    name: String,
-    service: String,
-}
-
-type TimestampGauge = Gauge<f64, AtomicU64>;
-
 /// Every metric the operator exports, prefixed `embedurl_`.
 pub struct Metrics {
     registry: Registry,
@@ -102,9 +99,7 @@ pub struct Metrics {
     reconcile_duration: Histogram,
     aws_calls: Family<AwsCallLabels, Counter>,
     aws_call_duration: Family<AwsOperationLabels, Histogram>,
-    url_expiry: Family<RequestLabels, TimestampGauge>,
-    next_refresh: Family<RequestLabels, TimestampGauge>,
-    ready: Family<RequestLabels, Gauge>,
+    requests: Arc<RequestSeries>,
     refresh_lateness: Histogram,
     rate_limit_wait: Family<ServiceLabels, Histogram>,
     required_rate: Family<ServiceLabels, Gauge<f64, AtomicU64>>,
@@ -154,24 +149,8 @@ impl Metrics {
             "Duration of AWS calls that mint a URL (SDK retries included)",
             aws_call_duration.clone(),
         );
-        let url_expiry = Family::<RequestLabels, TimestampGauge>::default();
-        registry.register(
-            "url_expiry_timestamp_seconds",
-            "Use-by time of the URL in each request's Secret (Unix seconds)",
-            url_expiry.clone(),
-        );
-        let next_refresh = Family::<RequestLabels, TimestampGauge>::default();
-        registry.register(
-            "next_refresh_timestamp_seconds",
-            "When each request is next refreshed or retried (Unix seconds)",
-            next_refresh.clone(),
-        );
-        let ready = Family::<RequestLabels, Gauge>::default();
-        registry.register(
-            "ready",
-            "1 when the request's Secret holds a usable URL, else 0",
-            ready.clone(),
-        );
+        let requests = Arc::new(RequestSeries::default());
+        registry.register_collector(Box::new(requests.clone()));
         let refresh_lateness = Histogram::new([
             -10.0, -1.0, -0.1, 0.0, 0.1, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0,
         ]);
@@ -210,9 +189,7 @@ impl Metrics {
             reconcile_duration,
             aws_calls,
             aws_call_duration,
-            url_expiry,
-            next_refresh,
-            ready,
+            requests,
             refresh_lateness,
         }
     }
@@ -273,44 +250,114 @@ impl Metrics {
         next_refresh: Option<Timestamp>,
         ready: bool,
     ) {
-        let labels = RequestLabels {
-            namespace: namespace.to_string(),
-            name: name.to_string(),
-            service: service.name().to_string(),
+        let values = RequestValues {
+            service,
+            url_expiry: url_expiry.map(unix_seconds),
+            next_refresh: next_refresh.map(unix_seconds),
+            ready,
         };
-        match url_expiry {
-            Some(t) => {
-                self.url_expiry.get_or_create(&labels).set(unix_seconds(t));
-            }
+        let mut by_namespace = self.requests.lock();
+        match by_namespace
+            .get_mut(namespace)
+            .and_then(|names| names.get_mut(name))
+        {
+            Some(current) => *current = values,
             None => {
-                self.url_expiry.remove(&labels);
+                by_namespace
+                    .entry(namespace.into())
+                    .or_default()
+                    .insert(name.into(), values);
             }
         }
-        match next_refresh {
-            Some(t) => {
-                self.next_refresh
-                    .get_or_create(&labels)
-                    .set(unix_seconds(t));
-            }
-            None => {
-                self.next_refresh.remove(&labels);
-            }
-        }
-        self.ready.get_or_create(&labels).set(i64::from(ready));
     }
 
     /// Drops the per-request series of a request that no longer exists.
     pub fn forget_request(&self, namespace: &str, name: &str) {
-        for service in [Service::QuickSight, Service::QBusiness, Service::Flink] {
-            let labels = RequestLabels {
-                namespace: namespace.to_string(),
-                name: name.to_string(),
-                service: service.name().to_string(),
-            };
-            self.url_expiry.remove(&labels);
-            self.next_refresh.remove(&labels);
-            self.ready.remove(&labels);
+        let mut by_namespace = self.requests.lock();
+        if let Some(names) = by_namespace.get_mut(namespace) {
+            names.remove(name);
+            if names.is_empty() {
+                by_namespace.remove(namespace);
+            }
         }
+    }
+}
+
+/// The per-request series (use-by time, next refresh, ready), one entry per request.
+///
+/// Three metric families with `namespace`, `name` and `service` labels would keep the labels
+/// three times per request, each a map entry with three strings; at 10,000 requests that is most
+/// of the operator's metrics memory. Here a request is one small entry, encoded as the same three
+/// families on each scrape.
+#[derive(Debug, Default)]
+struct RequestSeries {
+    by_namespace: Mutex<ByNamespace>,
+}
+
+/// Namespace -> request name -> the request's values.
+type ByNamespace = HashMap<Box<str>, HashMap<Box<str>, RequestValues>>;
+
+#[derive(Clone, Copy, Debug)]
+struct RequestValues {
+    service: Service,
+    url_expiry: Option<f64>,
+    next_refresh: Option<f64>,
+    ready: bool,
+}
+
+impl RequestSeries {
+    fn lock(&self) -> MutexGuard<'_, ByNamespace> {
+        // The map holds plain values: one left by a panicking holder is still consistent.
+        self.by_namespace
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Encodes one family: `value` picks the series' value of a request (`None`: no series).
+    fn encode_family<N: EncodeGaugeValue>(
+        &self,
+        encoder: &mut DescriptorEncoder,
+        name: &str,
+        help: &str,
+        value: impl Fn(&RequestValues) -> Option<N>,
+    ) -> Result<(), std::fmt::Error> {
+        let mut family = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
+        for (namespace, names) in self.lock().iter() {
+            for (request, values) in names {
+                if let Some(value) = value(values) {
+                    let labels = [
+                        ("namespace", &**namespace),
+                        ("name", &**request),
+                        ("service", values.service.name()),
+                    ];
+                    ConstGauge::new(value).encode(family.encode_family(&labels)?)?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Collector for RequestSeries {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        self.encode_family(
+            &mut encoder,
+            "url_expiry_timestamp_seconds",
+            "Use-by time of the URL in each request's Secret (Unix seconds)",
+            |v| v.url_expiry,
+        )?;
+        self.encode_family(
+            &mut encoder,
+            "next_refresh_timestamp_seconds",
+            "When each request is next refreshed or retried (Unix seconds)",
+            |v| v.next_refresh,
+        )?;
+        self.encode_family(
+            &mut encoder,
+            "ready",
+            "1 when the request's Secret holds a usable URL, else 0",
+            |v| Some(i64::from(v.ready)),
+        )
     }
 }
 
@@ -434,5 +481,37 @@ mod tests {
         );
         metrics.forget_request("analytics", "sales");
         assert!(!metrics.encode().contains("name=\"sales\""));
+    }
+
+    #[test]
+    fn per_request_series_follow_the_latest_schedule() {
+        let metrics = Metrics::new();
+        let t: Timestamp = "2026-11-22T10:05:00Z".parse().unwrap();
+        metrics.set_schedule("a", "one", Service::QuickSight, Some(t), Some(t), true);
+        metrics.set_schedule("a", "two", Service::QBusiness, Some(t), Some(t), true);
+        // The spec moved to another service and the URL is gone: one series set, no stale ones.
+        metrics.set_schedule("a", "one", Service::Flink, None, Some(t), false);
+        let text = metrics.encode();
+        assert!(text.contains("# TYPE embedurl_ready gauge"), "{text}");
+        assert!(
+            text.contains("embedurl_ready{namespace=\"a\",name=\"one\",service=\"Flink\"} 0\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("embedurl_next_refresh_timestamp_seconds{namespace=\"a\",name=\"one\",service=\"Flink\"} 1795341900.0"),
+            "{text}"
+        );
+        assert!(!text.contains("service=\"QuickSight\""), "{text}");
+        assert!(
+            !text.contains("embedurl_url_expiry_timestamp_seconds{namespace=\"a\",name=\"one\""),
+            "{text}"
+        );
+        assert!(
+            text.contains("embedurl_ready{namespace=\"a\",name=\"two\",service=\"QBusiness\"} 1\n"),
+            "{text}"
+        );
+        metrics.forget_request("a", "one");
+        metrics.forget_request("a", "two");
+        assert!(!metrics.encode().contains("namespace=\"a\""));
     }
 }
