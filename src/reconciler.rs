@@ -498,7 +498,7 @@ async fn reconcile_unreadable(invalid: &InvalidObject, ctx: &Context) -> Result<
                 Timestamp::now(),
             )
         };
-        replace_status(&api, &name, stored_status, &replacement).await?;
+        replace_status(ctx, &namespace, &name, stored_status, &replacement).await?;
         publish_transition(ctx, &shell, &EmbedUrlRequestStatus::default(), &replacement).await;
         return Ok(Action::await_change());
     };
@@ -509,10 +509,10 @@ async fn reconcile_unreadable(invalid: &InvalidObject, ctx: &Context) -> Result<
         Timestamp::now(),
     );
     if desired != current {
-        // Through `Api<DynamicObject>`: the answer does not deserialize as an EmbedUrlRequest.
-        // (Written through `Api<EmbedUrlRequest>`, the write succeeded but the reconcile failed
-        // reading the answer: no event was published, and it was retried 5 s later.)
-        apply_status_with(&api, &name, &desired).await?;
+        // The answer is read as metadata only: the object does not deserialize as an
+        // EmbedUrlRequest. (Read whole, the write succeeded but the reconcile failed reading
+        // the answer: no event was published, and it was retried 5 s later.)
+        apply_status_of(ctx, &namespace, &name, &desired).await?;
         publish_transition(ctx, &shell, &current, &desired).await;
     }
     Ok(Action::await_change())
@@ -522,7 +522,8 @@ async fn reconcile_unreadable(invalid: &InvalidObject, ctx: &Context) -> Result<
 /// JSON merge patch that sets every field of `status` and removes every other stored one (a
 /// stored status that is not even an object is replaced by the patch's object).
 async fn replace_status(
-    api: &Api<DynamicObject>,
+    ctx: &Context,
+    namespace: &str,
     name: &str,
     stored: Option<&serde_json::Value>,
     status: &EmbedUrlRequestStatus,
@@ -543,13 +544,10 @@ async fn replace_status(
         field_manager: Some(FIELD_MANAGER.to_string()),
         ..PatchParams::default()
     };
-    api.patch_status(
-        name,
-        &params,
-        &Patch::Merge(serde_json::json!({ "status": fields })),
-    )
-    .await
-    .map_err(Error::kube("replacing an unreadable status"))?;
+    let patch = Patch::Merge(serde_json::json!({ "status": fields }));
+    patch_status(ctx, namespace, name, &params, &patch)
+        .await
+        .map_err(Error::kube("replacing an unreadable status"))?;
     Ok(())
 }
 
@@ -729,13 +727,20 @@ async fn server_side_apply_secret(
     // What is written becomes known: the watch's echo of this write, whether it arrives before
     // or after the response, triggers no reconcile.
     ctx.secrets.begin_write(&namespace, content.name);
+    // Only the metadata of the answer is read: the data is what was just sent (the operator
+    // owns those keys), and parsing the whole Secret, managedFields included, on every refresh
+    // costs CPU for nothing.
     let written = api
-        .patch(
+        .patch_metadata(
             content.name,
             &PatchParams::apply(FIELD_MANAGER).force(),
             &Patch::Apply(&body),
         )
-        .await;
+        .await
+        .map(|answer| Secret {
+            metadata: answer.metadata,
+            ..secret
+        });
     let changed_meanwhile =
         ctx.secrets
             .finish_write(&namespace, content.name, written.as_ref().ok());
@@ -782,36 +787,53 @@ async fn apply_status(
     status: &EmbedUrlRequestStatus,
 ) -> Result<()> {
     let namespace = request.namespace().unwrap_or_default();
-    let api: Api<EmbedUrlRequest> = Api::namespaced(ctx.client.clone(), &namespace);
-    apply_status_with(&api, &request.name_any(), status).await
+    apply_status_of(ctx, &namespace, &request.name_any(), status).await
 }
 
-/// Writes the status with server-side apply through `api`. The API server answers with the
-/// whole object, which `api` reads as a `K`: an object that does not deserialize as an
-/// `EmbedUrlRequest` must be written through `Api<DynamicObject>`, or the write succeeds but
-/// the reconcile fails reading the answer.
-async fn apply_status_with<K>(
-    api: &Api<K>,
+/// Writes the status of the request `namespace/name` with server-side apply.
+async fn apply_status_of(
+    ctx: &Context,
+    namespace: &str,
     name: &str,
     status: &EmbedUrlRequestStatus,
-) -> Result<()>
-where
-    K: Clone + serde::de::DeserializeOwned + std::fmt::Debug,
-{
+) -> Result<()> {
     let body = serde_json::json!({
         "apiVersion": EmbedUrlRequest::api_version(&()),
         "kind": EmbedUrlRequest::kind(&()),
         "status": serde_json::to_value(status).map_err(|source| Error::Serialize { what: "status", source })?,
     });
-    api.patch_status(
-        name,
-        &PatchParams::apply(FIELD_MANAGER).force(),
-        &Patch::Apply(&body),
-    )
-    .await
-    .map_err(Error::kube("writing the status"))?;
+    let params = PatchParams::apply(FIELD_MANAGER).force();
+    patch_status(ctx, namespace, name, &params, &Patch::Apply(&body))
+        .await
+        .map_err(Error::kube("writing the status"))
+}
+
+/// Patches a request's status and reads only the metadata of the answer
+/// (`as=PartialObjectMetadata`). The operator needs nothing from the answer; parsing the whole
+/// object, managedFields included, would cost CPU on every refresh, and the object of a request
+/// whose spec does not deserialize could not be parsed at all.
+async fn patch_status<P: serde::Serialize>(
+    ctx: &Context,
+    namespace: &str,
+    name: &str,
+    params: &PatchParams,
+    patch: &Patch<P>,
+) -> Result<(), kube::Error> {
+    let mut request = kube::core::Request::new(EmbedUrlRequest::url_path(&(), Some(namespace)))
+        .patch_subresource("status", name, params, patch)
+        .map_err(kube::Error::BuildRequest)?;
+    request.headers_mut().insert(
+        http::header::ACCEPT,
+        http::HeaderValue::from_static(METADATA_ONLY),
+    );
+    ctx.client
+        .request::<PartialObjectMeta<EmbedUrlRequest>>(request)
+        .await?;
     Ok(())
 }
+
+/// The media type that asks the API server for an object's metadata only.
+const METADATA_ONLY: &str = "application/json;as=PartialObjectMetadata;g=meta.k8s.io;v=v1";
 
 /// Events mark transitions of `Ready` (status or reason), never every refresh.
 async fn publish_transition(
