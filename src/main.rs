@@ -1,5 +1,12 @@
 //! The `embed-url-operator` binary: parses flags and wires the modules together.
 
+/// jemalloc rather than glibc's malloc: in the scale benchmark (10,000 requests, the real
+/// binary) it held the operator's RSS 11 MiB lower and used a quarter less CPU per refresh; the
+/// operator's many small, long-lived objects (one set per request) fragment glibc's heap.
+#[cfg(feature = "jemalloc")]
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 use aws_config::timeout::TimeoutConfig;
 use aws_config::{BehaviorVersion, Region};
 use clap::{Args, Parser, Subcommand};
