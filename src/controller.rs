@@ -1,6 +1,5 @@
 //! Wires the kube-runtime controller(s): watches, caches, concurrency and shutdown.
 
-use crate::admission::Admission;
 use crate::crd::EmbedUrlRequest;
 use crate::identity::AwsClients;
 use crate::policy::EmbedUrlPolicy;
@@ -10,13 +9,16 @@ use crate::reconciler::{self, Context, FailureCounts, Settings};
 use crate::secret::MANAGED_SECRETS_SELECTOR;
 use crate::secret_cache::SecretCache;
 use crate::telemetry::Metrics;
+use crate::work_queue::{RequestKey, Urgency, WorkQueue};
+use futures::channel::mpsc::UnboundedSender;
 use futures::{StreamExt, TryStreamExt, future, stream};
+use jiff::Timestamp;
 use k8s_openapi::api::core::v1::{Namespace, Secret};
 use kube::core::{DeserializeGuard, PartialObjectMeta};
 use kube::runtime::events::Reporter;
-use kube::runtime::reflector::{self, Store};
+use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{Controller, WatchStreamExt, controller, watcher};
-use kube::{Api, Client, ResourceExt};
+use kube::{Api, Client, Resource, ResourceExt};
 use std::collections::hash_map::DefaultHasher;
 use std::collections::{HashMap, HashSet};
 use std::hash::{Hash, Hasher};
@@ -117,7 +119,6 @@ pub fn run(
     metrics: Arc<Metrics>,
     shutdown: watch::Receiver<bool>,
 ) -> (Readiness, impl Future<Output = ()>) {
-    let admission = Arc::new(Admission::new(usize::from(config.concurrency)));
     let rate_limits = Arc::new(RateLimits::new(config.aws_rate, config.aws_burst));
     let failures = Arc::new(FailureCounts::default());
     let reporter = Reporter {
@@ -129,12 +130,29 @@ pub fn run(
     } else {
         config.namespaces.iter().cloned().map(Some).collect()
     };
+    let caches: Vec<_> = scopes
+        .into_iter()
+        .map(|scope| {
+            let (store, writer) = reflector::store();
+            (scope, store, writer)
+        })
+        .collect();
+    // One queue for every watched namespace: `--concurrency` bounds the process.
+    let queue = Arc::new(WorkQueue::new(
+        usize::from(config.concurrency),
+        urgency_from(
+            caches
+                .iter()
+                .map(|(scope, store, _)| (scope.clone(), store.clone()))
+                .collect(),
+        ),
+    ));
 
     let mut readiness = Readiness::default();
     let mut controllers = Vec::new();
-    for namespace in scopes {
-        let requests: Api<DeserializeGuard<EmbedUrlRequest>> =
-            scoped_api(&client, namespace.as_deref());
+    let mut dispatch_routes = Vec::new();
+    for (namespace, request_store, request_writer) in caches {
+        let requests: Api<CachedRequest> = scoped_api(&client, namespace.as_deref());
         let secrets: Api<PartialObjectMeta<Secret>> = scoped_api(&client, namespace.as_deref());
 
         // Only the Secrets the operator owns are watched, metadata only, and the cache keeps a
@@ -152,7 +170,8 @@ pub fn run(
         let mut first_list = true;
         let relisted = secrets_relisted.clone();
         let observing = secret_cache.clone();
-        let secret_events = watcher(
+        let owners = queue.clone();
+        let secret_changes = watcher(
             secrets,
             watcher::Config::default().labels(MANAGED_SECRETS_SELECTOR),
         )
@@ -166,34 +185,52 @@ pub fn run(
                 first_list = false;
             }
         })
-        .try_filter_map(move |event| future::ready(Ok(observing.observe(event))));
+        .filter_map(move |event| {
+            match event {
+                Ok(event) => {
+                    // A change by someone else: reconcile the request that owns the Secret.
+                    if let Some(owner) = observing.observe(event).as_ref().and_then(owner_of) {
+                        owners.schedule_now(&owner);
+                    }
+                }
+                Err(error) => warn!(error = %error, "Secret watch failed; retrying"),
+            }
+            future::ready(None)
+        });
         let reconcile_all_after_relist = stream::unfold(secrets_relisted, |notify| async move {
             notify.notified().await;
             Some(((), notify))
         });
 
-        let (request_store, request_writer) = reflector::store();
         let forget_metrics = metrics.clone();
         let forget_failures = failures.clone();
+        let requests_changed = queue.clone();
+        let mut intents = UserIntents::default();
         let request_events = watcher(requests, watcher::Config::default())
             .default_backoff()
             .modify(trim_request)
             .reflect(request_writer)
-            .inspect_ok(move |event| {
-                if let watcher::Event::Delete(request) = event {
-                    let (namespace, name) =
-                        (request.namespace().unwrap_or_default(), request.name_any());
-                    forget_metrics.forget_request(&namespace, &name);
-                    forget_failures.forget(&namespace, &name);
-                }
-            })
-            // The operator's own status writes come back as events too; reconciling them again
-            // would find nothing to do, at the cost of a second reconcile per refresh. Only
-            // what a user changes (the spec, the refresh annotation) triggers a reconcile; the
-            // schedule's own requeue does the rest.
-            .try_filter_map({
-                let mut intents = UserIntents::default();
-                move |event| future::ready(Ok(intents.trigger(event)))
+            .filter_map(move |event| {
+                future::ready(match event {
+                    Ok(event) => {
+                        if let watcher::Event::Delete(request) = &event {
+                            let key = request_key(request);
+                            forget_metrics.forget_request(&key.namespace, &key.name);
+                            forget_failures.forget(&key.namespace, &key.name);
+                            requests_changed.forget(&key);
+                        }
+                        // The operator's own status writes come back as events too;
+                        // reconciling them again would find nothing to do, at the cost of a
+                        // second reconcile per refresh. Only what a user changes (the spec, the
+                        // refresh annotation) is reconciled; the queue's schedule does the rest.
+                        for key in intents.triggers(event) {
+                            requests_changed.schedule_now(&key);
+                        }
+                        None
+                    }
+                    // Reported by the controller (and retried with backoff by the watcher).
+                    Err(error) => Some(Err(error)),
+                })
             });
 
         // Policies and namespace labels decide what may be minted. Any change to them
@@ -233,6 +270,22 @@ pub fn run(
             policy_listed,
             policies_synced.clone(),
         ));
+        let all_requests = request_store.clone();
+        let everything = queue.clone();
+        let reconcile_all = stream::select(
+            stream::select(policy_changes, namespace_changes),
+            reconcile_all_after_relist,
+        )
+        .filter_map(move |()| {
+            for request in all_requests.state() {
+                everything.schedule_now(&request_key(&request));
+            }
+            future::ready(None)
+        });
+
+        // What the queue hands out, for this controller's namespace(s).
+        let (dispatched, to_reconcile) = futures::channel::mpsc::unbounded();
+        dispatch_routes.push((namespace.clone(), dispatched));
 
         readiness
             .stores
@@ -246,22 +299,20 @@ pub fn run(
             policies: policy_store,
             namespaces: namespace_store,
             policies_synced,
-            admission: admission.clone(),
+            queue: queue.clone(),
             rate_limits: rate_limits.clone(),
             metrics: metrics.clone(),
             failures: failures.clone(),
         });
         let mut stop = shutdown.clone();
+        // The controller runs only what the queue hands it (see work_queue); the watches feed
+        // the queue. Its own bound is the same as the queue's, so its scheduler stays empty.
         let controller = Controller::for_stream(request_events, request_store)
-            .owns_stream(secret_events)
-            .reconcile_all_on(stream::select(
-                stream::select(policy_changes, namespace_changes),
-                reconcile_all_after_relist,
+            .reconcile_on(stream::select(
+                to_reconcile,
+                stream::select(secret_changes, reconcile_all),
             ))
-            // Every due reconcile starts at once and waits for its turn in `admission`, which
-            // runs `concurrency` at a time, most urgent first. kube-runtime's own bound would
-            // take the waiting ones in hash order, starving some for good under a backlog.
-            .with_config(controller::Config::default().concurrency(0))
+            .with_config(controller::Config::default().concurrency(config.concurrency.max(1)))
             .graceful_shutdown_on(async move {
                 let _ = stop.wait_for(|stop| *stop).await;
             })
@@ -276,11 +327,64 @@ pub fn run(
         controllers.push(controller);
     }
     let capacity = watch_capacity(readiness.clone(), config.clone(), metrics, shutdown);
+    let dispatcher = dispatch(queue, dispatch_routes);
     (readiness, async move {
         let capacity = tokio::spawn(capacity);
+        let dispatcher = tokio::spawn(dispatcher);
         future::join_all(controllers).await;
         capacity.abort();
+        dispatcher.abort();
     })
+}
+
+/// Hands what the queue says is next to the controller of its namespace.
+async fn dispatch(
+    queue: Arc<WorkQueue>,
+    routes: Vec<(Option<String>, UnboundedSender<ObjectRef<CachedRequest>>)>,
+) {
+    loop {
+        let key = queue.next().await;
+        let route = routes
+            .iter()
+            .find(|(scope, _)| scope.as_deref().is_none_or(|ns| ns == &*key.namespace));
+        match route {
+            Some((_, controller)) => {
+                // Fails only once that controller has stopped (shutdown).
+                let _ = controller.unbounded_send(ObjectRef::new(&key.name).within(&key.namespace));
+            }
+            None => queue.forget(&key),
+        }
+    }
+}
+
+/// The urgency of a request (see [`reconciler::urgency`]) as its cache holds it; now for one
+/// not cached (yet, or any more).
+fn urgency_from(stores: Vec<(Option<String>, Store<CachedRequest>)>) -> Urgency {
+    Box::new(move |key| {
+        stores
+            .iter()
+            .find(|(scope, _)| scope.as_deref().is_none_or(|ns| ns == &*key.namespace))
+            .and_then(|(_, store)| store.get(&ObjectRef::new(&key.name).within(&key.namespace)))
+            .map_or_else(Timestamp::now, |request| reconciler::urgency(&request))
+            .as_millisecond()
+    })
+}
+
+/// The request that controls a Secret, from its controller owner reference.
+fn owner_of(secret: &PartialObjectMeta<Secret>) -> Option<RequestKey> {
+    let owner = secret.owner_references().iter().find(|owner| {
+        owner.controller == Some(true)
+            && owner.kind == EmbedUrlRequest::kind(&())
+            && owner.api_version == EmbedUrlRequest::api_version(&())
+    })?;
+    Some(RequestKey::new(&secret.namespace()?, &owner.name))
+}
+
+fn request_key(request: &CachedRequest) -> RequestKey {
+    RequestKey::new(
+        &request.namespace().unwrap_or_default(),
+        &request.name_any(),
+    )
 }
 
 /// Every 30 s, compares the AWS call rate the current requests need with the configured rate,
@@ -344,44 +448,51 @@ const OWN_ANNOTATION_PREFIX: &str = "embedurl.io/";
 #[derive(Default)]
 struct UserIntents {
     by_request: HashMap<u64, u64>,
-    /// Requests seen during a relist in progress; the others are forgotten when it ends.
-    relisting: Option<HashSet<u64>>,
+    /// During a (re)list: the requests seen, and those to reconcile. The request cache shows a
+    /// list's objects only once it is complete, so they are reconciled then.
+    relisting: Option<(HashSet<u64>, Vec<RequestKey>)>,
 }
 
 impl UserIntents {
-    /// The request to reconcile for this event, if its user intent is new or changed.
-    fn trigger(&mut self, event: watcher::Event<CachedRequest>) -> Option<CachedRequest> {
+    /// The requests to reconcile after this event: those whose user intent is new or changed.
+    fn triggers(&mut self, event: watcher::Event<CachedRequest>) -> Vec<RequestKey> {
         match event {
             watcher::Event::Apply(request) | watcher::Event::InitApply(request) => {
-                let key = request_key(&request);
-                if let Some(seen) = &mut self.relisting {
-                    seen.insert(key);
-                }
+                let id = uid_hash(&request);
                 let intent = user_intent(&request);
-                let changed = self.by_request.insert(key, intent) != Some(intent);
-                changed.then_some(request)
+                let changed = self.by_request.insert(id, intent) != Some(intent);
+                let trigger = changed.then(|| request_key(&request));
+                match &mut self.relisting {
+                    Some((seen, held)) => {
+                        seen.insert(id);
+                        held.extend(trigger);
+                        Vec::new()
+                    }
+                    None => trigger.into_iter().collect(),
+                }
             }
             watcher::Event::Delete(request) => {
-                self.by_request.remove(&request_key(&request));
-                None
+                self.by_request.remove(&uid_hash(&request));
+                Vec::new()
             }
             watcher::Event::Init => {
-                self.relisting = Some(HashSet::new());
-                None
+                self.relisting = Some((HashSet::new(), Vec::new()));
+                Vec::new()
             }
-            watcher::Event::InitDone => {
-                if let Some(seen) = self.relisting.take() {
-                    self.by_request.retain(|key, _| seen.contains(key));
+            watcher::Event::InitDone => match self.relisting.take() {
+                Some((seen, held)) => {
+                    self.by_request.retain(|id, _| seen.contains(id));
+                    held
                 }
-                None
-            }
+                None => Vec::new(),
+            },
         }
     }
 }
 
-/// The key of a request in [`UserIntents`]: a hash of its uid (of namespace and name if it has
+/// A request's identity in [`UserIntents`]: a hash of its uid (of namespace and name if it has
 /// none), so that a request deleted and created again under the same name counts as new.
-fn request_key(request: &impl ResourceExt) -> u64 {
+fn uid_hash(request: &CachedRequest) -> u64 {
     let mut hasher = DefaultHasher::new();
     match &request.meta().uid {
         Some(uid) => uid.hash(&mut hasher),
@@ -450,9 +561,9 @@ mod tests {
     use kube::core::ObjectMeta;
     use kube::core::error_boundary::InvalidObject;
 
-    fn metadata(uid: &str, generation: i64, resource_version: u32) -> ObjectMeta {
+    fn metadata(name: &str, uid: &str, generation: i64, resource_version: u32) -> ObjectMeta {
         ObjectMeta {
-            name: Some("sales".into()),
+            name: Some(name.into()),
             namespace: Some("analytics".into()),
             uid: Some(uid.into()),
             generation: Some(generation),
@@ -463,19 +574,28 @@ mod tests {
 
     fn request(uid: &str, generation: i64, resource_version: u32) -> CachedRequest {
         let mut request = EmbedUrlRequest::new("sales", EmbedUrlRequestSpec::default());
-        request.metadata = metadata(uid, generation, resource_version);
+        request.metadata = metadata(&format!("sales-{uid}"), uid, generation, resource_version);
         DeserializeGuard(Ok(request))
     }
 
     fn unreadable(uid: &str, resource_version: u32) -> CachedRequest {
         DeserializeGuard(Err(InvalidObject {
             error: "invalid type".into(),
-            metadata: metadata(uid, 1, resource_version),
+            metadata: metadata(&format!("sales-{uid}"), uid, 1, resource_version),
         }))
     }
 
+    /// The names of the requests to reconcile after `event`.
+    fn triggers(intents: &mut UserIntents, event: watcher::Event<CachedRequest>) -> Vec<String> {
+        intents
+            .triggers(event)
+            .into_iter()
+            .map(|key| key.name.to_string())
+            .collect()
+    }
+
     fn passes(intents: &mut UserIntents, event: watcher::Event<CachedRequest>) -> bool {
-        intents.trigger(event).is_some()
+        !triggers(intents, event).is_empty()
     }
 
     #[test]
@@ -517,39 +637,80 @@ mod tests {
     }
 
     #[test]
-    fn deleted_and_relisted_requests_are_forgotten() {
+    fn a_list_triggers_when_complete_and_forgets_what_it_no_longer_shows() {
         let mut intents = UserIntents::default();
-        assert!(passes(
+        // The initial list: reconciled once complete, when the cache shows its objects.
+        assert!(!passes(&mut intents, watcher::Event::Init));
+        assert!(!passes(
             &mut intents,
-            watcher::Event::Apply(request("u1", 1, 10))
+            watcher::Event::InitApply(request("u1", 1, 10))
         ));
         assert!(!passes(
             &mut intents,
-            watcher::Event::Delete(request("u1", 1, 11))
+            watcher::Event::InitApply(request("u3", 1, 11))
         ));
-        assert!(intents.by_request.is_empty());
-        // Created again under the same name: a new uid, a new request.
-        assert!(passes(
+        assert_eq!(
+            triggers(&mut intents, watcher::Event::InitDone),
+            ["sales-u1", "sales-u3"]
+        );
+        assert!(!passes(
             &mut intents,
-            watcher::Event::Apply(request("u3", 1, 12))
+            watcher::Event::Delete(request("u1", 1, 12))
         ));
+        assert_eq!(intents.by_request.len(), 1);
+        // Created again under the same name: a new uid, a new request.
         assert!(passes(
             &mut intents,
             watcher::Event::Apply(request("u4", 1, 13))
         ));
 
         // A relist that no longer shows u3 (deleted while the watch was down) forgets it, and
-        // does not trigger u4 again.
+        // triggers only what changed meanwhile.
         assert!(!passes(&mut intents, watcher::Event::Init));
         assert!(!passes(
             &mut intents,
             watcher::Event::InitApply(request("u4", 1, 13))
         ));
-        assert!(!passes(&mut intents, watcher::Event::InitDone));
-        assert_eq!(intents.by_request.len(), 1);
-        assert!(passes(
+        assert!(!passes(
             &mut intents,
-            watcher::Event::InitApply(request("u3", 1, 20))
+            watcher::Event::InitApply(request("u5", 1, 14))
         ));
+        assert_eq!(
+            triggers(&mut intents, watcher::Event::InitDone),
+            ["sales-u5"]
+        );
+        assert_eq!(intents.by_request.len(), 2);
+    }
+
+    #[test]
+    fn a_secret_belongs_to_the_request_that_controls_it() {
+        use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
+        let owner = |kind: &str, controller: bool| OwnerReference {
+            api_version: "embedurl.io/v1alpha1".into(),
+            kind: kind.into(),
+            name: "sales".into(),
+            uid: "u1".into(),
+            controller: Some(controller),
+            ..OwnerReference::default()
+        };
+        let secret = |owners: Vec<OwnerReference>| PartialObjectMeta::<Secret> {
+            metadata: ObjectMeta {
+                name: Some("sales-url".into()),
+                namespace: Some("analytics".into()),
+                owner_references: Some(owners),
+                ..ObjectMeta::default()
+            },
+            ..PartialObjectMeta::default()
+        };
+        assert_eq!(
+            owner_of(&secret(vec![owner("EmbedUrlRequest", true)])),
+            Some(RequestKey::new("analytics", "sales"))
+        );
+        assert_eq!(
+            owner_of(&secret(vec![owner("EmbedUrlRequest", false)])),
+            None
+        );
+        assert_eq!(owner_of(&secret(vec![owner("ConfigMap", true)])), None);
+        assert_eq!(owner_of(&secret(vec![])), None);
     }
 }

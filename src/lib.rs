@@ -3,10 +3,9 @@
 //!
 //! Module map: [`crd`] is the API; [`validation`] checks a spec; [`providers`] calls AWS;
 //! [`schedule`] decides when; [`secret`] renders and reads the Secret; [`reconciler`] ties them
-//! together for one object; [`admission`] decides which reconciles run now; [`controller`] runs
+//! together for one object; [`work_queue`] decides what is reconciled next; [`controller`] runs
 //! the watches; [`telemetry`] and [`http`] are the operator's logs, metrics and probes.
 
-pub mod admission;
 pub mod controller;
 pub mod crd;
 pub mod error;
@@ -23,3 +22,4 @@ pub mod secret_cache;
 pub mod status;
 pub mod telemetry;
 pub mod validation;
+pub mod work_queue;

@@ -4,7 +4,6 @@
 //! [`crate::schedule`], and the status is only written when it differs from what is stored, so
 //! the echoes of the operator's own writes settle at once.
 
-use crate::admission::Admission;
 use crate::crd::{EmbedUrlRequest, EmbedUrlRequestSpec, EmbedUrlRequestStatus, READY_CONDITION};
 use crate::error::{Error, Result};
 use crate::identity::{AwsClients, Identity};
@@ -21,6 +20,7 @@ use crate::status::{
 };
 use crate::telemetry::Metrics;
 use crate::validation::{self, InvalidSpec, UseByWindows, ValidSpec};
+use crate::work_queue::{RequestKey, WorkQueue};
 use jiff::Timestamp;
 use k8s_openapi::api::core::v1::{Namespace, Secret};
 use kube::api::{Api, DynamicObject, Patch, PatchParams};
@@ -32,6 +32,7 @@ use kube::{Resource, ResourceExt};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
+use tokio::time::Instant;
 use tracing::{info, warn};
 
 /// How often a request blocked by a foreign Secret checks whether the Secret is gone. The
@@ -64,9 +65,8 @@ pub struct Context {
     /// True once the policy and namespace caches have listed: deciding before would deny
     /// requests that a policy allows.
     pub policies_synced: Arc<AtomicBool>,
-    /// Bounds the reconciles (and so the AWS calls) in flight across every controller of this
-    /// process, most urgent first.
-    pub admission: Arc<Admission>,
+    /// What is reconciled next, and when, across every controller of this process.
+    pub queue: Arc<WorkQueue>,
     /// Paces the AWS calls per (service, region, identity), most urgent first.
     pub rate_limits: Arc<RateLimits>,
     pub metrics: Arc<Metrics>,
@@ -116,43 +116,51 @@ fn api_retry_delay(retryable: bool, failures: u32) -> Duration {
     (Duration::from_secs(5) * (1 << doublings)).min(Duration::from_secs(60))
 }
 
-/// Entry point for the controller: waits for a turn (see [`crate::admission`]), then
-/// dispatches readable and unreadable objects.
+/// Entry point for the controller (which only ever runs what [`WorkQueue`] hands it):
+/// dispatches readable and unreadable objects, then puts the request back in the queue for
+/// its next refresh or check.
 pub async fn reconcile(
     object: Arc<DeserializeGuard<EmbedUrlRequest>>,
     ctx: Arc<Context>,
 ) -> Result<Action> {
-    let _slot = ctx.admission.wait_turn(urgency(&object)).await;
-    // Boxed so that a reconcile waiting for its turn stays small: the controller starts every
-    // due reconcile at once, and under a backlog thousands may wait.
-    Box::pin(reconcile_admitted(object, &ctx)).await
+    let key = RequestKey::new(&object.namespace().unwrap_or_default(), &object.name_any());
+    let _running = ctx.queue.start(&key);
+    let timer = ctx.metrics.reconcile_started();
+    let result = match &object.0 {
+        Ok(request) => reconcile_request(request, &ctx).await,
+        Err(invalid) => reconcile_unreadable(invalid, &ctx).await,
+    };
+    timer.finish(result.as_ref().err().map(Error::metric_label));
+    let Next(after) = result?;
+    ctx.failures.forget(&key.namespace, &key.name);
+    if let Some(after) = after {
+        ctx.queue.schedule(&key, Instant::now() + after);
+    }
+    Ok(Action::await_change())
 }
 
-/// When the URL in the request's Secret stops working, as its status says (the time of the
-/// last mint's use-by, written with the Secret); now if it has none, or the request cannot be
-/// read. Orders reconciles that wait for a turn: earliest first.
-fn urgency(object: &DeserializeGuard<EmbedUrlRequest>) -> Timestamp {
+/// When the URL in the request's Secret stops working, as its status says (the use-by time of
+/// the last mint, written with the Secret); now if it has none, or the request cannot be read.
+/// Orders the requests that are due when there are more than slots: earliest first.
+pub fn urgency(object: &DeserializeGuard<EmbedUrlRequest>) -> Timestamp {
     let status = object.0.as_ref().ok().and_then(|r| r.status.as_ref());
     status
         .and_then(|s| schedule::parse_time(s.url_expires_at.as_deref()))
         .unwrap_or_else(Timestamp::now)
 }
 
-async fn reconcile_admitted(
-    object: Arc<DeserializeGuard<EmbedUrlRequest>>,
-    ctx: &Context,
-) -> Result<Action> {
-    let timer = ctx.metrics.reconcile_started();
-    let result = match &object.0 {
-        Ok(request) => reconcile_request(request, ctx).await,
-        Err(invalid) => reconcile_unreadable(invalid, ctx).await,
-    };
-    timer.finish(result.as_ref().err().map(Error::metric_label));
-    if result.is_ok() {
-        ctx.failures
-            .forget(&object.namespace().unwrap_or_default(), &object.name_any());
+/// When to reconcile a request again if nothing changes first (`None`: only on a change).
+#[derive(Debug, PartialEq, Eq)]
+struct Next(Option<Duration>);
+
+impl Next {
+    fn requeue(after: Duration) -> Self {
+        Next(Some(after))
     }
-    result
+
+    fn await_change() -> Self {
+        Next(None)
+    }
 }
 
 /// What the controller does after a failed reconcile: retry soon when that can help.
@@ -161,21 +169,22 @@ pub fn error_policy(
     error: &Error,
     ctx: Arc<Context>,
 ) -> Action {
-    let failures = ctx
-        .failures
-        .record_failure(&object.namespace().unwrap_or_default(), &object.name_any());
+    let key = RequestKey::new(&object.namespace().unwrap_or_default(), &object.name_any());
+    let failures = ctx.failures.record_failure(&key.namespace, &key.name);
     let delay = api_retry_delay(error.is_retryable(), failures);
     warn!(
-        namespace = object.namespace().unwrap_or_default(),
-        name = object.name_any(),
+        namespace = &*key.namespace,
+        name = &*key.name,
         error = %error,
         retry_in_secs = delay.as_secs(),
         "reconcile failed"
     );
-    Action::requeue(delay.mul_f64(1.0 + 0.2 * rand::random::<f64>()))
+    let delay = delay.mul_f64(1.0 + 0.2 * rand::random::<f64>());
+    ctx.queue.schedule(&key, Instant::now() + delay);
+    Action::await_change()
 }
 
-async fn reconcile_request(request: &EmbedUrlRequest, ctx: &Context) -> Result<Action> {
+async fn reconcile_request(request: &EmbedUrlRequest, ctx: &Context) -> Result<Next> {
     let now = Timestamp::now();
     let current = request.status.clone().unwrap_or_default();
     let spec = match validation::validate(&request.spec, &request.name_any(), &ctx.settings.windows)
@@ -184,12 +193,12 @@ async fn reconcile_request(request: &EmbedUrlRequest, ctx: &Context) -> Result<A
         Err(invalid) => {
             let desired = invalid_spec_status(&current, request.meta().generation, &invalid, now);
             write_status(request, &current, desired, ctx).await?;
-            return Ok(Action::await_change());
+            return Ok(Next::await_change());
         }
     };
 
     if !ctx.policies_synced.load(Ordering::Acquire) {
-        return Ok(Action::requeue(Duration::from_secs(1)));
+        return Ok(Next::requeue(Duration::from_secs(1)));
     }
     let namespace = request.namespace().unwrap_or_default();
     let served = match authorize(&namespace, &spec, ctx) {
@@ -197,12 +206,12 @@ async fn reconcile_request(request: &EmbedUrlRequest, ctx: &Context) -> Result<A
         Err(Refusal::NotPermitted(message)) => {
             let desired = not_permitted_status(&current, request, &spec, &message, now);
             write_status(request, &current, desired, ctx).await?;
-            return Ok(Action::await_change());
+            return Ok(Next::await_change());
         }
         Err(Refusal::Invalid(invalid)) => {
             let desired = invalid_spec_status(&current, request.meta().generation, &invalid, now);
             write_status(request, &current, desired, ctx).await?;
-            return Ok(Action::await_change());
+            return Ok(Next::await_change());
         }
     };
 
@@ -229,7 +238,7 @@ async fn reconcile_request(request: &EmbedUrlRequest, ctx: &Context) -> Result<A
     if spec.suspend {
         let desired = served.stamp(suspended_status(&current, request, &spec, &stored, now));
         write_status(request, &current, desired, ctx).await?;
-        return Ok(Action::await_change());
+        return Ok(Next::await_change());
     }
 
     let usable = match &stored {
@@ -280,7 +289,7 @@ async fn reconcile_request(request: &EmbedUrlRequest, ctx: &Context) -> Result<A
                     now,
                 ));
                 write_status(request, &current, desired, ctx).await?;
-                return Ok(Action::requeue(CONFLICT_RECHECK));
+                return Ok(Next::requeue(CONFLICT_RECHECK));
             }
             mint(
                 request,
@@ -307,7 +316,7 @@ async fn mint(
     usable: Option<&StoredUrl>,
     reason: MintReason,
     ctx: &Context,
-) -> Result<Action> {
+) -> Result<Next> {
     let service = spec.service();
     let window = ctx.settings.windows.for_service(service);
     let planned = schedule::parse_time(current.next_refresh_time.as_deref());
@@ -458,7 +467,7 @@ async fn mint(
 
 /// An object whose spec or status does not even deserialize (written around the schema):
 /// report the offending field, call nothing.
-async fn reconcile_unreadable(invalid: &InvalidObject, ctx: &Context) -> Result<Action> {
+async fn reconcile_unreadable(invalid: &InvalidObject, ctx: &Context) -> Result<Next> {
     let namespace = invalid.metadata.namespace.clone().unwrap_or_default();
     let name = invalid.metadata.name.clone().unwrap_or_default();
     let resource = ApiResource::erase::<EmbedUrlRequest>(&());
@@ -468,7 +477,7 @@ async fn reconcile_unreadable(invalid: &InvalidObject, ctx: &Context) -> Result<
         .await
         .map_err(Error::kube("reading an unreadable request"))?
     else {
-        return Ok(Action::await_change());
+        return Ok(Next::await_change());
     };
     let problem = locate_deserialize_error(&raw.data).unwrap_or_else(|| InvalidSpec {
         field: "spec".to_string(),
@@ -500,7 +509,7 @@ async fn reconcile_unreadable(invalid: &InvalidObject, ctx: &Context) -> Result<
         };
         replace_status(ctx, &namespace, &name, stored_status, &replacement).await?;
         publish_transition(ctx, &shell, &EmbedUrlRequestStatus::default(), &replacement).await;
-        return Ok(Action::await_change());
+        return Ok(Next::await_change());
     };
     let desired = invalid_spec_status(
         &current,
@@ -515,7 +524,7 @@ async fn reconcile_unreadable(invalid: &InvalidObject, ctx: &Context) -> Result<
         apply_status_of(ctx, &namespace, &name, &desired).await?;
         publish_transition(ctx, &shell, &current, &desired).await;
     }
-    Ok(Action::await_change())
+    Ok(Next::await_change())
 }
 
 /// Replaces the stored status (`stored`, which does not parse) with `status`, wholesale: a
@@ -757,9 +766,9 @@ struct SecretWritten {
 
 impl SecretWritten {
     /// `planned`, or a prompt second look if the Secret changed under the write.
-    fn requeue(&self, now: Timestamp, planned: Timestamp) -> Action {
+    fn requeue(&self, now: Timestamp, planned: Timestamp) -> Next {
         if self.changed_meanwhile {
-            Action::requeue(Duration::from_millis(100))
+            Next::requeue(Duration::from_millis(100))
         } else {
             requeue_at(now, planned)
         }
@@ -872,8 +881,8 @@ async fn publish_transition(
     }
 }
 
-fn requeue_at(now: Timestamp, at: Timestamp) -> Action {
-    Action::requeue(schedule::until(now, at).max(Duration::from_millis(100)))
+fn requeue_at(now: Timestamp, at: Timestamp) -> Next {
+    Next::requeue(schedule::until(now, at).max(Duration::from_millis(100)))
 }
 
 /// How a permitted request is served.

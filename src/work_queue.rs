@@ -1,0 +1,378 @@
+//! Which request is reconciled next, and when.
+//!
+//! Every reason to reconcile a request (a change a user made, a change to its Secret, a policy
+//! change, the planned refresh, a retry) is an entry here with a due time. Entries that are due
+//! are handed to the controller at most `slots` at a time (a reconcile in flight holds a slot),
+//! the request whose URL stops working first going first, ties by arrival.
+//!
+//! kube-runtime's controller could schedule and bound reconciles itself, but at its bound it
+//! moves the due ones into a hash set and takes them out in hash order: under a backlog that
+//! lasts (AWS slower than the refreshes need, or the client-side rate limit below it) the same
+//! requests are taken again and again while others never are, and their Secrets never get a
+//! URL. Starting every due reconcile at once instead costs the controller a poll of every
+//! reconcile in flight on each wake-up, quadratic under a backlog. So the controller only ever
+//! sees what this queue hands it, and its own scheduler stays empty. An entry is a few small
+//! allocations (kube-runtime's scheduler keeps two copies of the object reference with four
+//! strings each).
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+use tokio::sync::Notify;
+use tokio::time::Instant;
+
+/// A request, by namespace and name.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct RequestKey {
+    pub namespace: Box<str>,
+    pub name: Box<str>,
+}
+
+impl RequestKey {
+    pub fn new(namespace: &str, name: &str) -> Self {
+        RequestKey {
+            namespace: namespace.into(),
+            name: name.into(),
+        }
+    }
+}
+
+/// How urgent a due request is: when its URL stops working, in Unix milliseconds (smaller goes
+/// first). Asked when an entry comes due, so it reflects the latest status.
+pub type Urgency = Box<dyn Fn(&RequestKey) -> i64 + Send + Sync>;
+
+/// A dispatched entry whose reconcile never started (its request was deleted in between) gives
+/// its slot back after this long.
+const DISPATCH_EXPIRY: Duration = Duration::from_secs(30);
+
+pub struct WorkQueue {
+    state: Mutex<State>,
+    /// An entry came due earlier than the dispatcher was waiting for, or a slot was freed.
+    changed: Notify,
+    slots: usize,
+    urgency: Urgency,
+}
+
+#[derive(Default)]
+struct State {
+    entries: HashMap<Arc<RequestKey>, Entry>,
+    /// Entries not due yet, by due time and arrival.
+    waiting: BTreeMap<(Instant, u64), Arc<RequestKey>>,
+    /// Entries that are due, most urgent first, then by arrival.
+    due: BTreeMap<(i64, u64), Arc<RequestKey>>,
+    next_ticket: u64,
+    /// Reconciles in flight.
+    running: usize,
+    /// Handed to the controller, reconcile not started yet: when.
+    dispatched: HashMap<Arc<RequestKey>, Instant>,
+}
+
+#[derive(Clone, Copy)]
+struct Entry {
+    at: Instant,
+    ticket: u64,
+    /// Set once due: the key in `due`.
+    urgency: Option<i64>,
+}
+
+impl WorkQueue {
+    /// `slots` reconciles in flight at most (at least one).
+    pub fn new(slots: usize, urgency: Urgency) -> Self {
+        WorkQueue {
+            state: Mutex::new(State::default()),
+            changed: Notify::new(),
+            slots: slots.max(1),
+            urgency,
+        }
+    }
+
+    /// Reconcile `key` at `at` at the latest: an entry already due earlier stays as it is.
+    pub fn schedule(&self, key: &RequestKey, at: Instant) {
+        let mut state = self.lock();
+        if let Some(entry) = state.entries.get(key).copied() {
+            if entry.at <= at {
+                return;
+            }
+            state.unlink(key, entry);
+        }
+        let ticket = state.next_ticket;
+        state.next_ticket += 1;
+        let key = Arc::new(key.clone());
+        state.waiting.insert((at, ticket), key.clone());
+        state.entries.insert(
+            key,
+            Entry {
+                at,
+                ticket,
+                urgency: None,
+            },
+        );
+        drop(state);
+        // The dispatcher may be sleeping until a later entry.
+        self.changed.notify_one();
+    }
+
+    /// Reconcile `key` as soon as a slot allows.
+    pub fn schedule_now(&self, key: &RequestKey) {
+        self.schedule(key, Instant::now());
+    }
+
+    /// Drops everything about a deleted request.
+    pub fn forget(&self, key: &RequestKey) {
+        let mut state = self.lock();
+        if let Some(entry) = state.entries.get(key).copied() {
+            state.unlink(key, entry);
+        }
+        if state.dispatched.remove(key).is_some() {
+            drop(state);
+            self.changed.notify_one();
+        }
+    }
+
+    /// Marks the start of `key`'s reconcile; the slot is given back when the guard is dropped.
+    pub fn start(&self, key: &RequestKey) -> Running<'_> {
+        let mut state = self.lock();
+        state.dispatched.remove(key);
+        state.running += 1;
+        Running { queue: self }
+    }
+
+    /// Entries known, due or not (for tests and diagnostics).
+    pub fn len(&self) -> usize {
+        self.lock().entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Waits for the next request to reconcile: due, and a slot free for it.
+    pub async fn next(&self) -> RequestKey {
+        loop {
+            let changed = self.changed.notified();
+            tokio::pin!(changed);
+            // Registered before looking, so a change in between is not missed.
+            changed.as_mut().enable();
+            let wake_at = {
+                let mut state = self.lock();
+                let now = Instant::now();
+                self.promote(&mut state, now);
+                state
+                    .dispatched
+                    .retain(|_, at| now.duration_since(*at) < DISPATCH_EXPIRY);
+                let busy = state.running + state.dispatched.len();
+                if busy < self.slots
+                    && let Some((_, key)) = state.due.pop_first()
+                {
+                    state.entries.remove(&*key);
+                    state.dispatched.insert(key.clone(), now);
+                    return RequestKey::clone(&key);
+                }
+                // Full (a finished reconcile wakes us), or nothing due yet.
+                let next_due = state.waiting.keys().next().map(|(at, _)| *at);
+                let next_expiry = state
+                    .dispatched
+                    .values()
+                    .min()
+                    .map(|at| *at + DISPATCH_EXPIRY);
+                next_due.into_iter().chain(next_expiry).min()
+            };
+            match wake_at {
+                Some(at) => {
+                    tokio::select! {
+                        _ = tokio::time::sleep_until(at) => {},
+                        _ = &mut changed => {},
+                    }
+                }
+                None => changed.await,
+            }
+        }
+    }
+
+    /// Moves the entries that are due into `due`, ordered by their urgency now.
+    fn promote(&self, state: &mut State, now: Instant) {
+        while let Some(entry) = state.waiting.first_entry() {
+            if entry.key().0 > now {
+                break;
+            }
+            let ((_, ticket), key) = entry.remove_entry();
+            let urgency = (self.urgency)(&key);
+            if let Some(entry) = state.entries.get_mut(&*key) {
+                entry.urgency = Some(urgency);
+            }
+            state.due.insert((urgency, ticket), key);
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // Plain data, consistent between statements: usable after a panic elsewhere.
+        self.state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+impl State {
+    /// Removes `key`'s entry from the maps it is in.
+    fn unlink(&mut self, key: &RequestKey, entry: Entry) {
+        match entry.urgency {
+            Some(urgency) => self.due.remove(&(urgency, entry.ticket)),
+            None => self.waiting.remove(&(entry.at, entry.ticket)),
+        };
+        self.entries.remove(key);
+    }
+}
+
+/// A reconcile in flight; dropping it frees its slot.
+#[must_use = "the slot is freed when this is dropped"]
+pub struct Running<'a> {
+    queue: &'a WorkQueue,
+}
+
+impl Drop for Running<'_> {
+    fn drop(&mut self) {
+        self.queue.lock().running -= 1;
+        self.queue.changed.notify_one();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(name: &str) -> RequestKey {
+        RequestKey::new("analytics", name)
+    }
+
+    /// Urgency from a fixed table (names not in it: 0).
+    fn queue(slots: usize, urgencies: &[(&str, i64)]) -> WorkQueue {
+        let table: HashMap<String, i64> = urgencies
+            .iter()
+            .map(|(name, urgency)| (name.to_string(), *urgency))
+            .collect();
+        WorkQueue::new(
+            slots,
+            Box::new(move |key| table.get(&*key.name).copied().unwrap_or(0)),
+        )
+    }
+
+    /// The next key, if one is handed out within `within`.
+    async fn next_within(queue: &WorkQueue, within: Duration) -> Option<String> {
+        tokio::time::timeout(within, queue.next())
+            .await
+            .ok()
+            .map(|key| key.name.to_string())
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn due_entries_go_most_urgent_first_and_never_beyond_the_slots() {
+        let q = queue(2, &[("a", 300), ("b", 100), ("c", 200), ("d", 100)]);
+        for name in ["a", "b", "c", "d"] {
+            q.schedule_now(&key(name));
+        }
+        let first = next_within(&q, Duration::ZERO).await.unwrap();
+        let second = next_within(&q, Duration::ZERO).await.unwrap();
+        // b and d are as urgent: arrival decides.
+        assert_eq!((first.as_str(), second.as_str()), ("b", "d"));
+        // Both slots are taken by dispatched reconciles that have not even started.
+        assert_eq!(next_within(&q, Duration::from_secs(1)).await, None);
+        let running = q.start(&key("b"));
+        assert_eq!(next_within(&q, Duration::from_secs(1)).await, None);
+        drop(running);
+        assert_eq!(next_within(&q, Duration::ZERO).await.as_deref(), Some("c"));
+        let _d = q.start(&key("d"));
+        let _c = q.start(&key("c"));
+        assert_eq!(next_within(&q, Duration::from_secs(1)).await, None);
+        drop(_c);
+        assert_eq!(next_within(&q, Duration::ZERO).await.as_deref(), Some("a"));
+        assert!(q.is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn entries_wait_for_their_time_and_the_earliest_schedule_wins() {
+        let q = queue(4, &[]);
+        let now = Instant::now();
+        q.schedule(&key("later"), now + Duration::from_secs(10));
+        q.schedule(&key("soon"), now + Duration::from_secs(5));
+        // A later time for an entry already due earlier changes nothing...
+        q.schedule(&key("soon"), now + Duration::from_secs(60));
+        // ...an earlier one brings it forward.
+        q.schedule(&key("later"), now + Duration::from_secs(7));
+        assert_eq!(next_within(&q, Duration::from_secs(4)).await, None);
+        assert_eq!(
+            next_within(&q, Duration::from_secs(2)).await.as_deref(),
+            Some("soon")
+        );
+        assert_eq!(next_within(&q, Duration::from_millis(1500)).await, None);
+        assert_eq!(
+            next_within(&q, Duration::from_secs(1)).await.as_deref(),
+            Some("later")
+        );
+        assert!(q.is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_new_earlier_entry_wakes_a_waiting_dispatcher() {
+        let q = Arc::new(queue(1, &[]));
+        q.schedule(&key("late"), Instant::now() + Duration::from_secs(60));
+        let dispatcher = tokio::spawn({
+            let q = q.clone();
+            async move { q.next().await }
+        });
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        q.schedule_now(&key("urgent"));
+        let dispatched = tokio::time::timeout(Duration::from_millis(10), dispatcher)
+            .await
+            .expect("woken at once")
+            .unwrap();
+        assert_eq!(&*dispatched.name, "urgent");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn forgotten_and_undelivered_entries_free_their_slot() {
+        let q = queue(1, &[]);
+        q.schedule_now(&key("deleted"));
+        q.schedule_now(&key("other"));
+        q.schedule_now(&key("third"));
+        assert_eq!(
+            next_within(&q, Duration::ZERO).await.as_deref(),
+            Some("deleted")
+        );
+        // Deleted before its reconcile started: the slot comes back at once.
+        q.forget(&key("deleted"));
+        assert_eq!(
+            next_within(&q, Duration::ZERO).await.as_deref(),
+            Some("other")
+        );
+        // Never started and never forgotten: the slot comes back after the expiry.
+        assert_eq!(
+            next_within(&q, DISPATCH_EXPIRY - Duration::from_secs(1)).await,
+            None
+        );
+        assert_eq!(
+            next_within(&q, Duration::from_secs(2)).await.as_deref(),
+            Some("third")
+        );
+        // Forgetting a waiting entry drops it.
+        q.schedule(&key("gone"), Instant::now() + Duration::from_secs(1));
+        q.forget(&key("gone"));
+        assert!(q.is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn urgency_is_asked_when_an_entry_comes_due() {
+        let urgencies = Arc::new(Mutex::new(HashMap::from([
+            ("x".to_string(), 100),
+            ("y".to_string(), 200),
+        ])));
+        let table = urgencies.clone();
+        let q = WorkQueue::new(1, Box::new(move |key| table.lock().unwrap()[&*key.name]));
+        let at = Instant::now() + Duration::from_secs(5);
+        q.schedule(&key("x"), at);
+        q.schedule(&key("y"), at);
+        // Meanwhile y's URL turned out to stop working first.
+        urgencies.lock().unwrap().insert("y".to_string(), 50);
+        tokio::time::sleep(Duration::from_secs(6)).await;
+        assert_eq!(next_within(&q, Duration::ZERO).await.as_deref(), Some("y"));
+    }
+}
