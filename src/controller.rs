@@ -326,8 +326,8 @@ pub fn run(
             });
         controllers.push(controller);
     }
-    let capacity = watch_capacity(readiness.clone(), config.clone(), metrics, shutdown);
-    let dispatcher = dispatch(queue, dispatch_routes);
+    let capacity = watch_capacity(readiness.clone(), config.clone(), metrics.clone(), shutdown);
+    let dispatcher = dispatch(queue, dispatch_routes, metrics.clone());
     (readiness, async move {
         let capacity = tokio::spawn(capacity);
         let dispatcher = tokio::spawn(dispatcher);
@@ -341,9 +341,10 @@ pub fn run(
 async fn dispatch(
     queue: Arc<WorkQueue>,
     routes: Vec<(Option<String>, UnboundedSender<ObjectRef<CachedRequest>>)>,
+    metrics: Arc<Metrics>,
 ) {
     loop {
-        let key = queue.next().await;
+        let key = queue.next(|due| metrics.set_reconciles_due(due)).await;
         let route = routes
             .iter()
             .find(|(scope, _)| scope.as_deref().is_none_or(|ns| ns == &*key.namespace));

@@ -104,6 +104,7 @@ pub struct Metrics {
     rate_limit_wait: Family<ServiceLabels, Histogram>,
     required_rate: Family<ServiceLabels, Gauge<f64, AtomicU64>>,
     configured_rate: Gauge<f64, AtomicU64>,
+    reconciles_due: Gauge,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -179,8 +180,15 @@ impl Metrics {
             "Configured client-side AWS rate per (service, region, identity); 0 = unlimited",
             configured_rate.clone(),
         );
+        let reconciles_due = Gauge::default();
+        registry.register(
+            "reconciles_due",
+            "Requests due for a reconcile that wait for one of the --concurrency slots",
+            reconciles_due.clone(),
+        );
         Metrics {
             registry,
+            reconciles_due,
             rate_limit_wait,
             required_rate,
             configured_rate,
@@ -224,6 +232,12 @@ impl Metrics {
                 service: service.name().to_string(),
             })
             .observe(waited.as_secs_f64());
+    }
+
+    /// How many requests are due and wait for a slot (see `work_queue`).
+    pub fn set_reconciles_due(&self, due: usize) {
+        self.reconciles_due
+            .set(i64::try_from(due).unwrap_or(i64::MAX));
     }
 
     pub fn set_rate_capacity(&self, service: Service, required: f64, configured: f64) {

@@ -146,8 +146,9 @@ impl WorkQueue {
         self.len() == 0
     }
 
-    /// Waits for the next request to reconcile: due, and a slot free for it.
-    pub async fn next(&self) -> RequestKey {
+    /// Waits for the next request to reconcile: due, and a slot free for it. `backlog` is told
+    /// how many due requests wait for a slot each time that is looked at.
+    pub async fn next(&self, backlog: impl Fn(usize)) -> RequestKey {
         loop {
             let changed = self.changed.notified();
             tokio::pin!(changed);
@@ -166,8 +167,10 @@ impl WorkQueue {
                 {
                     state.entries.remove(&*key);
                     state.dispatched.insert(key.clone(), now);
+                    backlog(state.due.len());
                     return RequestKey::clone(&key);
                 }
+                backlog(state.due.len());
                 // Full (a finished reconcile wakes us), or nothing due yet.
                 let next_due = state.waiting.keys().next().map(|(at, _)| *at);
                 let next_expiry = state
@@ -258,7 +261,7 @@ mod tests {
 
     /// The next key, if one is handed out within `within`.
     async fn next_within(queue: &WorkQueue, within: Duration) -> Option<String> {
-        tokio::time::timeout(within, queue.next())
+        tokio::time::timeout(within, queue.next(|_| ()))
             .await
             .ok()
             .map(|key| key.name.to_string())
@@ -317,7 +320,7 @@ mod tests {
         q.schedule(&key("late"), Instant::now() + Duration::from_secs(60));
         let dispatcher = tokio::spawn({
             let q = q.clone();
-            async move { q.next().await }
+            async move { q.next(|_| ()).await }
         });
         tokio::time::sleep(Duration::from_secs(1)).await;
         q.schedule_now(&key("urgent"));

@@ -740,6 +740,7 @@ async fn a_lasting_backlog_serves_every_request_in_turn() {
         h.create(name, quick_sight()).await;
     }
     let mut urls: BTreeMap<&str, std::collections::HashSet<String>> = BTreeMap::new();
+    let mut most_due = 0;
     let started = std::time::Instant::now();
     while started.elapsed() < Duration::from_secs(15) {
         for name in &names {
@@ -747,8 +748,17 @@ async fn a_lasting_backlog_serves_every_request_in_turn() {
                 urls.entry(name).or_default().insert(url);
             }
         }
+        let metrics = h.metrics().encode();
+        let due = metrics
+            .lines()
+            .find_map(|l| l.strip_prefix("embedurl_reconciles_due "))
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .expect("the backlog gauge");
+        most_due = most_due.max(due);
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    // The backlog shows: requests due and waiting for one of the four slots.
+    assert!(most_due >= 4, "at most {most_due} requests due at once");
     // About 60 mints in 15 s for 16 requests: in turn, three or four each.
     let mints: Vec<usize> = names
         .iter()
