@@ -111,12 +111,20 @@ pub struct StoredUrl {
 
 /// What the operator keeps of a Secret: the metadata it checks and a digest of the data, never
 /// the URL itself. Small (a few hundred bytes), so that caching every owned Secret costs little,
-/// and safe to keep around: nothing in it is a credential.
+/// and safe to keep around: nothing in it is a credential. The operator's own label and
+/// annotations are kept parsed, not as strings: one snapshot per request adds up.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SecretSnapshot {
     pub resource_version: Option<Box<str>>,
     /// `Kind/name` and uid of the controlling owner reference.
     controller: Option<(Box<str>, Box<str>)>,
+    /// Whether the Secret carries the label the operator's watch selects.
+    labelled: bool,
+    /// The `embedurl.io/url-sha256` annotation, if it is a digest as the operator writes it.
+    annotated_digest: Option<[u8; 32]>,
+    /// The `embedurl.io/generation` annotation, if it is a number.
+    annotated_generation: Option<i64>,
+    /// Every other label and annotation (those a `secretTemplate` sets, among others).
     labels: Box<[(Box<str>, Box<str>)]>,
     annotations: Box<[(Box<str>, Box<str>)]>,
     /// What the data says, if known: a metadata-only watch event does not carry it.
@@ -154,12 +162,14 @@ impl SecretSnapshot {
 
     /// The snapshot of a Secret's metadata; `data` as far as known.
     pub fn of_metadata(meta: &ObjectMeta, data: Option<DataFacts>) -> Self {
-        let pairs = |map: &Option<BTreeMap<String, String>>| {
+        let others = |map: &Option<BTreeMap<String, String>>, own: &[&str]| {
             map.iter()
                 .flatten()
+                .filter(|(k, _)| !own.contains(&k.as_str()))
                 .map(|(k, v)| (Box::from(k.as_str()), Box::from(v.as_str())))
                 .collect()
         };
+        let annotation = |key: &str| meta.annotations.as_ref().and_then(|a| a.get(key));
         let controller = meta
             .owner_references
             .iter()
@@ -174,23 +184,41 @@ impl SecretSnapshot {
         SecretSnapshot {
             resource_version: meta.resource_version.as_deref().map(Box::from),
             controller,
-            labels: pairs(&meta.labels),
-            annotations: pairs(&meta.annotations),
+            labelled: meta.labels.as_ref().and_then(|l| l.get(MANAGED_BY_LABEL))
+                == Some(&MANAGED_BY_VALUE.to_string()),
+            annotated_digest: annotation(URL_DIGEST_ANNOTATION).and_then(|h| parse_hex(h)),
+            annotated_generation: annotation(GENERATION_ANNOTATION).and_then(|g| g.parse().ok()),
+            labels: others(&meta.labels, &[MANAGED_BY_LABEL]),
+            annotations: others(
+                &meta.annotations,
+                &[URL_DIGEST_ANNOTATION, GENERATION_ANNOTATION],
+            ),
             data,
         }
     }
 
-    fn label(&self, key: &str) -> Option<&str> {
-        lookup(&self.labels, key)
+    /// Whether the Secret carries label `key` with `value`.
+    fn has_label(&self, key: &str, value: &str) -> bool {
+        match key {
+            MANAGED_BY_LABEL => self.labelled && value == MANAGED_BY_VALUE,
+            _ => lookup(&self.labels, key) == Some(value),
+        }
     }
 
-    fn annotation(&self, key: &str) -> Option<&str> {
-        lookup(&self.annotations, key)
+    /// Whether the Secret carries annotation `key` with `value`.
+    fn has_annotation(&self, key: &str, value: &str) -> bool {
+        match key {
+            URL_DIGEST_ANNOTATION => self.annotated_digest.is_some_and(|d| hex(&d) == value),
+            GENERATION_ANNOTATION => self
+                .annotated_generation
+                .is_some_and(|g| g.to_string() == value),
+            _ => lookup(&self.annotations, key) == Some(value),
+        }
     }
 
     /// Whether the Secret carries the label the operator's watch selects.
     pub fn is_labelled(&self) -> bool {
-        self.label(MANAGED_BY_LABEL) == Some(MANAGED_BY_VALUE)
+        self.labelled
     }
 }
 
@@ -199,6 +227,24 @@ fn lookup<'a>(pairs: &'a [(Box<str>, Box<str>)], key: &str) -> Option<&'a str> {
         .iter()
         .find(|(k, _)| k.as_ref() == key)
         .map(|(_, v)| v.as_ref())
+}
+
+/// The 32 bytes a digest annotation spells, in lowercase hex as [`hex`] writes it.
+fn parse_hex(text: &str) -> Option<[u8; 32]> {
+    let digits = text.as_bytes();
+    if digits.len() != 64 {
+        return None;
+    }
+    let nibble = |c: u8| match c {
+        b'0'..=b'9' => Some(c - b'0'),
+        b'a'..=b'f' => Some(c - b'a' + 10),
+        _ => None,
+    };
+    let mut bytes = [0u8; 32];
+    for (byte, pair) in bytes.iter_mut().zip(digits.chunks_exact(2)) {
+        *byte = nibble(pair[0])? << 4 | nibble(pair[1])?;
+    }
+    Some(bytes)
 }
 
 /// Reads a stored Secret back for the request `owner_uid`. The snapshot must include its data
@@ -227,25 +273,20 @@ fn read_url_record(secret: &SecretSnapshot, template: &SecretTemplate) -> Option
     let expires_at = data.expires_at?;
     // A URL that does not match the digest was edited by hand: it is not the one we minted and
     // we cannot vouch for its use-by time.
-    if secret.annotation(URL_DIGEST_ANNOTATION) != Some(hex(&url_digest).as_str()) {
+    if secret.annotated_digest != Some(url_digest) {
         return None;
     }
     let metadata_intact = secret.is_labelled()
-        && template
-            .labels
-            .iter()
-            .all(|(k, v)| secret.label(k) == Some(v.as_str()))
+        && template.labels.iter().all(|(k, v)| secret.has_label(k, v))
         && template
             .annotations
             .iter()
-            .all(|(k, v)| secret.annotation(k) == Some(v.as_str()))
+            .all(|(k, v)| secret.has_annotation(k, v))
         && data.opaque;
     Some(StoredUrl {
         expires_at,
         session_expires_at: data.session_expires_at,
-        generation: secret
-            .annotation(GENERATION_ANNOTATION)
-            .and_then(|g| g.parse().ok()),
+        generation: secret.annotated_generation,
         metadata_intact,
     })
 }
@@ -395,6 +436,38 @@ mod tests {
             inspect(Some(&SecretSnapshot::of(&unowned)), "uid-1", &template()),
             StoredSecret::Foreign { controller: None }
         );
+    }
+
+    #[test]
+    fn the_operators_own_metadata_is_kept_parsed() {
+        let secret = rendered("https://example.test/a");
+        let snapshot = SecretSnapshot::of(&secret);
+        assert!(snapshot.is_labelled());
+        assert_eq!(snapshot.annotated_generation, Some(3));
+        assert_eq!(
+            snapshot.annotated_digest.map(|d| hex(&d)),
+            Some(digest("https://example.test/a"))
+        );
+        // Only what a template set is kept as text.
+        assert_eq!(&*snapshot.labels, [("team".into(), "bi".into())]);
+        assert_eq!(&*snapshot.annotations, [("note".into(), "hello".into())]);
+        // A template that names the operator's own keys is compared with what they hold.
+        assert!(snapshot.has_annotation(GENERATION_ANNOTATION, "3"));
+        assert!(!snapshot.has_annotation(GENERATION_ANNOTATION, "4"));
+        assert!(snapshot.has_label(MANAGED_BY_LABEL, MANAGED_BY_VALUE));
+
+        // A digest annotation edited by hand, even to the same digest in capitals, no longer
+        // vouches for the URL.
+        let mut edited = secret.clone();
+        let annotations = edited.metadata.annotations.as_mut().unwrap();
+        let upper = annotations[URL_DIGEST_ANNOTATION].to_uppercase();
+        annotations.insert(URL_DIGEST_ANNOTATION.into(), upper);
+        assert_eq!(
+            inspect(Some(&SecretSnapshot::of(&edited)), "uid-1", &template()),
+            StoredSecret::Owned { url: None }
+        );
+        assert_eq!(parse_hex("abc"), None);
+        assert_eq!(parse_hex(&"g".repeat(64)), None);
     }
 
     #[test]

@@ -32,7 +32,9 @@ pub struct SecretCache {
 
 #[derive(Default)]
 struct State {
-    entries: HashMap<Key, SecretSnapshot>,
+    /// Boxed: the map keeps room for more entries than it holds, and a snapshot is a few
+    /// hundred bytes.
+    entries: HashMap<Key, Box<SecretSnapshot>>,
     /// Keys seen during a (re)list in progress; the others are dropped when it ends.
     relisting: Option<HashSet<Key>>,
     /// Secrets the operator is writing, with the last watch event seen for each meanwhile
@@ -44,7 +46,7 @@ struct State {
 #[derive(Debug, PartialEq, Eq)]
 pub enum Lookup {
     /// The Secret as of its latest known `resourceVersion`, data facts included.
-    Known(SecretSnapshot),
+    Known(Box<SecretSnapshot>),
     /// Not cached, or changed by someone else since the operator last read it: read it.
     Unknown,
 }
@@ -158,7 +160,7 @@ impl State {
     fn record(&mut self, key: Key, secret: &Secret) {
         let snapshot = SecretSnapshot::of(secret);
         if snapshot.is_labelled() {
-            self.entries.insert(key, snapshot);
+            self.entries.insert(key, Box::new(snapshot));
         } else {
             self.entries.remove(&key);
         }
@@ -178,8 +180,10 @@ impl State {
             // Already known at this version: the echo of the operator's own write, or a relist.
             return None;
         }
-        self.entries
-            .insert(key, SecretSnapshot::of_metadata(&meta.metadata, None));
+        self.entries.insert(
+            key,
+            Box::new(SecretSnapshot::of_metadata(&meta.metadata, None)),
+        );
         Some(meta)
     }
 }
