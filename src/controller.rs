@@ -285,7 +285,7 @@ pub fn run(
 
         // What the queue hands out, for this controller's namespace(s).
         let (dispatched, to_reconcile) = futures::channel::mpsc::unbounded();
-        dispatch_routes.push((namespace.clone(), dispatched));
+        dispatch_routes.push((namespace.clone(), request_store.clone(), dispatched));
 
         readiness
             .stores
@@ -330,30 +330,48 @@ pub fn run(
     let dispatcher = dispatch(queue, dispatch_routes, metrics.clone());
     (readiness, async move {
         let capacity = tokio::spawn(capacity);
-        let dispatcher = tokio::spawn(dispatcher);
-        future::join_all(controllers).await;
+        let mut dispatcher = tokio::spawn(dispatcher);
+        tokio::select! {
+            _ = future::join_all(controllers) => {}
+            ended = &mut dispatcher => {
+                // The dispatcher only ends by panicking, and without it nothing is reconciled
+                // any more: stop the process (Kubernetes restarts it) rather than stay Ready.
+                if let Err(error) = ended
+                    && error.is_panic()
+                {
+                    std::panic::resume_unwind(error.into_panic());
+                }
+            }
+        }
         capacity.abort();
         dispatcher.abort();
     })
 }
 
+/// Where the queue's requests go: per watched scope, its cache and its controller.
+type Route = (
+    Option<String>,
+    Store<CachedRequest>,
+    UnboundedSender<ObjectRef<CachedRequest>>,
+);
+
 /// Hands what the queue says is next to the controller of its namespace.
-async fn dispatch(
-    queue: Arc<WorkQueue>,
-    routes: Vec<(Option<String>, UnboundedSender<ObjectRef<CachedRequest>>)>,
-    metrics: Arc<Metrics>,
-) {
+async fn dispatch(queue: Arc<WorkQueue>, routes: Vec<Route>, metrics: Arc<Metrics>) {
     loop {
         let key = queue.next(|due| metrics.set_reconciles_due(due)).await;
+        let reference = ObjectRef::new(&key.name).within(&key.namespace);
         let route = routes
             .iter()
-            .find(|(scope, _)| scope.as_deref().is_none_or(|ns| ns == &*key.namespace));
+            .find(|(scope, _, _)| scope.as_deref().is_none_or(|ns| ns == &*key.namespace));
         match route {
-            Some((_, controller)) => {
+            // The controller runs only requests its cache holds. One that is gone (deleted, and
+            // the deletion missed during a watch gap) would hold a slot until it expires.
+            Some((_, cache, controller)) if cache.get(&reference).is_some() => {
                 // Fails only once that controller has stopped (shutdown).
-                let _ = controller.unbounded_send(ObjectRef::new(&key.name).within(&key.namespace));
+                let _ = controller.unbounded_send(reference);
             }
-            None => queue.forget(&key),
+            // Only the dispatch is undone: the request may have been created again meanwhile.
+            _ => queue.undispatch(&key),
         }
     }
 }
@@ -477,7 +495,10 @@ impl UserIntents {
                 Vec::new()
             }
             watcher::Event::Init => {
-                self.relisting = Some((HashSet::new(), Vec::new()));
+                // A list can start over (a page failed): what it already triggered is kept, or
+                // those requests, recorded as seen, would not be triggered again.
+                let held = self.relisting.take().map(|(_, held)| held);
+                self.relisting = Some((HashSet::new(), held.unwrap_or_default()));
                 Vec::new()
             }
             watcher::Event::InitDone => match self.relisting.take() {
@@ -681,6 +702,30 @@ mod tests {
             ["sales-u5"]
         );
         assert_eq!(intents.by_request.len(), 2);
+    }
+
+    #[test]
+    fn a_list_that_starts_over_keeps_what_it_triggered() {
+        let mut intents = UserIntents::default();
+        assert!(!passes(&mut intents, watcher::Event::Init));
+        assert!(!passes(
+            &mut intents,
+            watcher::Event::InitApply(request("u1", 1, 10))
+        ));
+        // A page failed: the watcher lists again from the start.
+        assert!(!passes(&mut intents, watcher::Event::Init));
+        assert!(!passes(
+            &mut intents,
+            watcher::Event::InitApply(request("u1", 1, 10))
+        ));
+        assert!(!passes(
+            &mut intents,
+            watcher::Event::InitApply(request("u2", 1, 11))
+        ));
+        assert_eq!(
+            triggers(&mut intents, watcher::Event::InitDone),
+            ["sales-u1", "sales-u2"]
+        );
     }
 
     #[test]

@@ -129,6 +129,14 @@ impl WorkQueue {
         }
     }
 
+    /// Gives back the slot of a dispatched request whose reconcile will not start (its cache
+    /// no longer holds it); an entry scheduled since stays.
+    pub fn undispatch(&self, key: &RequestKey) {
+        if self.lock().dispatched.remove(key).is_some() {
+            self.changed.notify_one();
+        }
+    }
+
     /// Marks the start of `key`'s reconcile; the slot is given back when the guard is dropped.
     pub fn start(&self, key: &RequestKey) -> Running<'_> {
         let mut state = self.lock();
@@ -354,6 +362,15 @@ mod tests {
         );
         assert_eq!(
             next_within(&q, Duration::from_secs(2)).await.as_deref(),
+            Some("third")
+        );
+        // Undoing a dispatch frees the slot and keeps what was scheduled since.
+        let fourth = next_within(&q, Duration::ZERO).await;
+        assert_eq!(fourth, None, "the slot is taken by `third`");
+        q.schedule_now(&key("third"));
+        q.undispatch(&key("third"));
+        assert_eq!(
+            next_within(&q, Duration::ZERO).await.as_deref(),
             Some("third")
         );
         // Forgetting a waiting entry drops it.
