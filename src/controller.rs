@@ -1,6 +1,6 @@
 //! Wires the kube-runtime controller(s): watches, caches, concurrency and shutdown.
 
-use crate::crd::EmbedUrlRequest;
+use crate::crd::{EmbedUrlRequest, OWN_ANNOTATION_PREFIX};
 use crate::identity::AwsClients;
 use crate::policy::EmbedUrlPolicy;
 use crate::providers::Service;
@@ -455,8 +455,6 @@ fn trim_request(request: &mut DeserializeGuard<EmbedUrlRequest>) {
         .annotations_mut()
         .retain(|key, _| key.starts_with(OWN_ANNOTATION_PREFIX));
 }
-
-const OWN_ANNOTATION_PREFIX: &str = "embedurl.io/";
 
 /// Remembers each request's user intent (see [`user_intent`]) to let only its changes through.
 ///

@@ -14,6 +14,8 @@ use std::collections::BTreeMap;
 pub const GROUP: &str = "embedurl.io";
 /// Annotation a user sets to a new value to ask for one immediate refresh.
 pub const REFRESH_REQUESTED_AT_ANNOTATION: &str = "embedurl.io/refresh-requested-at";
+/// Prefix of every annotation the operator reads or writes (on requests and on Secrets).
+pub const OWN_ANNOTATION_PREFIX: &str = "embedurl.io/";
 /// Type of the condition that tells whether the Secret holds a usable URL.
 pub const READY_CONDITION: &str = "Ready";
 /// Type of the condition that tells whether the operator's own AWS rate limit delayed the last
@@ -62,7 +64,10 @@ pub const ENTRY_POINT_PATTERN: &str = r"^(/start|/start/analyses|/start/dashboar
         .field_path(".refreshBefore"),
     validation = Rule::new("!has(self.secretTemplate) || !has(self.secretTemplate.labels) || !('app.kubernetes.io/managed-by' in self.secretTemplate.labels)")
         .message("spec.secretTemplate.labels must not set app.kubernetes.io/managed-by: the operator sets it")
-        .field_path(".secretTemplate.labels")
+        .field_path(".secretTemplate.labels"),
+    validation = Rule::new("!has(self.secretTemplate) || !has(self.secretTemplate.annotations) || self.secretTemplate.annotations.all(k, !k.startsWith('embedurl.io/'))")
+        .message("spec.secretTemplate.annotations must not set embedurl.io/ annotations: the operator sets them")
+        .field_path(".secretTemplate.annotations")
 )]
 #[serde(rename_all = "camelCase")]
 pub struct EmbedUrlRequestSpec {

@@ -4,6 +4,7 @@
 //! here because an object can reach the operator around the schema (an older CRD, a schema
 //! edited by hand), and such a spec must give a clear `InvalidSpec` condition, not an AWS call.
 
+use crate::crd::OWN_ANNOTATION_PREFIX;
 use crate::crd::{
     DURATION_PATTERN, ENTRY_POINT_PATTERN, EmbedUrlRequestSpec, REGION_PATTERN,
     SECRET_NAME_PATTERN, SecretTemplate,
@@ -150,6 +151,20 @@ pub fn validate(
     }
     for (key, value) in &secret_template.labels {
         check_label(key, value)?;
+    }
+    if let Some(own) = secret_template
+        .annotations
+        .keys()
+        .find(|key| key.starts_with(OWN_ANNOTATION_PREFIX))
+    {
+        // The operator writes its own values there: the Secret could never match the template
+        // and would be rewritten on every reconcile.
+        return Err(invalid(
+            "spec.secretTemplate.annotations",
+            format!(
+                "{own}: annotations under {OWN_ANNOTATION_PREFIX} are set by the operator; remove it from the template"
+            ),
+        ));
     }
 
     let window = windows.for_service(service);
@@ -564,6 +579,13 @@ mod tests {
             ..Default::default()
         });
         assert_eq!(field_of(&spec), "spec.secretTemplate.labels");
+
+        let mut spec = qs();
+        spec.secret_template = Some(SecretTemplate {
+            annotations: [("embedurl.io/generation".to_string(), "1".to_string())].into(),
+            ..Default::default()
+        });
+        assert_eq!(field_of(&spec), "spec.secretTemplate.annotations");
 
         for (key, value, ok) in [
             ("team", "analytics", true),
