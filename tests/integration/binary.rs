@@ -4,7 +4,7 @@
 use crate::support::fake_aws::{FakeAws, TEST_ACCESS_KEY};
 use crate::support::fake_kube::FakeApiServer;
 use crate::support::{NS, eventually};
-use crate::{flink, quick_sight};
+use crate::{flink, q_business, quick_sight};
 use embed_url_operator::crd::EmbedUrlRequest;
 use jiff::Timestamp;
 use k8s_openapi::api::core::v1::Secret;
@@ -210,8 +210,22 @@ async fn the_binary_mints_serves_metrics_and_shuts_down_on_sigterm() {
         .unwrap();
     cluster.create("console", quick_sight()).await;
     cluster.create("dashboard", flink()).await;
+    // The second watched namespace has a controller of its own, fed by the same work queue.
+    let other: Api<EmbedUrlRequest> = Api::namespaced(cluster.kube.client(), "other");
+    other
+        .create(
+            &PostParams::default(),
+            &EmbedUrlRequest::new("second", q_business()),
+        )
+        .await
+        .unwrap();
     let url = eventually("URL in the Secret", WAIT, || {
         cluster.secret_value("console", "url")
+    })
+    .await;
+    eventually("a URL in the other watched namespace", WAIT, || {
+        let secret = cluster.kube.get("v1", "secrets", Some("other"), "second")?;
+        secret["data"]["url"].as_str().map(str::to_owned)
     })
     .await;
     eventually("flink URL", WAIT, || {
