@@ -580,6 +580,7 @@ mod tests {
     use crate::crd::EmbedUrlRequestSpec;
     use kube::core::ObjectMeta;
     use kube::core::error_boundary::InvalidObject;
+    use watcher::Event::{Apply, Delete, Init, InitApply, InitDone};
 
     fn metadata(name: &str, uid: &str, generation: i64, resource_version: u32) -> ObjectMeta {
         ObjectMeta {
@@ -605,125 +606,119 @@ mod tests {
         }))
     }
 
-    /// The names of the requests to reconcile after `event`.
-    fn triggers(intents: &mut UserIntents, event: watcher::Event<CachedRequest>) -> Vec<String> {
-        intents
-            .triggers(event)
+    /// Feeds `events` in order: the names of the requests to reconcile after each.
+    fn feed(
+        intents: &mut UserIntents,
+        events: Vec<watcher::Event<CachedRequest>>,
+    ) -> Vec<Vec<String>> {
+        events
             .into_iter()
-            .map(|key| key.name.to_string())
+            .map(|event| {
+                let keys = intents.triggers(event);
+                keys.into_iter().map(|key| key.name.to_string()).collect()
+            })
             .collect()
     }
 
-    fn passes(intents: &mut UserIntents, event: watcher::Event<CachedRequest>) -> bool {
-        !triggers(intents, event).is_empty()
-    }
+    const NONE: Vec<&str> = Vec::new();
 
     #[test]
     fn only_user_changes_trigger_a_reconcile() {
-        let mut intents = UserIntents::default();
-        assert!(passes(
-            &mut intents,
-            watcher::Event::Apply(request("u1", 1, 10))
-        ));
-        // The operator's own status write: new resourceVersion, same generation.
-        assert!(!passes(
-            &mut intents,
-            watcher::Event::Apply(request("u1", 1, 11))
-        ));
-        // A spec change.
-        assert!(passes(
-            &mut intents,
-            watcher::Event::Apply(request("u1", 2, 12))
-        ));
-        // An on-demand refresh.
         let mut annotated = request("u1", 2, 13);
         annotated
             .annotations_mut()
             .insert("embedurl.io/refresh-requested-at".into(), "now".into());
-        assert!(passes(&mut intents, watcher::Event::Apply(annotated)));
-        // A request that does not deserialize: any change, since its status may be the problem.
-        assert!(passes(
-            &mut intents,
-            watcher::Event::Apply(unreadable("u2", 14))
-        ));
-        assert!(passes(
-            &mut intents,
-            watcher::Event::Apply(unreadable("u2", 15))
-        ));
-        assert!(!passes(
-            &mut intents,
-            watcher::Event::Apply(unreadable("u2", 15))
-        ));
+        let after = feed(
+            &mut UserIntents::default(),
+            vec![
+                Apply(request("u1", 1, 10)),
+                // The operator's own status write: new resourceVersion, same generation.
+                Apply(request("u1", 1, 11)),
+                // A spec change.
+                Apply(request("u1", 2, 12)),
+                // An on-demand refresh.
+                Apply(annotated),
+                // A request that does not deserialize: any change, since its status may be
+                // what is wrong.
+                Apply(unreadable("u2", 14)),
+                Apply(unreadable("u2", 15)),
+                Apply(unreadable("u2", 15)),
+            ],
+        );
+        assert_eq!(
+            after,
+            [
+                vec!["sales-u1"],
+                NONE,
+                vec!["sales-u1"],
+                vec!["sales-u1"],
+                vec!["sales-u2"],
+                vec!["sales-u2"],
+                NONE
+            ]
+        );
     }
 
     #[test]
     fn a_list_triggers_when_complete_and_forgets_what_it_no_longer_shows() {
         let mut intents = UserIntents::default();
-        // The initial list: reconciled once complete, when the cache shows its objects.
-        assert!(!passes(&mut intents, watcher::Event::Init));
-        assert!(!passes(
+        // The initial list is reconciled once complete, when the cache shows its objects.
+        let after = feed(
             &mut intents,
-            watcher::Event::InitApply(request("u1", 1, 10))
-        ));
-        assert!(!passes(
-            &mut intents,
-            watcher::Event::InitApply(request("u3", 1, 11))
-        ));
-        assert_eq!(
-            triggers(&mut intents, watcher::Event::InitDone),
-            ["sales-u1", "sales-u3"]
+            vec![
+                Init,
+                InitApply(request("u1", 1, 10)),
+                InitApply(request("u3", 1, 11)),
+                InitDone,
+                Delete(request("u1", 1, 12)),
+                // Created again under the same name: a new uid, a new request.
+                Apply(request("u4", 1, 13)),
+            ],
         );
-        assert!(!passes(
-            &mut intents,
-            watcher::Event::Delete(request("u1", 1, 12))
-        ));
-        assert_eq!(intents.by_request.len(), 1);
-        // Created again under the same name: a new uid, a new request.
-        assert!(passes(
-            &mut intents,
-            watcher::Event::Apply(request("u4", 1, 13))
-        ));
+        assert_eq!(
+            after,
+            [
+                NONE,
+                NONE,
+                NONE,
+                vec!["sales-u1", "sales-u3"],
+                NONE,
+                vec!["sales-u4"]
+            ]
+        );
+        assert_eq!(intents.by_request.len(), 2);
 
         // A relist that no longer shows u3 (deleted while the watch was down) forgets it, and
         // triggers only what changed meanwhile.
-        assert!(!passes(&mut intents, watcher::Event::Init));
-        assert!(!passes(
+        let after = feed(
             &mut intents,
-            watcher::Event::InitApply(request("u4", 1, 13))
-        ));
-        assert!(!passes(
-            &mut intents,
-            watcher::Event::InitApply(request("u5", 1, 14))
-        ));
-        assert_eq!(
-            triggers(&mut intents, watcher::Event::InitDone),
-            ["sales-u5"]
+            vec![
+                Init,
+                InitApply(request("u4", 1, 13)),
+                InitApply(request("u5", 1, 14)),
+                InitDone,
+            ],
         );
+        assert_eq!(after, [NONE, NONE, NONE, vec!["sales-u5"]]);
         assert_eq!(intents.by_request.len(), 2);
     }
 
     #[test]
     fn a_list_that_starts_over_keeps_what_it_triggered() {
-        let mut intents = UserIntents::default();
-        assert!(!passes(&mut intents, watcher::Event::Init));
-        assert!(!passes(
-            &mut intents,
-            watcher::Event::InitApply(request("u1", 1, 10))
-        ));
-        // A page failed: the watcher lists again from the start.
-        assert!(!passes(&mut intents, watcher::Event::Init));
-        assert!(!passes(
-            &mut intents,
-            watcher::Event::InitApply(request("u1", 1, 10))
-        ));
-        assert!(!passes(
-            &mut intents,
-            watcher::Event::InitApply(request("u2", 1, 11))
-        ));
-        assert_eq!(
-            triggers(&mut intents, watcher::Event::InitDone),
-            ["sales-u1", "sales-u2"]
+        let after = feed(
+            &mut UserIntents::default(),
+            vec![
+                Init,
+                InitApply(request("u1", 1, 10)),
+                // A page failed: the watcher lists again from the start.
+                Init,
+                InitApply(request("u1", 1, 10)),
+                InitApply(request("u2", 1, 11)),
+                InitDone,
+            ],
         );
+        assert_eq!(after.concat(), ["sales-u1", "sales-u2"]);
+        assert_eq!(after[5].len(), 2, "all at the end");
     }
 
     #[test]
