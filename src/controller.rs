@@ -11,7 +11,7 @@ use crate::secret_cache::SecretCache;
 use crate::telemetry::Metrics;
 use crate::work_queue::{RequestKey, Urgency, WorkQueue};
 use futures::channel::mpsc::UnboundedSender;
-use futures::{StreamExt, TryStreamExt, future, stream};
+use futures::{StreamExt, future, stream};
 use jiff::Timestamp;
 use k8s_openapi::api::core::v1::{Namespace, Secret};
 use kube::core::{DeserializeGuard, PartialObjectMeta};
@@ -25,7 +25,7 @@ use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
-use tokio::sync::{Notify, watch};
+use tokio::sync::watch;
 use tracing::{debug, warn};
 
 /// A request as watched and cached: readable or not (see `reconciler::reconcile`).
@@ -166,40 +166,34 @@ pub fn run(
         // refresh, and its Secret would stay missing that long. After every relist but the
         // first (the initial list of requests reconciles everything anyway), every request is
         // reconciled against the fresh cache; those whose Secret is present do nothing.
-        let secrets_relisted = Arc::new(Notify::new());
         let mut first_list = true;
-        let relisted = secrets_relisted.clone();
         let observing = secret_cache.clone();
         let owners = queue.clone();
+        let relisted_requests = request_store.clone();
         let secret_changes = watcher(
             secrets,
             watcher::Config::default().labels(MANAGED_SECRETS_SELECTOR),
         )
         .default_backoff()
-        .inspect_ok(move |event| {
-            if let watcher::Event::InitDone = event {
-                if !first_list {
-                    // Stores one permit at most: relists in a row make one reconcile of all.
-                    relisted.notify_one();
-                }
-                first_list = false;
-            }
-        })
         .filter_map(move |event| {
             match event {
                 Ok(event) => {
+                    let relist_done = matches!(event, watcher::Event::InitDone);
                     // A change by someone else: reconcile the request that owns the Secret.
                     if let Some(owner) = observing.observe(event).as_ref().and_then(owner_of) {
                         owners.schedule_now(&owner);
+                    }
+                    if relist_done && !std::mem::replace(&mut first_list, false) {
+                        // Relists in a row make one reconcile of each: the queue keeps one
+                        // entry per request.
+                        for request in relisted_requests.state() {
+                            owners.schedule_now(&request_key(&request));
+                        }
                     }
                 }
                 Err(error) => warn!(error = %error, "Secret watch failed; retrying"),
             }
             future::ready(None)
-        });
-        let reconcile_all_after_relist = stream::unfold(secrets_relisted, |notify| async move {
-            notify.notified().await;
-            Some(((), notify))
         });
 
         let forget_metrics = metrics.clone();
@@ -272,16 +266,13 @@ pub fn run(
         ));
         let all_requests = request_store.clone();
         let everything = queue.clone();
-        let reconcile_all = stream::select(
-            stream::select(policy_changes, namespace_changes),
-            reconcile_all_after_relist,
-        )
-        .filter_map(move |()| {
-            for request in all_requests.state() {
-                everything.schedule_now(&request_key(&request));
-            }
-            future::ready(None)
-        });
+        let reconcile_all =
+            stream::select(policy_changes, namespace_changes).filter_map(move |()| {
+                for request in all_requests.state() {
+                    everything.schedule_now(&request_key(&request));
+                }
+                future::ready(None)
+            });
 
         // What the queue hands out, for this controller's namespace(s).
         let (dispatched, to_reconcile) = futures::channel::mpsc::unbounded();
