@@ -187,7 +187,7 @@ pub fn run(
                         // Relists in a row make one reconcile of each: the queue keeps one
                         // entry per request.
                         for request in relisted_requests.state() {
-                            owners.schedule_now(&request_key(&request));
+                            owners.schedule_now(&RequestKey::of(&*request));
                         }
                     }
                 }
@@ -208,7 +208,7 @@ pub fn run(
                 future::ready(match event {
                     Ok(event) => {
                         if let watcher::Event::Delete(request) = &event {
-                            let key = request_key(request);
+                            let key = RequestKey::of(request);
                             forget_metrics.forget_request(&key.namespace, &key.name);
                             forget_failures.forget(&key.namespace, &key.name);
                             requests_changed.forget(&key);
@@ -269,7 +269,7 @@ pub fn run(
         let reconcile_all =
             stream::select(policy_changes, namespace_changes).filter_map(move |()| {
                 for request in all_requests.state() {
-                    everything.schedule_now(&request_key(&request));
+                    everything.schedule_now(&RequestKey::of(&*request));
                 }
                 future::ready(None)
             });
@@ -353,7 +353,7 @@ async fn dispatch(queue: Arc<WorkQueue>, routes: Vec<Route>, metrics: Arc<Metric
         let reference = ObjectRef::new(&key.name).within(&key.namespace);
         let route = routes
             .iter()
-            .find(|(scope, _, _)| scope.as_deref().is_none_or(|ns| ns == &*key.namespace));
+            .find(|(scope, _, _)| covers(scope, &key.namespace));
         match route {
             // The controller runs only requests its cache holds. One that is gone (deleted, and
             // the deletion missed during a watch gap) would hold a slot until it expires.
@@ -373,7 +373,7 @@ fn urgency_from(stores: Vec<(Option<String>, Store<CachedRequest>)>) -> Urgency 
     Box::new(move |key| {
         stores
             .iter()
-            .find(|(scope, _)| scope.as_deref().is_none_or(|ns| ns == &*key.namespace))
+            .find(|(scope, _)| covers(scope, &key.namespace))
             .and_then(|(_, store)| store.get(&ObjectRef::new(&key.name).within(&key.namespace)))
             .map_or_else(Timestamp::now, |request| reconciler::urgency(&request))
             .as_millisecond()
@@ -390,11 +390,9 @@ fn owner_of(secret: &PartialObjectMeta<Secret>) -> Option<RequestKey> {
     Some(RequestKey::new(&secret.namespace()?, &owner.name))
 }
 
-fn request_key(request: &CachedRequest) -> RequestKey {
-    RequestKey::new(
-        &request.namespace().unwrap_or_default(),
-        &request.name_any(),
-    )
+/// Whether a controller watching `scope` (`None`: every namespace) serves `namespace`.
+fn covers(scope: &Option<String>, namespace: &str) -> bool {
+    scope.as_deref().is_none_or(|ns| ns == namespace)
 }
 
 /// Every 30 s, compares the AWS call rate the current requests need with the configured rate,
@@ -469,7 +467,7 @@ impl UserIntents {
                 let id = uid_hash(&request);
                 let intent = user_intent(&request);
                 let changed = self.by_request.insert(id, intent) != Some(intent);
-                let trigger = changed.then(|| request_key(&request));
+                let trigger = changed.then(|| RequestKey::of(&request));
                 match &mut self.relisting {
                     Some((seen, held)) => {
                         seen.insert(id);

@@ -123,7 +123,7 @@ pub async fn reconcile(
     object: Arc<DeserializeGuard<EmbedUrlRequest>>,
     ctx: Arc<Context>,
 ) -> Result<Action> {
-    let key = RequestKey::new(&object.namespace().unwrap_or_default(), &object.name_any());
+    let key = RequestKey::of(&*object);
     let _running = ctx.queue.start(&key);
     let timer = ctx.metrics.reconcile_started();
     let result = match &object.0 {
@@ -169,7 +169,7 @@ pub fn error_policy(
     error: &Error,
     ctx: Arc<Context>,
 ) -> Action {
-    let key = RequestKey::new(&object.namespace().unwrap_or_default(), &object.name_any());
+    let key = RequestKey::of(&*object);
     let failures = ctx.failures.record_failure(&key.namespace, &key.name);
     let delay = api_retry_delay(error.is_retryable(), failures);
     warn!(

@@ -35,6 +35,14 @@ impl RequestKey {
             name: name.into(),
         }
     }
+
+    /// The key of a request object.
+    pub fn of(request: &impl kube::ResourceExt) -> Self {
+        Self::new(
+            &request.namespace().unwrap_or_default(),
+            &request.name_any(),
+        )
+    }
 }
 
 /// How urgent a due request is: when its URL stops working, in Unix milliseconds (smaller goes
