@@ -71,18 +71,21 @@ pub const ENTRY_POINT_PATTERN: &str = r"^(/start|/start/analyses|/start/dashboar
 )]
 #[serde(rename_all = "camelCase")]
 pub struct EmbedUrlRequestSpec {
+    // The provider specs and the template are boxed: only one provider is ever set and the
+    // template is rare, and the controller's cache holds every request, so inline they would cost
+    // ~250 bytes per request at rest (docs/benchmarks.md). Boxing does not change the schema.
     /// Mint an Amazon QuickSight console session URL with GetSessionEmbedUrl.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub quick_sight: Option<QuickSightSpec>,
+    pub quick_sight: Option<Box<QuickSightSpec>>,
 
     /// Mint an Amazon Q Business anonymous web experience URL with CreateAnonymousWebExperienceUrl.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub q_business: Option<QBusinessSpec>,
+    pub q_business: Option<Box<QBusinessSpec>>,
 
     /// Mint an Amazon Managed Service for Apache Flink dashboard URL with
     /// CreateApplicationPresignedUrl (Kinesis Analytics V2).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub flink: Option<FlinkSpec>,
+    pub flink: Option<Box<FlinkSpec>>,
 
     /// AWS region to call, for example `eu-west-1`. Default: the operator's own AWS region
     /// (its `AWS_REGION`).
@@ -99,7 +102,7 @@ pub struct EmbedUrlRequestSpec {
 
     /// Extra labels and annotations copied onto the Secret.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub secret_template: Option<SecretTemplate>,
+    pub secret_template: Option<Box<SecretTemplate>>,
 
     /// How long before the URL's use-by time the operator replaces it, as a duration such as
     /// `150s` or `2m`. Default: half the service's use-by window (150s for QuickSight and Q Business,

@@ -325,10 +325,10 @@ mod tests {
         let mut eur = EmbedUrlRequest::new(
             "sales",
             EmbedUrlRequestSpec {
-                quick_sight: Some(QuickSightSpec {
+                quick_sight: Some(Box::new(QuickSightSpec {
                     aws_account_id: "111122223333".into(),
                     ..Default::default()
-                }),
+                })),
                 ..Default::default()
             },
         );

@@ -197,7 +197,7 @@ pub fn validate(
         target,
         region: spec.region.clone(),
         secret_name,
-        secret_template,
+        secret_template: *secret_template,
         refresh_before,
         suspend: spec.suspend.unwrap_or(false),
     })
@@ -279,7 +279,7 @@ fn validate_target(spec: &EmbedUrlRequestSpec) -> Result<Target, InvalidSpec> {
                 "must be 1 to 2048 characters",
             ));
         }
-        return Ok(Target::QuickSight(qs.clone()));
+        return Ok(Target::QuickSight((**qs).clone()));
     }
 
     if let Some(qb) = &spec.q_business {
@@ -300,7 +300,7 @@ fn validate_target(spec: &EmbedUrlRequestSpec) -> Result<Target, InvalidSpec> {
             15,
             60,
         )?;
-        return Ok(Target::QBusiness(qb.clone()));
+        return Ok(Target::QBusiness((**qb).clone()));
     }
 
     let Some(flink) = &spec.flink else {
@@ -321,7 +321,7 @@ fn validate_target(spec: &EmbedUrlRequestSpec) -> Result<Target, InvalidSpec> {
         1800,
         43200,
     )?;
-    Ok(Target::Flink(flink.clone()))
+    Ok(Target::Flink((**flink).clone()))
 }
 
 fn check_range(field: &str, value: Option<i64>, min: i64, max: i64) -> Result<(), InvalidSpec> {
@@ -382,10 +382,10 @@ mod tests {
 
     fn qs() -> EmbedUrlRequestSpec {
         EmbedUrlRequestSpec {
-            quick_sight: Some(QuickSightSpec {
+            quick_sight: Some(Box::new(QuickSightSpec {
                 aws_account_id: "111122223333".into(),
                 ..Default::default()
-            }),
+            })),
             ..Default::default()
         }
     }
@@ -411,11 +411,11 @@ mod tests {
     #[test]
     fn flink_default_refresh_is_half_of_three_minutes() {
         let spec = EmbedUrlRequestSpec {
-            flink: Some(FlinkSpec {
+            flink: Some(Box::new(FlinkSpec {
                 application_name: "orders".into(),
                 url_type: FlinkUrlType::FlinkDashboardUrl,
                 session_expiration_duration_in_seconds: Some(3600),
-            }),
+            })),
             ..Default::default()
         };
         let valid = check(&spec).unwrap();
@@ -430,11 +430,11 @@ mod tests {
         assert_eq!(err.field, "spec");
         assert!(err.message.contains("none is set"), "{err}");
         let mut two = qs();
-        two.q_business = Some(QBusinessSpec {
+        two.q_business = Some(Box::new(QBusinessSpec {
             application_id: ID36.into(),
             web_experience_id: ID36.into(),
             session_duration_in_minutes: None,
-        });
+        }));
         let err = check(&two).unwrap_err();
         assert!(
             err.message
@@ -490,7 +490,7 @@ mod tests {
             session_duration_in_minutes: Some(30),
         };
         let spec = |qb: QBusinessSpec| EmbedUrlRequestSpec {
-            q_business: Some(qb),
+            q_business: Some(Box::new(qb)),
             ..Default::default()
         };
         let valid = check(&spec(good.clone())).unwrap();
@@ -511,11 +511,11 @@ mod tests {
     #[test]
     fn flink_constraints() {
         let spec = |name: &str, secs: Option<i64>| EmbedUrlRequestSpec {
-            flink: Some(FlinkSpec {
+            flink: Some(Box::new(FlinkSpec {
                 application_name: name.into(),
                 url_type: FlinkUrlType::ZeppelinUiUrl,
                 session_expiration_duration_in_seconds: secs,
-            }),
+            })),
             ..Default::default()
         };
         assert!(check(&spec("orders_v2.prod-1", None)).is_ok());
@@ -574,17 +574,17 @@ mod tests {
         );
 
         let mut spec = qs();
-        spec.secret_template = Some(SecretTemplate {
+        spec.secret_template = Some(Box::new(SecretTemplate {
             labels: [(MANAGED_BY_LABEL.to_string(), "someone-else".to_string())].into(),
             ..Default::default()
-        });
+        }));
         assert_eq!(field_of(&spec), "spec.secretTemplate.labels");
 
         let mut spec = qs();
-        spec.secret_template = Some(SecretTemplate {
+        spec.secret_template = Some(Box::new(SecretTemplate {
             annotations: [("embedurl.io/generation".to_string(), "1".to_string())].into(),
             ..Default::default()
-        });
+        }));
         assert_eq!(field_of(&spec), "spec.secretTemplate.annotations");
 
         for (key, value, ok) in [
@@ -596,10 +596,10 @@ mod tests {
             ("a/b/c", "x", false),
         ] {
             let mut spec = qs();
-            spec.secret_template = Some(SecretTemplate {
+            spec.secret_template = Some(Box::new(SecretTemplate {
                 labels: [(key.to_string(), value.to_string())].into(),
                 ..Default::default()
-            });
+            }));
             assert_eq!(check(&spec).is_ok(), ok, "{key}={value}");
         }
     }
@@ -629,10 +629,10 @@ mod tests {
         }
         // Flink's window is 3 minutes, so 3m is too long there.
         let spec = EmbedUrlRequestSpec {
-            flink: Some(FlinkSpec {
+            flink: Some(Box::new(FlinkSpec {
                 application_name: "orders".into(),
                 ..Default::default()
-            }),
+            })),
             refresh_before: Some("3m".into()),
             ..Default::default()
         };

@@ -18,22 +18,22 @@ pub use support::quick_sight;
 
 pub fn q_business() -> EmbedUrlRequestSpec {
     EmbedUrlRequestSpec {
-        q_business: Some(QBusinessSpec {
+        q_business: Some(Box::new(QBusinessSpec {
             application_id: ID36.into(),
             web_experience_id: ID36.replace('a', "b"),
             session_duration_in_minutes: Some(30),
-        }),
+        })),
         ..Default::default()
     }
 }
 
 pub fn flink() -> EmbedUrlRequestSpec {
     EmbedUrlRequestSpec {
-        flink: Some(FlinkSpec {
+        flink: Some(Box::new(FlinkSpec {
             application_name: "orders".into(),
             url_type: FlinkUrlType::FlinkDashboardUrl,
             session_expiration_duration_in_seconds: Some(3600),
-        }),
+        })),
         ..Default::default()
     }
 }

@@ -236,12 +236,12 @@ pub async fn eventually<T>(
 /// A valid QuickSight console request: the spec most tests and the benchmark use.
 pub fn quick_sight() -> EmbedUrlRequestSpec {
     EmbedUrlRequestSpec {
-        quick_sight: Some(QuickSightSpec {
+        quick_sight: Some(Box::new(QuickSightSpec {
             aws_account_id: "111122223333".into(),
             entry_point: Some("/start/dashboards".into()),
             session_lifetime_in_minutes: Some(120),
             user_arn: Some("arn:aws:quicksight:us-east-1:111122223333:user/default/alice".into()),
-        }),
+        })),
         ..Default::default()
     }
 }
