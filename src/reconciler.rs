@@ -33,7 +33,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 use tokio::time::Instant;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 /// How often a request blocked by a foreign Secret checks whether the Secret is gone. The
 /// operator does not watch Secrets it does not own, so it has to look.
@@ -400,15 +400,28 @@ async fn mint(
             {
                 ctx.metrics.observe_refresh_lateness(minted_at, planned);
             }
-            info!(
-                namespace,
-                name,
-                service = service.name(),
-                reason = reason.as_str(),
-                url_expires_at = %secret::rfc3339(expires_at),
-                next_refresh = %secret::rfc3339(next),
-                "minted URL"
-            );
+            // A routine refresh happens every few minutes for every request: at 10,000 requests
+            // that would be ~70 lines a second at info, for what the refresh metrics already
+            // count. The first URL, a new spec, a requested refresh and a recovery stay at info.
+            let routine = reason.is_routine(current.consecutive_failures.unwrap_or(0));
+            macro_rules! log_minted {
+                ($level:ident) => {
+                    $level!(
+                        namespace,
+                        name,
+                        service = service.name(),
+                        reason = reason.as_str(),
+                        url_expires_at = %secret::rfc3339(expires_at),
+                        next_refresh = %secret::rfc3339(next),
+                        "minted URL"
+                    )
+                };
+            }
+            if routine {
+                log_minted!(debug);
+            } else {
+                log_minted!(info);
+            }
             Ok(written.requeue(Timestamp::now(), next))
         }
         Err(error) => {

@@ -49,6 +49,12 @@ impl MintReason {
             MintReason::Due => "due",
         }
     }
+
+    /// A planned refresh of a healthy request: what happens every few minutes for every request,
+    /// so it is logged at debug, not info. A retry after failures is a recovery, not routine.
+    pub fn is_routine(self, consecutive_failures: u32) -> bool {
+        self == MintReason::Due && consecutive_failures == 0
+    }
 }
 
 /// What the reconciler should do.
@@ -225,6 +231,19 @@ mod tests {
     }
 
     const RB: Duration = Duration::from_secs(150);
+
+    #[test]
+    fn only_a_planned_refresh_of_a_healthy_request_is_routine() {
+        assert!(MintReason::Due.is_routine(0));
+        assert!(!MintReason::Due.is_routine(1), "a recovery is news");
+        for reason in [
+            MintReason::NoUrl,
+            MintReason::SpecChanged,
+            MintReason::RefreshRequested,
+        ] {
+            assert!(!reason.is_routine(0), "{reason:?}");
+        }
+    }
     const WINDOW: Duration = Duration::from_secs(300);
 
     fn stored(expires: &str, generation: i64) -> StoredUrl {
