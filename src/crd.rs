@@ -4,6 +4,7 @@
 //! `kubectl apply` refuses a bad spec with the field's name; [`crate::validation`] checks the same
 //! rules again for objects that reached the cluster around the schema (an older CRD, say).
 
+use compact_str::CompactString;
 use kube::CustomResource;
 use kube::{CustomResourceExt, KubeSchema};
 use schemars::JsonSchema;
@@ -221,22 +222,22 @@ pub struct SecretTemplate {
 pub struct EmbedUrlRequestStatus {
     /// The AWS service that mints the URL: `QuickSight`, `QBusiness` or `Flink`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub service: Option<String>,
+    pub service: Option<CompactString>,
     /// The Secret that holds the URL.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub secret_name: Option<String>,
+    pub secret_name: Option<CompactString>,
     /// Use-by time of the URL in the Secret (RFC 3339): after it the URL no longer signs in.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub url_expires_at: Option<String>,
+    pub url_expires_at: Option<CompactString>,
     /// End of the session that the URL opens once used (RFC 3339).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub session_expires_at: Option<String>,
+    pub session_expires_at: Option<CompactString>,
     /// When the URL in the Secret was minted (RFC 3339).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub last_refresh_time: Option<String>,
+    pub last_refresh_time: Option<CompactString>,
     /// When the operator will next mint a URL, or retry after a failure (RFC 3339).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub next_refresh_time: Option<String>,
+    pub next_refresh_time: Option<CompactString>,
     /// The `metadata.generation` of the spec the operator last acted on.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
@@ -245,10 +246,10 @@ pub struct EmbedUrlRequestStatus {
     pub consecutive_failures: Option<u32>,
     /// The EmbedUrlPolicy that allowed this request (none in permissive mode without a policy).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub policy: Option<String>,
+    pub policy: Option<CompactString>,
     /// The value of the `embedurl.io/refresh-requested-at` annotation last acted on.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub last_handled_refresh_request: Option<String>,
+    pub last_handled_refresh_request: Option<CompactString>,
     /// `Ready` tells whether the Secret holds a usable URL, and why not. `RateLimited` (once
     /// it first applies) tells whether the operator's AWS rate limit delayed the last refresh.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -261,18 +262,18 @@ pub struct EmbedUrlRequestStatus {
 pub struct Condition {
     /// Condition type: `Ready` or `RateLimited`.
     #[serde(rename = "type")]
-    pub type_: String,
+    pub type_: CompactString,
     /// `True`, `False` or `Unknown`.
-    pub status: String,
+    pub status: CompactString,
     /// One-word CamelCase reason, for example `UrlReady`, `AwsThrottled` or `InvalidSpec`.
-    pub reason: String,
+    pub reason: CompactString,
     /// Human-readable explanation. Never contains the URL.
-    pub message: String,
+    pub message: CompactString,
     /// The `metadata.generation` this condition was computed from.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
     /// When `status` last changed (RFC 3339).
-    pub last_transition_time: String,
+    pub last_transition_time: CompactString,
 }
 
 impl EmbedUrlRequestStatus {

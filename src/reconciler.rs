@@ -21,6 +21,7 @@ use crate::status::{
 use crate::telemetry::Metrics;
 use crate::validation::{self, InvalidSpec, UseByWindows, ValidSpec};
 use crate::work_queue::{RequestKey, WorkQueue};
+use compact_str::CompactString;
 use jiff::Timestamp;
 use k8s_openapi::api::core::v1::{Namespace, Secret};
 use kube::api::{Api, DynamicObject, Patch, PatchParams};
@@ -879,7 +880,7 @@ async fn publish_transition(
         } else {
             EventType::Warning
         },
-        reason: after.reason.clone(),
+        reason: after.reason.to_string(),
         note: Some(after.message.chars().take(1024).collect()),
         action: "Reconcile".to_string(),
         secondary: None,
@@ -911,7 +912,7 @@ impl Served {
     /// Records the serving policy in a desired status, and the permissive note in its Ready
     /// message.
     fn stamp(&self, mut status: EmbedUrlRequestStatus) -> EmbedUrlRequestStatus {
-        status.policy = self.policy.clone();
+        status.policy = self.policy.as_deref().map(CompactString::from);
         if self.permissive
             && let Some(ready) = status
                 .conditions
@@ -1028,7 +1029,7 @@ async fn waiting_status(
     let window = ctx.settings.windows.for_service(spec.service());
     let minted_at = schedule::sub(stored.expires_at, window);
     let mut repaired = minted_status(request, current, spec, minted_at, stored.expires_at, until);
-    repaired.session_expires_at = stored.session_expires_at.map(secret::rfc3339);
+    repaired.session_expires_at = stored.session_expires_at.map(|t| secret::rfc3339(t).into());
     repaired.observed_generation = stored.generation.or(repaired.observed_generation);
     Ok(Waiting::Repair(Box::new(repaired)))
 }

@@ -11,6 +11,7 @@ use crate::providers::AwsCallError;
 use crate::schedule;
 use crate::secret::{self, StoredSecret, StoredUrl};
 use crate::validation::{InvalidSpec, ValidSpec};
+use compact_str::CompactString;
 use jiff::Timestamp;
 use kube::{Resource, ResourceExt};
 
@@ -80,12 +81,12 @@ fn condition(
         .condition(type_)
         .filter(|c| c.status == status)
         .map(|c| c.last_transition_time.clone())
-        .unwrap_or_else(|| secret::rfc3339(now));
+        .unwrap_or_else(|| secret::rfc3339(now).into());
     Condition {
-        type_: type_.to_string(),
-        status: status.to_string(),
-        reason: reason.to_string(),
-        message,
+        type_: type_.into(),
+        status: status.into(),
+        reason: reason.into(),
+        message: message.into(),
         observed_generation: generation,
         last_transition_time,
     }
@@ -253,8 +254,8 @@ fn halted(
 ) -> EmbedUrlRequestStatus {
     let generation = request.meta().generation;
     let status = EmbedUrlRequestStatus {
-        service: Some(spec.service().name().to_string()),
-        secret_name: Some(spec.secret_name.clone()),
+        service: Some(spec.service().name().into()),
+        secret_name: Some(spec.secret_name.as_str().into()),
         observed_generation: generation,
         next_refresh_time: None,
         ..current.clone()
@@ -333,19 +334,18 @@ pub fn minted_status(
 ) -> EmbedUrlRequestStatus {
     let generation = request.meta().generation;
     let status = EmbedUrlRequestStatus {
-        service: Some(spec.service().name().to_string()),
-        secret_name: Some(spec.secret_name.clone()),
-        url_expires_at: Some(secret::rfc3339(expires_at)),
-        session_expires_at: Some(secret::rfc3339(schedule::add(
-            minted_at,
-            spec.target.session_length(),
-        ))),
-        last_refresh_time: Some(secret::rfc3339(minted_at)),
-        next_refresh_time: Some(secret::rfc3339(next)),
+        service: Some(spec.service().name().into()),
+        secret_name: Some(spec.secret_name.as_str().into()),
+        url_expires_at: Some(secret::rfc3339(expires_at).into()),
+        session_expires_at: Some(
+            secret::rfc3339(schedule::add(minted_at, spec.target.session_length())).into(),
+        ),
+        last_refresh_time: Some(secret::rfc3339(minted_at).into()),
+        next_refresh_time: Some(secret::rfc3339(next).into()),
         observed_generation: generation,
         consecutive_failures: Some(0),
         last_handled_refresh_request: refresh_request(request)
-            .map(str::to_string)
+            .map(CompactString::from)
             .or_else(|| current.last_handled_refresh_request.clone()),
         policy: current.policy.clone(),
         conditions: current.conditions.clone(),
@@ -381,14 +381,14 @@ pub fn failed_status(
 ) -> EmbedUrlRequestStatus {
     let generation = request.meta().generation;
     let status = EmbedUrlRequestStatus {
-        service: Some(spec.service().name().to_string()),
-        secret_name: Some(spec.secret_name.clone()),
-        next_refresh_time: Some(secret::rfc3339(retry)),
+        service: Some(spec.service().name().into()),
+        secret_name: Some(spec.secret_name.as_str().into()),
+        next_refresh_time: Some(secret::rfc3339(retry).into()),
         observed_generation: generation,
         consecutive_failures: Some(failures),
         // The request is consumed even when the call fails; the retry follows the backoff.
         last_handled_refresh_request: refresh_request(request)
-            .map(str::to_string)
+            .map(CompactString::from)
             .or_else(|| current.last_handled_refresh_request.clone()),
         ..current.clone()
     };

@@ -46,7 +46,8 @@ async fn converged(
             (ready.status == "True"
                 && ready.reason == "UrlReady"
                 && status.url_expires_at.as_deref() == Some(expires.as_str())
-                && status.session_expires_at == h.secret_value(secret, "sessionExpiresAt")
+                && status.session_expires_at.as_deref()
+                    == h.secret_value(secret, "sessionExpiresAt").as_deref()
                 && status.consecutive_failures == Some(0))
             .then_some(status)
         },
@@ -375,8 +376,8 @@ async fn an_operator_killed_mid_mint_mints_again_exactly_once() {
     // The lost URL is minted again, once.
     assert_eq!(h.aws.calls().len(), 2, "{:?}", h.aws.calls());
     assert_eq!(
-        status.url_expires_at,
-        h.secret_value("console", "expiresAt")
+        status.url_expires_at.as_deref(),
+        h.secret_value("console", "expiresAt").as_deref()
     );
     assert_eq!(status.observed_generation, Some(1));
     assert_eq!(status.ready().unwrap().status, "True");
@@ -478,7 +479,7 @@ async fn a_throttling_storm_longer_than_the_window_backs_off_and_recovers() {
         let name = format!("viewer-{i}");
         let status = converged(&h, &name, &name, Duration::from_secs(12)).await;
         assert_ne!(&h.secret_value(&name, "url").unwrap(), old_url);
-        assert!(&status.url_expires_at.unwrap() > old_expiry);
+        assert!(status.url_expires_at.unwrap().as_str() > old_expiry.as_str());
     }
     assert!(
         h.metrics()
@@ -529,7 +530,7 @@ async fn an_aws_outage_longer_than_the_window_reports_unavailable_then_recovers(
         ("dashboard", "False", "AwsUnavailable"),
         ("late", "False", "AwsUnavailable"),
     ] {
-        let key = (expected.0, expected.1.to_string(), expected.2.to_string());
+        let key = (expected.0, expected.1.into(), expected.2.into());
         assert!(seen.contains(&key), "{expected:?} never seen in {seen:?}");
     }
     assert!(!seen.contains(&("late", "True".into(), "AwsUnavailable".into())));

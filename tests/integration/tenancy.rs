@@ -48,7 +48,7 @@ async fn reason_of(h: &Harness, name: &str, reason: &str) -> String {
         h.status(name)
             .ready()
             .filter(|c| c.reason == reason)
-            .map(|c| c.message.clone())
+            .map(|c| c.message.to_string())
     })
     .await
 }

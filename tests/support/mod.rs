@@ -197,7 +197,7 @@ impl Harness {
     pub fn ready_reason(&self, name: &str) -> Option<(String, String)> {
         self.status(name)
             .ready()
-            .map(|c| (c.status.clone(), c.reason.clone()))
+            .map(|c| (c.status.to_string(), c.reason.to_string()))
     }
 }
 
