@@ -228,7 +228,8 @@ pub fn run(
             });
 
         // Policies and namespace labels decide what may be minted. Any change to them
-        // re-evaluates every request (a live change is rare; the initial listing is one event).
+        // re-evaluates every request (a live change is rare; the initial listing is one event;
+        // a relist that finds what was known is none).
         let (policy_store, policy_writer) = reflector::store();
         let (namespace_store, namespace_writer) = reflector::store();
         let policy_listed = Arc::new(AtomicBool::new(false));
@@ -243,6 +244,7 @@ pub fn run(
         .reflect(policy_writer)
         .filter_map(change_trigger(
             "EmbedUrlPolicy",
+            policy_store.clone(),
             policy_listed.clone(),
             namespace_listed.clone(),
             policies_synced.clone(),
@@ -260,6 +262,7 @@ pub fn run(
         .reflect(namespace_writer)
         .filter_map(change_trigger(
             "Namespace",
+            namespace_store.clone(),
             namespace_listed,
             policy_listed,
             policies_synced.clone(),
@@ -527,12 +530,25 @@ fn user_intent(request: &CachedRequest) -> u64 {
 
 /// Turns a policy or namespace watch into "re-evaluate every request" triggers, and marks the
 /// policy caches synced once both this watch and its `other` have listed.
+/// Turns the events of a watch whose objects decide what may be minted (policies, namespaces)
+/// into "re-evaluate every request" triggers: on every change, and after a (re)list only if what
+/// it found differs from what was known. A watch of a kind that rarely changes falls behind the
+/// API server's history and relists on its next restart (a 410 after compaction, when no
+/// bookmark kept its resourceVersion fresh); reconciling every request for that would queue
+/// 10,000 reconciles that find nothing to do ahead of the refreshes that are due.
 fn change_trigger<K>(
     what: &'static str,
+    store: Store<K>,
     listed: Arc<AtomicBool>,
     other_listed: Arc<AtomicBool>,
     synced: Arc<AtomicBool>,
-) -> impl FnMut(Result<watcher::Event<K>, watcher::Error>) -> future::Ready<Option<()>> {
+) -> impl FnMut(Result<watcher::Event<K>, watcher::Error>) -> future::Ready<Option<()>>
+where
+    K: Resource + Clone + 'static,
+    K::DynamicType: Eq + Hash + Clone,
+{
+    // What the store held when a trigger was last decided; `None` before the first listing.
+    let mut known: Option<u64> = None;
     move |event| {
         future::ready(match event {
             Ok(watcher::Event::InitDone) => {
@@ -540,9 +556,13 @@ fn change_trigger<K>(
                 if other_listed.load(Ordering::Acquire) {
                     synced.store(true, Ordering::Release);
                 }
+                let found = fingerprint(&store.state());
+                (known.replace(found) != Some(found)).then_some(())
+            }
+            Ok(watcher::Event::Apply(_) | watcher::Event::Delete(_)) => {
+                known = Some(fingerprint(&store.state()));
                 Some(())
             }
-            Ok(watcher::Event::Apply(_) | watcher::Event::Delete(_)) => Some(()),
             Ok(watcher::Event::Init | watcher::Event::InitApply(_)) => None,
             Err(error) => {
                 warn!(error = %error, "{what} watch failed; requests wait until it recovers");
@@ -550,6 +570,19 @@ fn change_trigger<K>(
             }
         })
     }
+}
+
+/// Identifies a set of objects by their names and resourceVersions (any change to an object
+/// changes its resourceVersion), whatever order the store lists them in.
+fn fingerprint<K: Resource>(objects: &[Arc<K>]) -> u64 {
+    let mut sum = objects.len() as u64;
+    for object in objects {
+        let meta = object.meta();
+        let mut hasher = DefaultHasher::new();
+        (&meta.namespace, &meta.name, &meta.resource_version).hash(&mut hasher);
+        sum = sum.wrapping_add(hasher.finish());
+    }
+    sum
 }
 
 fn scoped_api<K>(client: &Client, namespace: Option<&str>) -> Api<K>
@@ -570,6 +603,61 @@ mod tests {
     use kube::core::ObjectMeta;
     use kube::core::error_boundary::InvalidObject;
     use watcher::Event::{Apply, Delete, Init, InitApply, InitDone};
+
+    /// The triggers `change_trigger` gives for a sequence of namespace watch events, each applied
+    /// to a real reflector store first, as `.reflect()` does.
+    fn namespace_triggers(events: Vec<watcher::Event<PartialObjectMeta<Namespace>>>) -> Vec<bool> {
+        let (store, mut writer) = reflector::store();
+        let flag = || Arc::new(AtomicBool::new(true));
+        let mut trigger = change_trigger("Namespace", store, flag(), flag(), flag());
+        events
+            .into_iter()
+            .map(|event| {
+                writer.apply_watcher_event(&event);
+                futures::executor::block_on(trigger(Ok(event))).is_some()
+            })
+            .collect()
+    }
+
+    fn namespace(name: &str, resource_version: u32) -> PartialObjectMeta<Namespace> {
+        PartialObjectMeta {
+            metadata: ObjectMeta {
+                name: Some(name.into()),
+                resource_version: Some(resource_version.to_string()),
+                ..Default::default()
+            },
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_relist_that_finds_what_was_known_reevaluates_nothing() {
+        let listing = |versions: [u32; 2]| {
+            vec![
+                Init,
+                InitApply(namespace("team-a", versions[0])),
+                InitApply(namespace("team-b", versions[1])),
+                InitDone,
+            ]
+        };
+        let mut events = listing([3, 4]);
+        // The same objects again, after a watch restart ended in a 410.
+        events.extend(listing([3, 4]));
+        // A label changed while the watch was down.
+        events.extend(listing([3, 9]));
+        // A live change, then a relist that finds it.
+        events.push(Apply(namespace("team-a", 12)));
+        events.extend(listing([12, 9]));
+        // A namespace deleted while the watch was down.
+        events.extend(vec![Init, InitApply(namespace("team-a", 12)), InitDone]);
+        let fired: Vec<usize> = namespace_triggers(events)
+            .iter()
+            .enumerate()
+            .filter_map(|(i, fired)| fired.then_some(i))
+            .collect();
+        // The first listing, the changed relist, the live change, the relist with one gone.
+        assert_eq!(fired, vec![3, 11, 12, 19]);
+    }
 
     fn metadata(name: &str, uid: &str, generation: i64, resource_version: u32) -> ObjectMeta {
         ObjectMeta {
