@@ -528,11 +528,10 @@ fn user_intent(request: &CachedRequest) -> u64 {
     hasher.finish()
 }
 
-/// Turns a policy or namespace watch into "re-evaluate every request" triggers, and marks the
-/// policy caches synced once both this watch and its `other` have listed.
 /// Turns the events of a watch whose objects decide what may be minted (policies, namespaces)
 /// into "re-evaluate every request" triggers: on every change, and after a (re)list only if what
-/// it found differs from what was known. A watch of a kind that rarely changes falls behind the
+/// it found differs from what was known. Marks the policy caches synced once both this watch and
+/// its `other` have listed. A watch of a kind that rarely changes falls behind the
 /// API server's history and relists on its next restart (a 410 after compaction, when no
 /// bookmark kept its resourceVersion fresh); reconciling every request for that would queue
 /// 10,000 reconciles that find nothing to do ahead of the refreshes that are due.
@@ -565,7 +564,7 @@ where
             }
             Ok(watcher::Event::Init | watcher::Event::InitApply(_)) => None,
             Err(error) => {
-                warn!(error = %error, "{what} watch failed; requests wait until it recovers");
+                warn!(error = %error, "{what} watch failed; retrying (until its first listing, requests wait; after it, the cached objects stay in use)");
                 None
             }
         })
@@ -614,7 +613,7 @@ mod tests {
             .into_iter()
             .map(|event| {
                 writer.apply_watcher_event(&event);
-                futures::executor::block_on(trigger(Ok(event))).is_some()
+                trigger(Ok(event)).into_inner().is_some()
             })
             .collect()
     }

@@ -73,8 +73,8 @@ pub const ENTRY_POINT_PATTERN: &str = r"^(/start|/start/analyses|/start/dashboar
 #[serde(rename_all = "camelCase")]
 pub struct EmbedUrlRequestSpec {
     // The provider specs and the template are boxed: only one provider is ever set and the
-    // template is rare, and the controller's cache holds every request, so inline they would cost
-    // ~250 bytes per request at rest (docs/benchmarks.md). Boxing does not change the schema.
+    // template is rare, and the controller's cache holds every request, so inline they made the
+    // cached request 936 bytes instead of 712 (docs/benchmarks.md). Boxing does not change the schema.
     /// Mint an Amazon QuickSight console session URL with GetSessionEmbedUrl.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub quick_sight: Option<Box<QuickSightSpec>>,

@@ -142,7 +142,7 @@ pub fn validate(
         ));
     }
 
-    let secret_template = spec.secret_template.clone().unwrap_or_default();
+    let secret_template = spec.secret_template.as_deref().cloned().unwrap_or_default();
     if secret_template.labels.contains_key(MANAGED_BY_LABEL) {
         return Err(invalid(
             "spec.secretTemplate.labels",
@@ -197,7 +197,7 @@ pub fn validate(
         target,
         region: spec.region.clone(),
         secret_name,
-        secret_template: *secret_template,
+        secret_template,
         refresh_before,
         suspend: spec.suspend.unwrap_or(false),
     })
