@@ -231,6 +231,7 @@ mod tests {
     }
 
     const RB: Duration = Duration::from_secs(150);
+    const WINDOW: Duration = Duration::from_secs(300);
 
     #[test]
     fn only_a_planned_refresh_of_a_healthy_request_is_routine() {
@@ -244,7 +245,6 @@ mod tests {
             assert!(!reason.is_routine(0), "{reason:?}");
         }
     }
-    const WINDOW: Duration = Duration::from_secs(300);
 
     fn stored(expires: &str, generation: i64) -> StoredUrl {
         StoredUrl {
