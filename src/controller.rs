@@ -1,6 +1,6 @@
 //! Wires the kube-runtime controller(s): watches, caches, concurrency and shutdown.
 
-use crate::crd::{EmbedUrlRequest, OWN_ANNOTATION_PREFIX};
+use crate::crd::{CachedRequest, EmbedUrlRequest, OWN_ANNOTATION_PREFIX};
 use crate::identity::AwsClients;
 use crate::policy::EmbedUrlPolicy;
 use crate::providers::Service;
@@ -14,7 +14,7 @@ use futures::channel::mpsc::UnboundedSender;
 use futures::{StreamExt, future, stream};
 use jiff::Timestamp;
 use k8s_openapi::api::core::v1::{Namespace, Secret};
-use kube::core::{DeserializeGuard, PartialObjectMeta};
+use kube::core::PartialObjectMeta;
 use kube::runtime::events::Reporter;
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{Controller, WatchStreamExt, controller, watcher};
@@ -27,9 +27,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 use tokio::sync::watch;
 use tracing::{debug, warn};
-
-/// A request as watched and cached: readable or not (see `reconciler::reconcile`).
-type CachedRequest = DeserializeGuard<EmbedUrlRequest>;
 
 /// Name that events and the leader lease report the operator under.
 pub const CONTROLLER_NAME: &str = "embed-url-operator";
@@ -53,7 +50,7 @@ pub struct ControllerConfig {
 /// Handle on the running controllers: whether their caches are synced.
 #[derive(Clone, Default)]
 pub struct Readiness {
-    stores: Vec<(Store<DeserializeGuard<EmbedUrlRequest>>, Arc<SecretCache>)>,
+    stores: Vec<(Store<CachedRequest>, Arc<SecretCache>)>,
 }
 
 impl Readiness {
@@ -440,7 +437,7 @@ async fn watch_capacity(
 /// Drops from a cached request what the operator never reads: managedFields, labels, and
 /// annotations other than its own (`kubectl.kubernetes.io/last-applied-configuration` alone can
 /// double an object's size).
-fn trim_request(request: &mut DeserializeGuard<EmbedUrlRequest>) {
+fn trim_request(request: &mut CachedRequest) {
     request.managed_fields_mut().clear();
     request.labels_mut().clear();
     request
@@ -599,6 +596,7 @@ where
 mod tests {
     use super::*;
     use crate::crd::EmbedUrlRequestSpec;
+    use crate::guard::Guarded;
     use kube::core::ObjectMeta;
     use kube::core::error_boundary::InvalidObject;
     use watcher::Event::{Apply, Delete, Init, InitApply, InitDone};
@@ -672,11 +670,11 @@ mod tests {
     fn request(uid: &str, generation: i64, resource_version: u32) -> CachedRequest {
         let mut request = EmbedUrlRequest::new("sales", EmbedUrlRequestSpec::default());
         request.metadata = metadata(&format!("sales-{uid}"), uid, generation, resource_version);
-        DeserializeGuard(Ok(request))
+        Guarded(Ok(request))
     }
 
     fn unreadable(uid: &str, resource_version: u32) -> CachedRequest {
-        DeserializeGuard(Err(InvalidObject {
+        Guarded(Err(InvalidObject {
             error: "invalid type".into(),
             metadata: metadata(&format!("sales-{uid}"), uid, 1, resource_version),
         }))

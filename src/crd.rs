@@ -33,6 +33,10 @@ pub const SECRET_NAME_PATTERN: &str =
 /// Pattern of a QuickSight console entry point.
 pub const ENTRY_POINT_PATTERN: &str = r"^(/start|/start/analyses|/start/dashboards|/start/favorites|/dashboards/[^/]+|/analyses/[^/]+)$";
 
+/// A request as watched and cached: readable, or its metadata and why it is not (written
+/// around the schema; see `reconciler::reconcile`).
+pub type CachedRequest = crate::guard::Guarded<EmbedUrlRequest>;
+
 /// Asks the operator to keep a fresh, short-lived AWS sign-in URL in a Secret.
 ///
 /// Exactly one of `quickSight`, `qBusiness` or `flink` selects the AWS API that mints the URL.

@@ -9,6 +9,7 @@
 pub mod controller;
 pub mod crd;
 pub mod error;
+pub mod guard;
 pub mod http;
 pub mod identity;
 pub mod leader;

@@ -4,7 +4,9 @@
 //! [`crate::schedule`], and the status is only written when it differs from what is stored, so
 //! the echoes of the operator's own writes settle at once.
 
-use crate::crd::{EmbedUrlRequest, EmbedUrlRequestSpec, EmbedUrlRequestStatus, READY_CONDITION};
+use crate::crd::{
+    CachedRequest, EmbedUrlRequest, EmbedUrlRequestSpec, EmbedUrlRequestStatus, READY_CONDITION,
+};
 use crate::error::{Error, Result};
 use crate::identity::{AwsClients, Identity};
 use crate::policy::{self, Ask, Decision, EmbedUrlPolicy, PolicyMode};
@@ -25,7 +27,7 @@ use compact_str::CompactString;
 use jiff::Timestamp;
 use k8s_openapi::api::core::v1::{Namespace, Secret};
 use kube::api::{Api, DynamicObject, Patch, PatchParams};
-use kube::core::{ApiResource, DeserializeGuard, PartialObjectMeta, error_boundary::InvalidObject};
+use kube::core::{ApiResource, PartialObjectMeta, error_boundary::InvalidObject};
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::reflector::{ObjectRef, Store};
@@ -121,7 +123,7 @@ fn api_retry_delay(retryable: bool, failures: u32) -> Duration {
 /// dispatches readable and unreadable objects, then puts the request back in the queue for
 /// its next refresh or check.
 pub async fn reconcile(
-    object: Arc<DeserializeGuard<EmbedUrlRequest>>,
+    object: Arc<CachedRequest>,
     ctx: Arc<Context>,
 ) -> Result<Action> {
     let key = RequestKey::of(&*object);
@@ -143,7 +145,7 @@ pub async fn reconcile(
 /// When the URL in the request's Secret stops working, as its status says (the use-by time of
 /// the last mint, written with the Secret); now if it has none, or the request cannot be read.
 /// Orders the requests that are due when there are more than slots: earliest first.
-pub fn urgency(object: &DeserializeGuard<EmbedUrlRequest>) -> Timestamp {
+pub fn urgency(object: &CachedRequest) -> Timestamp {
     let status = object.0.as_ref().ok().and_then(|r| r.status.as_ref());
     status
         .and_then(|s| schedule::parse_time(s.url_expires_at.as_deref()))
@@ -166,7 +168,7 @@ impl Next {
 
 /// What the controller does after a failed reconcile: retry soon when that can help.
 pub fn error_policy(
-    object: Arc<DeserializeGuard<EmbedUrlRequest>>,
+    object: Arc<CachedRequest>,
     error: &Error,
     ctx: Arc<Context>,
 ) -> Action {
