@@ -32,6 +32,7 @@ use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Resource, ResourceExt};
+use std::borrow::Cow;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -122,10 +123,7 @@ fn api_retry_delay(retryable: bool, failures: u32) -> Duration {
 /// Entry point for the controller (which only ever runs what [`WorkQueue`] hands it):
 /// dispatches readable and unreadable objects, then puts the request back in the queue for
 /// its next refresh or check.
-pub async fn reconcile(
-    object: Arc<CachedRequest>,
-    ctx: Arc<Context>,
-) -> Result<Action> {
+pub async fn reconcile(object: Arc<CachedRequest>, ctx: Arc<Context>) -> Result<Action> {
     let key = RequestKey::of(&*object);
     let _running = ctx.queue.start(&key);
     let timer = ctx.metrics.reconcile_started();
@@ -167,11 +165,7 @@ impl Next {
 }
 
 /// What the controller does after a failed reconcile: retry soon when that can help.
-pub fn error_policy(
-    object: Arc<CachedRequest>,
-    error: &Error,
-    ctx: Arc<Context>,
-) -> Action {
+pub fn error_policy(object: Arc<CachedRequest>, error: &Error, ctx: Arc<Context>) -> Action {
     let key = RequestKey::of(&*object);
     let failures = ctx.failures.record_failure(&key.namespace, &key.name);
     let delay = api_retry_delay(error.is_retryable(), failures);
@@ -740,15 +734,7 @@ async fn server_side_apply_secret(
     let namespace = request.namespace().unwrap_or_default();
     let api: Api<Secret> = Api::namespaced(ctx.client.clone(), &namespace);
     let mut secret = secret::render(request, content);
-    // Server-side apply needs apiVersion and kind in the body.
     secret.metadata.managed_fields = None;
-    let body = serde_json::json!({
-        "apiVersion": "v1",
-        "kind": "Secret",
-        "metadata": secret.metadata,
-        "type": secret.type_,
-        "data": secret.data,
-    });
     // What is written becomes known: the watch's echo of this write, whether it arrives before
     // or after the response, triggers no reconcile.
     ctx.secrets.begin_write(&namespace, content.name);
@@ -759,7 +745,8 @@ async fn server_side_apply_secret(
         .patch_metadata(
             content.name,
             &PatchParams::apply(FIELD_MANAGER).force(),
-            &Patch::Apply(&body),
+            // k8s-openapi writes apiVersion and kind, which server-side apply needs.
+            &Patch::Apply(&secret),
         )
         .await
         .map(|answer| Secret {
@@ -815,6 +802,16 @@ async fn apply_status(
     apply_status_of(ctx, &namespace, &request.name_any(), status).await
 }
 
+/// The body of a status apply: serialized straight from the status, with no JSON value built
+/// in between (once per refresh).
+#[derive(serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+struct StatusApply<'a> {
+    api_version: Cow<'static, str>,
+    kind: Cow<'static, str>,
+    status: &'a EmbedUrlRequestStatus,
+}
+
 /// Writes the status of the request `namespace/name` with server-side apply.
 async fn apply_status_of(
     ctx: &Context,
@@ -822,11 +819,11 @@ async fn apply_status_of(
     name: &str,
     status: &EmbedUrlRequestStatus,
 ) -> Result<()> {
-    let body = serde_json::json!({
-        "apiVersion": EmbedUrlRequest::api_version(&()),
-        "kind": EmbedUrlRequest::kind(&()),
-        "status": serde_json::to_value(status).map_err(|source| Error::Serialize { what: "status", source })?,
-    });
+    let body = StatusApply {
+        api_version: EmbedUrlRequest::api_version(&()),
+        kind: EmbedUrlRequest::kind(&()),
+        status,
+    };
     let params = PatchParams::apply(FIELD_MANAGER).force();
     patch_status(ctx, namespace, name, &params, &Patch::Apply(&body))
         .await
