@@ -890,7 +890,12 @@ async fn publish_transition(
     let recorder = Recorder::new(ctx.client.clone(), ctx.reporter.clone());
     if let Err(error) = recorder.publish(&event, &request.object_ref(&())).await {
         // An event is a courtesy; failing to publish one must not fail the reconcile.
-        warn!(error = %error, "could not publish event");
+        warn!(
+            namespace = request.namespace().as_deref().unwrap_or_default(),
+            name = request.name_any(),
+            error = %error,
+            "could not publish event"
+        );
     }
 }
 
