@@ -1,6 +1,6 @@
 //! Wires the kube-runtime controller(s): watches, caches, concurrency and shutdown.
 
-use crate::crd::{CachedRequest, EmbedUrlRequest, OWN_ANNOTATION_PREFIX};
+use crate::crd::{CachedRequest, OWN_ANNOTATION_PREFIX};
 use crate::identity::AwsClients;
 use crate::policy::EmbedUrlPolicy;
 use crate::providers::Service;
@@ -157,16 +157,8 @@ pub fn run(
         // operator's own objects only, and the echo of the operator's own Secret writes
         // triggers no reconcile.
         let secret_cache = Arc::new(SecretCache::default());
-        // A relist (after 410 Gone, when the watch could not resume) replaces the cache but
-        // reports no deletion for a Secret that vanished while the watch was down, so the
-        // owner of a Secret deleted in that gap would not be reconciled until its next planned
-        // refresh, and its Secret would stay missing that long. After every relist but the
-        // first (the initial list of requests reconciles everything anyway), every request is
-        // reconciled against the fresh cache; those whose Secret is present do nothing.
-        let mut first_list = true;
         let observing = secret_cache.clone();
         let owners = queue.clone();
-        let relisted_requests = request_store.clone();
         let secret_changes = watcher(
             secrets,
             watcher::Config::default().labels(MANAGED_SECRETS_SELECTOR),
@@ -174,18 +166,11 @@ pub fn run(
         .default_backoff()
         .filter_map(move |event| {
             match event {
+                // A change by someone else, or a Secret a relist no longer shows: reconcile the
+                // request that owns it.
                 Ok(event) => {
-                    let relist_done = matches!(event, watcher::Event::InitDone);
-                    // A change by someone else: reconcile the request that owns the Secret.
-                    if let Some(owner) = observing.observe(event).as_ref().and_then(owner_of) {
+                    for owner in observing.observe(event) {
                         owners.schedule_now(&owner);
-                    }
-                    if relist_done && !std::mem::replace(&mut first_list, false) {
-                        // Relists in a row make one reconcile of each: the queue keeps one
-                        // entry per request.
-                        for request in relisted_requests.state() {
-                            owners.schedule_now(&RequestKey::of(&*request));
-                        }
                     }
                 }
                 Err(error) => warn!(error = %error, "Secret watch failed; retrying"),
@@ -378,16 +363,6 @@ fn urgency_from(stores: Vec<(Option<String>, Store<CachedRequest>)>) -> Urgency 
             .map_or_else(Timestamp::now, |request| reconciler::urgency(&request))
             .as_millisecond()
     })
-}
-
-/// The request that controls a Secret, from its controller owner reference.
-fn owner_of(secret: &PartialObjectMeta<Secret>) -> Option<RequestKey> {
-    let owner = secret.owner_references().iter().find(|owner| {
-        owner.controller == Some(true)
-            && owner.kind == EmbedUrlRequest::kind(&())
-            && owner.api_version == EmbedUrlRequest::api_version(&())
-    })?;
-    Some(RequestKey::new(&secret.namespace()?, &owner.name))
 }
 
 /// Whether a controller watching `scope` (`None`: every namespace) serves `namespace`.
@@ -595,7 +570,7 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::crd::EmbedUrlRequestSpec;
+    use crate::crd::{EmbedUrlRequest, EmbedUrlRequestSpec};
     use crate::guard::Guarded;
     use kube::core::ObjectMeta;
     use kube::core::error_boundary::InvalidObject;
@@ -793,37 +768,5 @@ mod tests {
         );
         assert_eq!(after.concat(), ["sales-u1", "sales-u2"]);
         assert_eq!(after[5].len(), 2, "all at the end");
-    }
-
-    #[test]
-    fn a_secret_belongs_to_the_request_that_controls_it() {
-        use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
-        let owner = |kind: &str, controller: bool| OwnerReference {
-            api_version: "embedurl.io/v1alpha1".into(),
-            kind: kind.into(),
-            name: "sales".into(),
-            uid: "u1".into(),
-            controller: Some(controller),
-            ..OwnerReference::default()
-        };
-        let secret = |owners: Vec<OwnerReference>| PartialObjectMeta::<Secret> {
-            metadata: ObjectMeta {
-                name: Some("sales-url".into()),
-                namespace: Some("analytics".into()),
-                owner_references: Some(owners),
-                ..ObjectMeta::default()
-            },
-            ..PartialObjectMeta::default()
-        };
-        assert_eq!(
-            owner_of(&secret(vec![owner("EmbedUrlRequest", true)])),
-            Some(RequestKey::new("analytics", "sales"))
-        );
-        assert_eq!(
-            owner_of(&secret(vec![owner("EmbedUrlRequest", false)])),
-            None
-        );
-        assert_eq!(owner_of(&secret(vec![owner("ConfigMap", true)])), None);
-        assert_eq!(owner_of(&secret(vec![])), None);
     }
 }

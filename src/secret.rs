@@ -142,6 +142,13 @@ pub struct DataFacts {
 }
 
 impl SecretSnapshot {
+    /// The name of the `EmbedUrlRequest` whose controller reference the Secret carries.
+    pub fn controlling_request(&self) -> Option<&str> {
+        let (kind_and_name, _uid) = self.controller.as_ref()?;
+        let (kind, name) = kind_and_name.split_once('/')?;
+        (kind == EmbedUrlRequest::kind(&())).then_some(name)
+    }
+
     /// The snapshot of a whole Secret, as read or written.
     pub fn of(secret: &Secret) -> Self {
         let data = secret.data.as_ref();

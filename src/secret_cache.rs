@@ -13,10 +13,13 @@
 //! written `resourceVersion` was the echo, and any other means someone else changed the Secret
 //! meanwhile, which the writer is told about.
 
+use crate::crd::EmbedUrlRequest;
 use crate::secret::SecretSnapshot;
+use crate::work_queue::RequestKey;
 use k8s_openapi::api::core::v1::Secret;
 use kube::core::PartialObjectMeta;
 use kube::runtime::watcher;
+use kube::{Resource, ResourceExt};
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, MutexGuard};
@@ -108,20 +111,17 @@ impl SecretCache {
         self.lock().entries.is_empty()
     }
 
-    /// Applies one event of the metadata-only watch. Returns the Secret if its owner should be
-    /// reconciled: it appeared, changed under someone else's hand, or went away.
-    pub fn observe(
-        &self,
-        event: watcher::Event<PartialObjectMeta<Secret>>,
-    ) -> Option<PartialObjectMeta<Secret>> {
+    /// Applies one event of the metadata-only watch. Returns the requests to reconcile: the
+    /// owner of a Secret that appeared, changed under someone else's hand, or went away.
+    pub fn observe(&self, event: watcher::Event<PartialObjectMeta<Secret>>) -> Vec<RequestKey> {
         let mut state = self.lock();
-        match event {
+        let changed = match event {
             watcher::Event::Apply(meta) => state.apply(meta),
             watcher::Event::Delete(meta) => {
                 let key = meta_key(&meta);
                 if let Some(held) = state.writing.get_mut(&key) {
                     *held = Some(None);
-                    return None;
+                    return Vec::new();
                 }
                 state.entries.remove(&key);
                 Some(meta)
@@ -137,15 +137,25 @@ impl SecretCache {
                 state.apply(meta)
             }
             watcher::Event::InitDone => {
-                // Secrets deleted while the watch was down get no Delete event: drop them here.
-                // Their owners are reconciled by the controller's reconcile-all after a relist.
-                if let Some(seen) = state.relisting.take() {
-                    state.entries.retain(|key, _| seen.contains(key));
-                }
                 self.synced.store(true, Ordering::Release);
-                None
+                // A relist reports no deletion for a Secret that went away (or lost the label)
+                // while the watch was down: those are the known ones it did not show. Their
+                // owners are reconciled; the Secrets it showed unchanged need nothing.
+                let Some(seen) = state.relisting.take() else {
+                    return Vec::new();
+                };
+                let mut vanished = Vec::new();
+                state.entries.retain(|key, snapshot| {
+                    let kept = seen.contains(key);
+                    if !kept && let Some(owner) = snapshot.controlling_request() {
+                        vanished.push(RequestKey::new(&key.0, owner));
+                    }
+                    kept
+                });
+                return vanished;
             }
-        }
+        };
+        changed.as_ref().and_then(owner_of).into_iter().collect()
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -188,6 +198,16 @@ impl State {
     }
 }
 
+/// The request that controls this Secret, if one does.
+fn owner_of(secret: &PartialObjectMeta<Secret>) -> Option<RequestKey> {
+    let owner = secret.owner_references().iter().find(|owner| {
+        owner.controller == Some(true)
+            && owner.kind == EmbedUrlRequest::kind(&())
+            && owner.api_version == EmbedUrlRequest::api_version(&())
+    })?;
+    Some(RequestKey::new(&secret.namespace()?, &owner.name))
+}
+
 fn key(namespace: &str, name: &str) -> Key {
     (namespace.into(), name.into())
 }
@@ -215,6 +235,7 @@ mod tests {
                 labels: labelled
                     .then(|| [(MANAGED_BY_LABEL.to_string(), MANAGED_BY_VALUE.to_string())].into()),
                 owner_references: Some(vec![OwnerReference {
+                    api_version: "embedurl.io/v1alpha1".into(),
                     controller: Some(true),
                     uid: "uid-1".into(),
                     kind: "EmbedUrlRequest".into(),
@@ -233,6 +254,11 @@ mod tests {
             type_: Some("Opaque".into()),
             ..Default::default()
         }
+    }
+
+    /// The request that controls the Secret of these tests.
+    fn owner() -> RequestKey {
+        RequestKey::new("team", "sales")
     }
 
     fn meta(version: &str) -> PartialObjectMeta<Secret> {
@@ -255,7 +281,7 @@ mod tests {
             !format!("{snapshot:?}").contains("example.test"),
             "no URL kept"
         );
-        assert!(cache.observe(watcher::Event::Apply(meta("7"))).is_none());
+        assert!(cache.observe(watcher::Event::Apply(meta("7"))).is_empty());
         assert!(matches!(cache.get("team", "sales-url"), Lookup::Known(_)));
     }
 
@@ -263,12 +289,12 @@ mod tests {
     fn someone_elses_change_makes_the_data_unknown_and_triggers() {
         let cache = SecretCache::default();
         cache.record(&secret("7", true));
-        assert!(cache.observe(watcher::Event::Apply(meta("8"))).is_some());
+        assert!(cache.observe(watcher::Event::Apply(meta("8"))) == [owner()]);
         assert_eq!(cache.get("team", "sales-url"), Lookup::Unknown);
         // Reading it again makes it known.
         cache.record(&secret("8", true));
         assert!(matches!(cache.get("team", "sales-url"), Lookup::Known(_)));
-        assert!(cache.observe(watcher::Event::Delete(meta("8"))).is_some());
+        assert!(cache.observe(watcher::Event::Delete(meta("8"))) == [owner()]);
         assert_eq!(cache.get("team", "sales-url"), Lookup::Unknown);
         assert!(cache.is_empty());
     }
@@ -277,18 +303,18 @@ mod tests {
     fn an_echo_that_beats_the_write_response_triggers_nothing() {
         let cache = SecretCache::default();
         cache.begin_write("team", "sales-url");
-        assert!(cache.observe(watcher::Event::Apply(meta("9"))).is_none());
+        assert!(cache.observe(watcher::Event::Apply(meta("9"))).is_empty());
         assert!(!cache.finish_write("team", "sales-url", Some(&secret("9", true))));
         assert!(matches!(cache.get("team", "sales-url"), Lookup::Known(_)));
         // Later events are handled as usual again.
-        assert!(cache.observe(watcher::Event::Apply(meta("10"))).is_some());
+        assert!(cache.observe(watcher::Event::Apply(meta("10"))) == [owner()]);
     }
 
     #[test]
     fn a_change_by_someone_else_during_a_write_is_reported() {
         let cache = SecretCache::default();
         cache.begin_write("team", "sales-url");
-        assert!(cache.observe(watcher::Event::Apply(meta("8"))).is_none());
+        assert!(cache.observe(watcher::Event::Apply(meta("8"))).is_empty());
         assert!(cache.finish_write("team", "sales-url", Some(&secret("9", true))));
         assert_eq!(
             cache.get("team", "sales-url"),
@@ -297,12 +323,12 @@ mod tests {
         );
         // Someone else's change right after the write, arriving before its response.
         cache.begin_write("team", "sales-url");
-        assert!(cache.observe(watcher::Event::Apply(meta("11"))).is_none());
+        assert!(cache.observe(watcher::Event::Apply(meta("11"))).is_empty());
         assert!(cache.finish_write("team", "sales-url", Some(&secret("10", true))));
         assert_eq!(cache.get("team", "sales-url"), Lookup::Unknown);
         // The write failed and someone deleted the Secret meanwhile.
         cache.begin_write("team", "sales-url");
-        assert!(cache.observe(watcher::Event::Delete(meta("9"))).is_none());
+        assert!(cache.observe(watcher::Event::Delete(meta("9"))).is_empty());
         assert!(cache.finish_write("team", "sales-url", None));
         assert_eq!(cache.get("team", "sales-url"), Lookup::Unknown);
         // A failed write with no event meanwhile changes nothing.
@@ -324,23 +350,83 @@ mod tests {
     }
 
     #[test]
-    fn a_relist_drops_secrets_deleted_while_the_watch_was_down() {
+    fn a_relist_drops_secrets_deleted_while_the_watch_was_down_and_names_their_owners() {
         let cache = SecretCache::default();
+        // Written by the operator before the first listing, deleted before it was taken.
         cache.record(&secret("7", true));
         assert!(!cache.is_synced());
-        cache.observe(watcher::Event::Init);
-        cache.observe(watcher::Event::InitDone);
+        assert!(cache.observe(watcher::Event::Init).is_empty());
+        assert_eq!(cache.observe(watcher::Event::InitDone), [owner()]);
         assert!(cache.is_synced());
         assert!(cache.is_empty());
 
+        // A relist that shows the Secret as known: nothing to reconcile, the snapshot stays.
         cache.record(&secret("7", true));
         cache.observe(watcher::Event::Init);
         assert!(
             cache
                 .observe(watcher::Event::InitApply(meta("7")))
-                .is_none()
+                .is_empty()
         );
-        cache.observe(watcher::Event::InitDone);
+        assert!(cache.observe(watcher::Event::InitDone).is_empty());
         assert!(matches!(cache.get("team", "sales-url"), Lookup::Known(_)));
+
+        // A relist that shows it changed: its owner, once.
+        cache.observe(watcher::Event::Init);
+        assert_eq!(
+            cache.observe(watcher::Event::InitApply(meta("9"))),
+            [owner()]
+        );
+        assert!(cache.observe(watcher::Event::InitDone).is_empty());
+
+        // A relist that no longer shows it: its owner.
+        cache.observe(watcher::Event::Init);
+        assert_eq!(cache.observe(watcher::Event::InitDone), [owner()]);
+        assert!(cache.is_empty());
+    }
+
+    #[test]
+    fn a_vanished_secret_controlled_by_something_else_names_no_owner() {
+        let cache = SecretCache::default();
+        let mut foreign = secret("7", true);
+        if let Some(owners) = foreign.metadata.owner_references.as_mut() {
+            owners[0].kind = "ConfigMap".into();
+        }
+        cache.record(&foreign);
+        cache.observe(watcher::Event::Init);
+        assert!(cache.observe(watcher::Event::InitDone).is_empty());
+        assert!(cache.is_empty());
+    }
+
+    #[test]
+    fn a_secret_belongs_to_the_request_that_controls_it() {
+        use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
+        let owner = |kind: &str, controller: bool| OwnerReference {
+            api_version: "embedurl.io/v1alpha1".into(),
+            kind: kind.into(),
+            name: "sales".into(),
+            uid: "u1".into(),
+            controller: Some(controller),
+            ..OwnerReference::default()
+        };
+        let secret = |owners: Vec<OwnerReference>| PartialObjectMeta::<Secret> {
+            metadata: ObjectMeta {
+                name: Some("sales-url".into()),
+                namespace: Some("analytics".into()),
+                owner_references: Some(owners),
+                ..ObjectMeta::default()
+            },
+            ..PartialObjectMeta::default()
+        };
+        assert_eq!(
+            owner_of(&secret(vec![owner("EmbedUrlRequest", true)])),
+            Some(RequestKey::new("analytics", "sales"))
+        );
+        assert_eq!(
+            owner_of(&secret(vec![owner("EmbedUrlRequest", false)])),
+            None
+        );
+        assert_eq!(owner_of(&secret(vec![owner("ConfigMap", true)])), None);
+        assert_eq!(owner_of(&secret(vec![])), None);
     }
 }

@@ -158,7 +158,7 @@ async fn settled_requests_make_no_aws_calls_and_no_writes() {
     // create + one status write: the echoes of the operator's own writes change nothing.
     assert_eq!(request_writes, 2);
 
-    // Every watch ends and relists: every object is reconciled again, with nothing to do.
+    // Every watch ends and resumes: nothing to do.
     h.kube.end_all_watches();
     // An unrelated metadata change also triggers a reconcile.
     h.requests()
