@@ -28,6 +28,10 @@
 //!   (see [`FakeApiServer::compact_history`], [`FakeApiServer::set_history_limit`]) gets an
 //!   `ERROR` event with a 410 Expired Status;
 //!   streaming lists (`sendInitialEvents=true`, ended by a `k8s.io/initial-events-end` bookmark);
+//!   with `allowWatchBookmarks=true`, a BOOKMARK at the latest resourceVersion every minute (see
+//!   [`FakeApiServer::set_bookmark_interval`]) and 2 s before the watch times out, as the API
+//!   server's watch cache sends them, so that a quiet watch resumes where the server is rather
+//!   than from a version compaction has passed;
 //!   `timeoutSeconds`; an object that leaves a watch's selectors is a DELETED event for it, one
 //!   that enters them an ADDED event;
 //! - finalizers: deleting an object that has some only sets `deletionTimestamp`; it goes once an
@@ -67,8 +71,8 @@
 //!   `remainingItemCount`.
 //! - No size limits like etcd's (about 1.5 MiB per object) or the API server's (3 MiB per
 //!   request): only axum's default 2 MB request body limit.
-//! - Watch: no periodic bookmarks (only the one closing a streaming list), no "too large
-//!   resourceVersion" wait; history is kept until `compact_history()`, or only the last n changes
+//! - Watch: bookmarks carry the server's latest resourceVersion as soon as a change is stored (a
+//!   real watch cache may lag behind etcd); no "too large resourceVersion" wait; history is kept until `compact_history()`, or only the last n changes
 //!   after `set_history_limit(n)` (a real etcd compacts every few minutes).
 //! - Garbage collection ignores `propagationPolicy` (always background, never orphans or
 //!   foreground) and grace periods; dependents whose owner never existed are not collected;
@@ -183,6 +187,10 @@ const GARBAGE_COLLECTION_DELAY: Duration = Duration::from_millis(5);
 const WATCH_BUFFER: usize = 1024;
 /// Watch duration when the request has no `timeoutSeconds`.
 const DEFAULT_WATCH_TIMEOUT: Duration = Duration::from_secs(1800);
+/// How often a watch that asked for bookmarks gets one (the API server's watch cache: a minute).
+const DEFAULT_BOOKMARK_INTERVAL: Duration = Duration::from_secs(60);
+/// How long before a watch times out its last bookmark is sent (the API server's: 2 s).
+const BOOKMARK_BEFORE_TIMEOUT: Duration = Duration::from_secs(2);
 const INITIAL_EVENTS_END: &str = "k8s.io/initial-events-end";
 const META_API_VERSION: &str = "meta.k8s.io/v1";
 const APPLY: &str = "Apply";
@@ -382,6 +390,12 @@ impl FakeApiServer {
         store.trim_history();
     }
 
+    /// How often watches opened from now on that asked for bookmarks get one (default a minute,
+    /// as a real API server); the one 2 s before a watch times out is sent regardless.
+    pub fn set_bookmark_interval(&self, interval: Duration) {
+        self.lock().bookmark_interval = interval.max(Duration::from_millis(10));
+    }
+
     /// Calls `observer` with every change the server stores from now on (creations, updates,
     /// deletions, garbage collection), in resourceVersion order. It runs while the server's state
     /// is locked: it must be quick and must not call the server.
@@ -472,9 +486,23 @@ impl FakeApiServer {
             })?),
             None => DEFAULT_WATCH_TIMEOUT,
         };
-        let (replay, live) = self.lock().open_watch(&filter, query)?;
+        let bookmarks = query.get("allowWatchBookmarks").map(String::as_str) == Some("true");
+        let (replay, live, bookmarks) = {
+            let store = self.lock();
+            let (replay, live) = store.open_watch(&filter, query)?;
+            let bookmarks = bookmarks.then(|| Bookmarks {
+                every: store.bookmark_interval,
+                resource_version: store.resource_version,
+            });
+            (replay, live, bookmarks)
+        };
         let events = stream::iter(replay)
-            .chain(live_events(live, filter, Instant::now() + timeout))
+            .chain(live_events(
+                live,
+                filter,
+                bookmarks,
+                Instant::now() + timeout,
+            ))
             .map(Ok::<_, Infallible>);
         Ok((
             StatusCode::OK,
@@ -529,6 +557,7 @@ struct Store {
     history: VecDeque<Arc<Change>>,
     /// Most changes kept in `history` (see [`FakeApiServer::set_history_limit`]); `None`: all.
     history_limit: Option<usize>,
+    bookmark_interval: Duration,
     observers: Vec<Observer>,
     /// A watch may start from this resourceVersion or a later one; older ones get 410.
     oldest_resumable: u64,
@@ -712,6 +741,7 @@ impl Store {
             resource_version: 1,
             history: VecDeque::new(),
             history_limit: None,
+            bookmark_interval: DEFAULT_BOOKMARK_INTERVAL,
             observers: Vec::new(),
             oldest_resumable: 0,
             watchers,
@@ -1455,15 +1485,20 @@ impl WatchFilter {
 
     /// The bookmark that ends the initial events of a streaming list.
     fn initial_events_end(&self, resource_version: u64) -> Bytes {
+        self.bookmark(resource_version, json!({ INITIAL_EVENTS_END: "true" }))
+    }
+
+    /// A BOOKMARK event: the watch has seen everything up to `resource_version`.
+    fn bookmark(&self, resource_version: u64, annotations: Value) -> Bytes {
         let (api_version, kind) = if self.metadata_only {
             (META_API_VERSION, "PartialObjectMetadata")
         } else {
             (self.kind.api_version, self.kind.kind)
         };
-        let metadata = json!({
-            "resourceVersion": resource_version.to_string(),
-            "annotations": { INITIAL_EVENTS_END: "true" },
-        });
+        let mut metadata = json!({ "resourceVersion": resource_version.to_string() });
+        if annotations.as_object().is_some_and(|a| !a.is_empty()) {
+            metadata["annotations"] = annotations;
+        }
         event_line(
             "BOOKMARK",
             json!({ "apiVersion": api_version, "kind": kind, "metadata": metadata }),
@@ -1471,20 +1506,49 @@ impl WatchFilter {
     }
 }
 
+/// The periodic bookmarks of a watch that asked for them.
+struct Bookmarks {
+    every: Duration,
+    /// The latest resourceVersion the watch has been told about or skipped past (changes of
+    /// other kinds or outside its selectors move it too, as etcd's revision does).
+    resource_version: u64,
+}
+
+impl Bookmarks {
+    /// When the next bookmark is due: a period from now, but never later than 2 s before the
+    /// watch ends; once that one is sent, none until the end.
+    fn next_after(&self, now: Instant, deadline: Instant) -> Instant {
+        let last_call = deadline.checked_sub(BOOKMARK_BEFORE_TIMEOUT).unwrap_or(now);
+        if now < last_call {
+            (now + self.every).min(last_call)
+        } else {
+            deadline
+        }
+    }
+}
+
 fn live_events(
     receiver: Option<broadcast::Receiver<WatchSignal>>,
     filter: WatchFilter,
+    bookmarks: Option<Bookmarks>,
     deadline: Instant,
 ) -> impl Stream<Item = Bytes> {
+    let first_bookmark = bookmarks
+        .as_ref()
+        .map_or(deadline, |b| b.next_after(Instant::now(), deadline));
     stream::unfold(
-        receiver.map(|receiver| (receiver, filter)),
+        receiver.map(|receiver| (receiver, filter, bookmarks, first_bookmark)),
         move |state| async move {
-            let (mut receiver, filter) = state?;
+            let (mut receiver, filter, mut bookmarks, mut next_bookmark) = state?;
             loop {
-                match tokio::time::timeout_at(deadline, receiver.recv()).await {
+                match tokio::time::timeout_at(next_bookmark.min(deadline), receiver.recv()).await {
                     Ok(Ok(WatchSignal::Change(change))) => {
+                        if let Some(bookmarks) = bookmarks.as_mut() {
+                            bookmarks.resource_version = change.resource_version;
+                        }
                         if let Some(line) = filter.render(&change) {
-                            return Some((line, Some((receiver, filter))));
+                            let state = (receiver, filter, bookmarks, next_bookmark);
+                            return Some((line, Some(state)));
                         }
                     }
                     // Timed out, closed by end_all_watches, or more than WATCH_BUFFER changes
@@ -1495,7 +1559,15 @@ fn live_events(
                             return None;
                         }
                     }
-                    Ok(Ok(WatchSignal::CloseAll) | Err(_)) | Err(_) => return None,
+                    Ok(Ok(WatchSignal::CloseAll) | Err(_)) => return None,
+                    Err(_elapsed) => {
+                        let now = Instant::now();
+                        // The deadline, or a bookmark due before it.
+                        let due = bookmarks.as_ref().filter(|_| now < deadline)?;
+                        let line = filter.bookmark(due.resource_version, json!({}));
+                        next_bookmark = due.next_after(now, deadline);
+                        return Some((line, Some((receiver, filter, bookmarks, next_bookmark))));
+                    }
                 }
             }
         },
@@ -2849,6 +2921,106 @@ mod tests {
             "{errors:?}"
         );
         assert_eq!(server.request_count("list", "secrets"), lists + 1);
+    }
+
+    #[tokio::test]
+    async fn bookmarks_come_periodically_and_before_the_timeout_at_the_latest_version() {
+        let server = FakeApiServer::new();
+        server.set_bookmark_interval(Duration::from_millis(400));
+        server.register_kind(ResourceKind::namespaced("v1", "configmaps", "ConfigMap"));
+        let secrets: Api<Secret> = Api::default_namespaced(server.client());
+        let configmaps: Api<ConfigMap> = Api::default_namespaced(server.client());
+        let made = AtomicUsize::new(0);
+        let latest = async || {
+            let mut configmap = ConfigMap::default();
+            configmap.metadata.name = Some(format!("cm-{}", made.fetch_add(1, Ordering::Relaxed)));
+            let created = configmaps
+                .create(&PostParams::default(), &configmap)
+                .await
+                .unwrap();
+            created.resource_version().unwrap()
+        };
+        let before = latest().await;
+        let params = WatchParams::default().timeout(3);
+        let mut events = pin!(secrets.watch(&params, &before).await.unwrap());
+        let mut bookmarks = Vec::new();
+        let mut last = before.clone();
+        while let Some(event) = events.try_next().await.unwrap() {
+            let WatchEvent::Bookmark(bookmark) = event else {
+                panic!("only bookmarks expected: {event:?}")
+            };
+            bookmarks.push(bookmark.metadata.resource_version);
+            // Changes the watch does not show move its bookmarks on.
+            last = latest().await;
+        }
+        // Periodic ones at 0.4 s, 0.8 s (the next would be at 1.2 s, the last 2 s before the
+        // 3 s timeout at 1 s): 3 in all, each at the version of the latest change before it.
+        assert_eq!(bookmarks.len(), 3, "{bookmarks:?}");
+        assert_eq!(bookmarks[0], before);
+        assert!(bookmarks.windows(2).all(|w| w[0] < w[1]), "{bookmarks:?}");
+        assert_ne!(
+            bookmarks[2], last,
+            "the change after the last bookmark is not in one"
+        );
+
+        // Not asked for, none come (two would have by now).
+        let params = WatchParams::default().timeout(3).disable_bookmarks();
+        let mut quiet = pin!(secrets.watch(&params, &last).await.unwrap());
+        let first = tokio::time::timeout(Duration::from_millis(900), quiet.try_next()).await;
+        assert!(first.is_err(), "{first:?}");
+    }
+
+    #[tokio::test]
+    async fn a_quiet_watch_with_bookmarks_resumes_past_a_compaction_without_relisting() {
+        let server = FakeApiServer::new();
+        server.set_bookmark_interval(Duration::from_millis(100));
+        let secrets: Api<Secret> = Api::default_namespaced(server.client());
+        let labelled = watcher::Config::default().labels("app=shown");
+        let (store, writer) = reflector::store();
+        let mut events = pin!(reflector(writer, watcher(secrets.clone(), labelled)));
+        secrets
+            .create(&PostParams::default(), &secret("a", &[("app", "shown")]))
+            .await
+            .unwrap();
+        let listed = async {
+            while names(&store) != ["a"] {
+                events.next().await.unwrap().unwrap();
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(3), listed)
+            .await
+            .unwrap();
+        // Writes the watch does not show, then a bookmark past them, then a compaction.
+        for name in ["b", "c"] {
+            secrets
+                .create(&PostParams::default(), &secret(name, &[]))
+                .await
+                .unwrap();
+        }
+        let lists = server.request_count("list", "secrets");
+        let bookmarked = async {
+            loop {
+                if let watcher::Event::Apply(_) = events.next().await.unwrap().unwrap() {
+                    panic!("nothing to show")
+                }
+            }
+        };
+        let _ = tokio::time::timeout(Duration::from_millis(300), bookmarked).await;
+        server.compact_history();
+        server.end_all_watches();
+        let watches = server.request_count("watch", "secrets");
+        let resumed = async {
+            while server.request_count("watch", "secrets") == watches {
+                let _ = tokio::time::timeout(Duration::from_millis(50), events.next()).await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(3), resumed)
+            .await
+            .unwrap();
+        // Give a 410 the time to come back and cause a relist: none does.
+        let _ = tokio::time::timeout(Duration::from_millis(300), events.next()).await;
+        assert_eq!(server.request_count("list", "secrets"), lists, "no relist");
+        assert_eq!(names(&store), ["a"]);
     }
 
     #[tokio::test]
