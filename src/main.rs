@@ -7,6 +7,7 @@
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
+use aws_config::stalled_stream_protection::StalledStreamProtectionConfig;
 use aws_config::timeout::TimeoutConfig;
 use aws_config::{BehaviorVersion, Region};
 use clap::{Args, Parser, Subcommand};
@@ -194,7 +195,11 @@ async fn run(args: RunArgs) -> Result<(), String> {
 
     // The standard AWS chain: env, profile, web identity (IRSA), EKS Pod Identity, IMDS; and the
     // AWS_ENDPOINT_URL_* overrides. Timeouts keep a stuck call from holding a reconcile slot.
+    // They also bound a stalled answer (a few hundred bytes of JSON), so the SDK's stalled-stream
+    // protection, meant for large bodies, is off: it re-armed a timer on every poll of a
+    // response body, which woke the runtime's I/O driver once per call.
     let aws = aws_config::defaults(BehaviorVersion::latest())
+        .stalled_stream_protection(StalledStreamProtectionConfig::disabled())
         .timeout_config(
             TimeoutConfig::builder()
                 .operation_attempt_timeout(Duration::from_secs(10))
@@ -286,7 +291,15 @@ async fn run(args: RunArgs) -> Result<(), String> {
             ready_flag.set(true);
             info!("watches synced, ready");
         });
-        controllers.await;
+        // A task, not the runtime's main future: on the one-thread runtime every wake of the
+        // main future goes through the I/O driver (an eventfd write and one more epoll round),
+        // and the controllers are woken several times per refresh; a task woken on its own
+        // thread is just queued.
+        if let Err(error) = tokio::spawn(controllers).await
+            && error.is_panic()
+        {
+            std::panic::resume_unwind(error.into_panic());
+        }
     }
     let _ = http_task.await;
     info!("stopped");

@@ -181,7 +181,8 @@ impl FakeAws {
     }
 
     /// An SDK config pointing every service at this fake, with static credentials, a default
-    /// region and quick SDK retries (so tests do not wait for production backoff).
+    /// region and quick SDK retries (so tests do not wait for production backoff), and no
+    /// stalled-stream protection, like the operator's.
     pub fn sdk_config(&self) -> aws_config::SdkConfig {
         aws_config::SdkConfig::builder()
             .behavior_version(BehaviorVersion::latest())
@@ -203,6 +204,10 @@ impl FakeAws {
             )
             .sleep_impl(aws_smithy_async::rt::sleep::default_async_sleep().expect("tokio sleep"))
             .time_source(aws_smithy_async::time::SystemTimeSource::new())
+            // As the operator configures it (src/main.rs).
+            .stalled_stream_protection(
+                aws_config::stalled_stream_protection::StalledStreamProtectionConfig::disabled(),
+            )
             .build()
     }
 
