@@ -43,6 +43,8 @@ impl LeaseConfig {
 pub enum LeaderError {
     #[error("lost the leader lease {0}: stopped the controllers; restarting is the safe way back")]
     LostLease(String),
+    #[error("the controllers stopped on their own; gave the leader lease {0} up")]
+    ControllersStopped(String),
 }
 
 /// Stands by until this replica holds the Lease, then runs the controllers built by `start`
@@ -81,7 +83,7 @@ where
     ready.set(false);
     let (controllers_stop_tx, controllers_stop_rx) = watch::channel(false);
     let (readiness, controllers) = start(client.clone(), controllers_stop_rx);
-    let controllers = tokio::spawn(controllers);
+    let mut controllers = tokio::spawn(controllers);
     let ready_flag = ready.clone();
     tokio::spawn(async move {
         readiness.wait_synced().await;
@@ -93,6 +95,16 @@ where
         tokio::select! {
             _ = tokio::time::sleep(lease.retry_period()) => {},
             _ = stop.changed() => {},
+            ended = &mut controllers => {
+                // They end on their own only by panicking (see controller::run). Renewing on
+                // would keep a replica that reconciles nothing in charge: give the lease up so
+                // a standby takes over at once, and stop the process with the panic.
+                release(&api, &lease).await;
+                match ended {
+                    Err(error) if error.is_panic() => std::panic::resume_unwind(error.into_panic()),
+                    _ => return Err(LeaderError::ControllersStopped(lease.name.clone())),
+                }
+            }
         }
         if *stop.borrow() {
             break Ok(());

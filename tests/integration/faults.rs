@@ -766,3 +766,48 @@ async fn malformed_requests_get_invalid_spec_and_do_not_disturb_valid_ones() {
         "{metrics}"
     );
 }
+
+// ---- 7. A leader whose controllers die -------------------------------------------------------
+
+#[tokio::test]
+async fn a_leader_whose_controllers_panic_gives_the_lease_up_and_stops() {
+    use embed_url_operator::controller::Readiness;
+    use embed_url_operator::http::ReadyFlag;
+    use embed_url_operator::leader::{LeaseConfig, run_while_leading};
+    use k8s_openapi::api::coordination::v1::Lease;
+
+    let kube = crate::support::fake_kube::FakeApiServer::new();
+    let lease = LeaseConfig {
+        namespace: NS.to_string(),
+        name: "embed-url-operator".to_string(),
+        identity: "replica-a".to_string(),
+        duration: Duration::from_secs(3),
+    };
+    let (_stop, stop_rx) = tokio::sync::watch::channel(false);
+    let leading = tokio::spawn(run_while_leading(
+        kube.client(),
+        lease,
+        ReadyFlag::default(),
+        stop_rx,
+        |_, _| {
+            let controllers = async {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                panic!("the dispatcher died");
+            };
+            (Readiness::default(), controllers)
+        },
+    ));
+    // Well before the lease (3 s) could expire: the panic ends the leader at once.
+    let ended = tokio::time::timeout(Duration::from_secs(2), leading)
+        .await
+        .expect("the leader stopped");
+    let panic = ended.expect_err("the panic is raised again");
+    assert!(panic.is_panic());
+    let leases: Api<Lease> = Api::namespaced(kube.client(), NS);
+    let held = leases.get("embed-url-operator").await.unwrap();
+    assert_eq!(
+        held.spec.and_then(|spec| spec.holder_identity),
+        None,
+        "released for a standby"
+    );
+}
