@@ -115,7 +115,7 @@ impl SecretCache {
     /// owner of a Secret that appeared, changed under someone else's hand, or went away.
     pub fn observe(&self, event: watcher::Event<PartialObjectMeta<Secret>>) -> Vec<RequestKey> {
         let mut state = self.lock();
-        let changed = match event {
+        match event {
             watcher::Event::Apply(meta) => state.apply(meta),
             watcher::Event::Delete(meta) => {
                 let key = meta_key(&meta);
@@ -124,11 +124,11 @@ impl SecretCache {
                     return Vec::new();
                 }
                 state.entries.remove(&key);
-                Some(meta)
+                owner_of(&meta).into_iter().collect()
             }
             watcher::Event::Init => {
                 state.relisting = Some(HashSet::new());
-                None
+                Vec::new()
             }
             watcher::Event::InitApply(meta) => {
                 if let Some(seen) = state.relisting.as_mut() {
@@ -140,7 +140,10 @@ impl SecretCache {
                 self.synced.store(true, Ordering::Release);
                 // A relist reports no deletion for a Secret that went away (or lost the label)
                 // while the watch was down: those are the known ones it did not show. Their
-                // owners are reconciled; the Secrets it showed unchanged need nothing.
+                // owners are reconciled; the Secrets it showed unchanged need nothing. On the
+                // first listing too: a Secret a reconcile read before it and that was deleted
+                // before it was taken. (One the operator wrote after the listing was taken is
+                // reported as well; its owner's reconcile reads it, finds it current, and stops.)
                 let Some(seen) = state.relisting.take() else {
                     return Vec::new();
                 };
@@ -152,10 +155,9 @@ impl SecretCache {
                     }
                     kept
                 });
-                return vanished;
+                vanished
             }
-        };
-        changed.as_ref().and_then(owner_of).into_iter().collect()
+        }
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -176,25 +178,35 @@ impl State {
         }
     }
 
-    fn apply(&mut self, meta: PartialObjectMeta<Secret>) -> Option<PartialObjectMeta<Secret>> {
+    /// Records a Secret as the watch shows it; returns the requests to reconcile.
+    fn apply(&mut self, meta: PartialObjectMeta<Secret>) -> Vec<RequestKey> {
         let key = meta_key(&meta);
         if let Some(held) = self.writing.get_mut(&key) {
             // Decided when the write's response arrives (finish_write).
             *held = Some(Some(SecretSnapshot::of_metadata(&meta.metadata, None)));
-            return None;
+            return Vec::new();
         }
         let version = meta.metadata.resource_version.as_deref();
-        if let Some(known) = self.entries.get(&key)
-            && known.resource_version.as_deref() == version
-        {
+        let known = self.entries.get(&key);
+        if known.is_some_and(|known| known.resource_version.as_deref() == version) {
             // Already known at this version: the echo of the operator's own write, or a relist.
-            return None;
+            return Vec::new();
+        }
+        // The request that controls it now, and the one that did before if another: a Secret
+        // re-created or re-owned by someone else (during a watch gap, or live) leaves its
+        // former owner without a Secret.
+        let mut owners: Vec<RequestKey> = owner_of(&meta).into_iter().collect();
+        if let Some(former) = known.and_then(|known| known.controlling_request()) {
+            let former = RequestKey::new(&key.0, former);
+            if !owners.contains(&former) {
+                owners.push(former);
+            }
         }
         self.entries.insert(
             key,
             Box::new(SecretSnapshot::of_metadata(&meta.metadata, None)),
         );
-        Some(meta)
+        owners
     }
 }
 
@@ -383,6 +395,21 @@ mod tests {
         cache.observe(watcher::Event::Init);
         assert_eq!(cache.observe(watcher::Event::InitDone), [owner()]);
         assert!(cache.is_empty());
+    }
+
+    #[test]
+    fn a_secret_taken_over_by_another_request_names_both_owners() {
+        let cache = SecretCache::default();
+        cache.record(&secret("7", true));
+        let mut taken = meta("8");
+        if let Some(owners) = taken.metadata.owner_references.as_mut() {
+            owners[0].name = "marketing".into();
+            owners[0].uid = "uid-2".into();
+        }
+        assert_eq!(
+            cache.observe(watcher::Event::Apply(taken)),
+            [RequestKey::new("team", "marketing"), owner()]
+        );
     }
 
     #[test]
