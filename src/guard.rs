@@ -9,9 +9,10 @@
 //! (and 10,000 times in a row on every relist). [`Guarded`] buffers once and deserializes the
 //! typed object from a borrow of the buffer.
 //!
-//! The buffer is a generic value, not the raw JSON text: kube deserializes lists through
-//! `ObjectList`, whose flattened fields make serde hand the items over already buffered, and a
-//! raw-JSON capture fails there.
+//! The buffer is a generic value, not the raw JSON text: in a watch event whose object comes
+//! before its type, serde hands the object over already buffered, and a raw-JSON capture fails
+//! there. The API server writes the type first, but a guard that only works with one key order
+//! would turn an unusual server into a broken watch.
 
 use kube::api::ObjectMeta;
 use kube::core::error_boundary::InvalidObject;
@@ -123,8 +124,8 @@ mod tests {
     }
 
     /// kube hands the guard a serde_json deserializer in a watch event whose type comes first
-    /// (as the API server writes it), and an already buffered value in a list or in an event
-    /// whose object comes first: both work.
+    /// (as the API server writes it) and in a list, and an already buffered value in an event
+    /// whose object comes first: all work.
     #[test]
     fn works_in_watch_events_and_lists_as_kube_parses_them() {
         for line in [

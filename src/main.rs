@@ -163,8 +163,8 @@ fn run_blocking(args: RunArgs) -> ExitCode {
         return ExitCode::FAILURE;
     }
     // One thread: everything on the main thread, with no cross-thread wake-ups and one heap
-    // arena. (A multi-thread runtime with one worker still splits the work between the main
-    // thread, which runs the controllers' future, and the worker, which runs spawned tasks.)
+    // arena. (A multi-thread runtime with one worker still has two threads: the worker runs the
+    // tasks, the main thread the runtime's main future.)
     let mut builder = if args.worker_threads == 1 {
         tokio::runtime::Builder::new_current_thread()
     } else {
