@@ -140,6 +140,8 @@ options:
   --no-logs               do not format the operator's info logs (default: formatted, discarded)
   --operator-process      run the real operator binary as a child process, talking HTTP to the
                           stand-ins, and measure its own CPU and RSS (default: in-process)
+  --operator-binary PATH  run this build of the operator instead of the one cargo built, to
+                          compare two builds against the same stand-ins (implies --operator-process)
 ";
 
 #[derive(Clone, Debug)]
@@ -164,6 +166,8 @@ struct Options {
     logs: bool,
     /// Run the real binary as a child process (over HTTP) instead of in-process.
     process: bool,
+    /// The operator binary to run as a child process (default: the one cargo built).
+    binary: std::path::PathBuf,
 }
 
 impl Options {
@@ -189,6 +193,7 @@ impl Options {
             history_limit: 5_000,
             logs: true,
             process: false,
+            binary: env!("CARGO_BIN_EXE_embed-url-operator").into(),
         };
         if args.iter().any(|a| a == "--quick") {
             o.preset = "quick";
@@ -245,6 +250,10 @@ impl Options {
                 "--history-limit" => o.history_limit = number(&value()?)?,
                 "--no-logs" => o.logs = false,
                 "--operator-process" => o.process = true,
+                "--operator-binary" => {
+                    o.binary = value()?.into();
+                    o.process = true;
+                }
                 other => return Err(format!("unknown option {other}")),
             }
         }
@@ -830,7 +839,7 @@ impl<'a> World<'a> {
         let started = Instant::now();
         let (dir, kubeconfig) = self.kubeconfig.as_ref().expect("served over HTTP");
         let http = free_port();
-        let child = std::process::Command::new(env!("CARGO_BIN_EXE_embed-url-operator"))
+        let child = std::process::Command::new(&self.opts.binary)
             .arg("run")
             .env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default())
@@ -1908,9 +1917,13 @@ fn main() {
          steady refreshes ~{:.0}/s = {:.0}% of R",
         machine(),
         if opts.process {
-            "the real binary as a child process, over HTTP (loopback) to the stand-ins"
+            format!(
+                "the real binary ({}) as a child process, over HTTP (loopback) to the stand-ins",
+                opts.binary.display()
+            )
         } else {
             "in-process, on its own tokio runtime (threads op-rt), stand-ins on another (fake-rt)"
+                .to_string()
         },
         opts.preset,
         opts.burst_sizes,
