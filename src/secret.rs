@@ -10,7 +10,7 @@ use crate::providers::EmbedUrl;
 use jiff::Timestamp;
 use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::Secret;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
 use kube::Resource;
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
@@ -118,6 +118,8 @@ pub struct SecretSnapshot {
     pub resource_version: Option<Box<str>>,
     /// `Kind/name` and uid of the controlling owner reference.
     controller: Option<(Box<str>, Box<str>)>,
+    /// Whether that reference is an `EmbedUrlRequest`'s ([`is_request_controller`]).
+    controlled_by_request: bool,
     /// Whether the Secret carries the label the operator's watch selects.
     labelled: bool,
     /// The `embedurl.io/url-sha256` annotation, if it is a digest as the operator writes it.
@@ -141,12 +143,27 @@ pub struct DataFacts {
     opaque: bool,
 }
 
+/// Whether an owner reference is the controller reference of an `EmbedUrlRequest`, of any
+/// version of the API: a new CRD version keeps the group and kind, and the references written
+/// under the old one still name the same objects (as the garbage collector reads them).
+pub fn is_request_controller(owner: &OwnerReference) -> bool {
+    owner.controller == Some(true)
+        && owner.kind == EmbedUrlRequest::kind(&())
+        && owner
+            .api_version
+            .split_once('/')
+            .map(|(group, _version)| group)
+            == Some(&*EmbedUrlRequest::group(&()))
+}
+
 impl SecretSnapshot {
     /// The name of the `EmbedUrlRequest` whose controller reference the Secret carries.
     pub fn controlling_request(&self) -> Option<&str> {
-        let (kind_and_name, _uid) = self.controller.as_ref()?;
-        let (kind, name) = kind_and_name.split_once('/')?;
-        (kind == EmbedUrlRequest::kind(&())).then_some(name)
+        let (kind_and_name, _uid) = self
+            .controller
+            .as_ref()
+            .filter(|_| self.controlled_by_request)?;
+        kind_and_name.split_once('/').map(|(_kind, name)| name)
     }
 
     /// The snapshot of a whole Secret, as read or written.
@@ -177,20 +194,21 @@ impl SecretSnapshot {
                 .collect()
         };
         let annotation = |key: &str| meta.annotations.as_ref().and_then(|a| a.get(key));
-        let controller = meta
+        let controlling = meta
             .owner_references
             .iter()
             .flatten()
-            .find(|r| r.controller == Some(true))
-            .map(|c| {
-                (
-                    format!("{}/{}", c.kind, c.name).into_boxed_str(),
-                    c.uid.as_str().into(),
-                )
-            });
+            .find(|r| r.controller == Some(true));
+        let controller = controlling.map(|c| {
+            (
+                format!("{}/{}", c.kind, c.name).into_boxed_str(),
+                c.uid.as_str().into(),
+            )
+        });
         SecretSnapshot {
             resource_version: meta.resource_version.as_deref().map(Box::from),
             controller,
+            controlled_by_request: controlling.is_some_and(is_request_controller),
             labelled: meta.labels.as_ref().and_then(|l| l.get(MANAGED_BY_LABEL))
                 == Some(&MANAGED_BY_VALUE.to_string()),
             annotated_digest: annotation(URL_DIGEST_ANNOTATION).and_then(|h| parse_hex(h)),

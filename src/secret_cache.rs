@@ -13,13 +13,12 @@
 //! written `resourceVersion` was the echo, and any other means someone else changed the Secret
 //! meanwhile, which the writer is told about.
 
-use crate::crd::EmbedUrlRequest;
-use crate::secret::SecretSnapshot;
+use crate::secret::{SecretSnapshot, is_request_controller};
 use crate::work_queue::RequestKey;
 use k8s_openapi::api::core::v1::Secret;
+use kube::ResourceExt;
 use kube::core::PartialObjectMeta;
 use kube::runtime::watcher;
-use kube::{Resource, ResourceExt};
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, MutexGuard};
@@ -212,11 +211,10 @@ impl State {
 
 /// The request that controls this Secret, if one does.
 fn owner_of(secret: &PartialObjectMeta<Secret>) -> Option<RequestKey> {
-    let owner = secret.owner_references().iter().find(|owner| {
-        owner.controller == Some(true)
-            && owner.kind == EmbedUrlRequest::kind(&())
-            && owner.api_version == EmbedUrlRequest::api_version(&())
-    })?;
+    let owner = secret
+        .owner_references()
+        .iter()
+        .find(|owner| is_request_controller(owner))?;
     Some(RequestKey::new(&secret.namespace()?, &owner.name))
 }
 
@@ -414,15 +412,21 @@ mod tests {
 
     #[test]
     fn a_vanished_secret_controlled_by_something_else_names_no_owner() {
-        let cache = SecretCache::default();
-        let mut foreign = secret("7", true);
-        if let Some(owners) = foreign.metadata.owner_references.as_mut() {
-            owners[0].kind = "ConfigMap".into();
+        for (api_version, kind) in [
+            ("embedurl.io/v1alpha1", "ConfigMap"),
+            ("other.example/v1alpha1", "EmbedUrlRequest"),
+        ] {
+            let cache = SecretCache::default();
+            let mut foreign = secret("7", true);
+            if let Some(owners) = foreign.metadata.owner_references.as_mut() {
+                owners[0].api_version = api_version.into();
+                owners[0].kind = kind.into();
+            }
+            cache.record(&foreign);
+            cache.observe(watcher::Event::Init);
+            assert!(cache.observe(watcher::Event::InitDone).is_empty());
+            assert!(cache.is_empty());
         }
-        cache.record(&foreign);
-        cache.observe(watcher::Event::Init);
-        assert!(cache.observe(watcher::Event::InitDone).is_empty());
-        assert!(cache.is_empty());
     }
 
     #[test]
@@ -455,5 +459,17 @@ mod tests {
         );
         assert_eq!(owner_of(&secret(vec![owner("ConfigMap", true)])), None);
         assert_eq!(owner_of(&secret(vec![])), None);
+        // Another version of the API names the same request; another group does not.
+        let in_version = |api_version: &str| {
+            let mut reference = owner("EmbedUrlRequest", true);
+            reference.api_version = api_version.into();
+            owner_of(&secret(vec![reference]))
+        };
+        assert_eq!(
+            in_version("embedurl.io/v1"),
+            Some(RequestKey::new("analytics", "sales"))
+        );
+        assert_eq!(in_version("other.example/v1alpha1"), None);
+        assert_eq!(in_version("embedurl.io"), None);
     }
 }
