@@ -47,7 +47,12 @@ pub fn init_logging(format: LogFormat, filter: &str) -> Result<(), String> {
             .with_max_level_hint(tracing_subscriber::filter::LevelFilter::TRACE),
     );
     let layer = match format {
-        LogFormat::Text => tracing_subscriber::fmt::layer().with_target(false).boxed(),
+        // Colours only on a terminal: in a pod, `kubectl logs` and log shippers would show the
+        // escape codes as text.
+        LogFormat::Text => tracing_subscriber::fmt::layer()
+            .with_target(false)
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
+            .boxed(),
         LogFormat::Json => tracing_subscriber::fmt::layer()
             .json()
             .flatten_event(true)

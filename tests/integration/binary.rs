@@ -301,6 +301,11 @@ async fn the_binary_mints_serves_metrics_and_shuts_down_on_sigterm() {
     );
     let logs = operator.logs();
     assert!(logs.contains("minted URL"), "{logs}");
+    // Written to a file, not a terminal: plain text, no colour escape codes.
+    assert!(
+        !logs.contains('\u{1b}'),
+        "escape codes in the logs:\n{logs}"
+    );
     let leaks: Vec<&str> = logs
         .lines()
         .filter(|line| line.contains(&url) || line.contains("fake.test/sign-in"))
