@@ -37,7 +37,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 use tokio::time::Instant;
-use tracing::{debug, info, warn};
+use tracing::{Instrument, debug, debug_span, info, warn};
 
 /// How often a request blocked by a foreign Secret checks whether the Secret is gone. The
 /// operator does not watch Secrets it does not own, so it has to look.
@@ -127,10 +127,18 @@ pub async fn reconcile(object: Arc<CachedRequest>, ctx: Arc<Context>) -> Result<
     let key = RequestKey::of(&*object);
     let _running = ctx.queue.start(&key);
     let timer = ctx.metrics.reconcile_started();
-    let result = match &object.0 {
-        Ok(request) => reconcile_request(request, &ctx).await,
-        Err(invalid) => reconcile_unreadable(invalid, &ctx).await,
-    };
+    // The operator's own lines name the request at every level; this span makes the lines the
+    // libraries log meanwhile (the AWS SDK's, kube's) name it too, once `debug` is on. At
+    // `info` its callsite is disabled, so it costs nothing on the refresh path.
+    let span = debug_span!("request", namespace = &*key.namespace, name = &*key.name);
+    let result = async {
+        match &object.0 {
+            Ok(request) => reconcile_request(request, &ctx).await,
+            Err(invalid) => reconcile_unreadable(invalid, &ctx).await,
+        }
+    }
+    .instrument(span)
+    .await;
     timer.finish(result.as_ref().err().map(Error::metric_label));
     let Next(after) = result?;
     ctx.failures.forget(&key.namespace, &key.name);

@@ -75,9 +75,10 @@ pub fn may_carry_urls(level: &tracing::Level, target: &str) -> bool {
 
 /// kube-runtime's span around each reconcile (`reconciling object`, with the object's
 /// reference). It is not recorded: every line the operator logs about a request names it
-/// (`namespace`, `name`), and creating, entering and leaving the span on each poll of a reconcile
-/// was 2.5 % of the samples in a profile at 10,000 requests (too little for the benchmark's total
-/// to show, docs/benchmarks.md). Filtered per callsite, so the span is never even built.
+/// (`namespace`, `name`), the reconciler's own `debug` span names it in the libraries' lines
+/// (`reconciler::reconcile`), and creating, entering and leaving this span on each poll of a
+/// reconcile was 2.5 % of the samples in a profile at 10,000 requests (too little for the
+/// benchmark's total to show, docs/benchmarks.md). Filtered per callsite: never even built.
 pub fn is_reconcile_span(meta: &tracing::Metadata<'_>) -> bool {
     meta.is_span()
         && meta.target() == "kube_runtime::controller"

@@ -306,6 +306,14 @@ async fn the_binary_mints_serves_metrics_and_shuts_down_on_sigterm() {
         !logs.contains('\u{1b}'),
         "escape codes in the logs:\n{logs}"
     );
+    // At debug, what the AWS SDK logs during a reconcile names the request it works for.
+    assert!(
+        logs.lines().any(|line| {
+            line.contains(r#"request{namespace="analytics" name="console"}"#)
+                && line.contains(r#"rpc.method="GetSessionEmbedUrl""#)
+        }),
+        "no AWS SDK line names the request:\n{logs}"
+    );
     let leaks: Vec<&str> = logs
         .lines()
         .filter(|line| line.contains(&url) || line.contains("fake.test/sign-in"))
