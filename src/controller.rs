@@ -324,6 +324,27 @@ pub fn run(
     })
 }
 
+/// Waits for the controllers (a task already told to stop) to finish their in-flight
+/// reconciles, for at most `limit`, then drops what is left. A reconcile can wait on AWS for up
+/// to 30 s, and the kubelet kills the pod at `terminationGracePeriodSeconds`: stopping first
+/// lets a leader release its Lease and the process exit cleanly. A reconcile dropped between
+/// its AWS call and its Secret write loses only that URL; the Secret keeps the previous one.
+/// Re-raises a panic of the controllers.
+pub async fn drain(mut controllers: tokio::task::JoinHandle<()>, limit: Duration) {
+    match tokio::time::timeout(limit, &mut controllers).await {
+        Ok(Err(error)) if error.is_panic() => std::panic::resume_unwind(error.into_panic()),
+        Ok(_) => {}
+        Err(_) => {
+            warn!(
+                limit_secs = limit.as_secs_f64(),
+                "in-flight reconciles did not finish in time; dropped them"
+            );
+            controllers.abort();
+            let _ = controllers.await;
+        }
+    }
+}
+
 /// Where the queue's requests go: per watched scope, its cache and its controller.
 type Route = (
     Option<String>,

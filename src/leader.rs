@@ -2,8 +2,9 @@
 //!
 //! One replica holds the Lease and runs the controllers; the others stand by and never mint. The
 //! refresh schedule lives in the cluster, so a new leader picks up exactly where the old one
-//! stopped. A leader that cannot renew in time stops its controllers and exits, so two replicas
-//! never act at once for longer than the renewal deadline.
+//! stopped. A leader that cannot renew within the renewal deadline (each call to the API server
+//! bounded by what is left of it) drops its in-flight reconciles and exits, before any standby
+//! may consider the Lease expired.
 
 use crate::controller::Readiness;
 use crate::http::ReadyFlag;
@@ -48,12 +49,14 @@ pub enum LeaderError {
 }
 
 /// Stands by until this replica holds the Lease, then runs the controllers built by `start`
-/// until `stop` turns true (then releases the Lease) or the Lease is lost (then returns an error).
+/// until `stop` turns true (then lets in-flight reconciles finish for up to `drain_limit` and
+/// releases the Lease) or the Lease is lost (then drops them at once and returns an error).
 pub async fn run_while_leading<F, Fut>(
     client: Client,
     lease: LeaseConfig,
     ready: ReadyFlag,
     mut stop: watch::Receiver<bool>,
+    drain_limit: Duration,
     start: F,
 ) -> Result<(), LeaderError>
 where
@@ -68,7 +71,7 @@ where
         if *stop.borrow() {
             return Ok(());
         }
-        match try_acquire_or_renew(&api, &lease).await {
+        match lease_round(&api, &lease, lease.renew_deadline()).await {
             Ok(true) => break,
             Ok(false) => {}
             Err(error) => warn!(error = %error, "could not read or take the leader lease"),
@@ -109,7 +112,12 @@ where
         if *stop.borrow() {
             break Ok(());
         }
-        match try_acquire_or_renew(&api, &lease).await {
+        // A round may take only what is left of the deadline: a call that never gets an answer
+        // must not keep this replica leading past it.
+        let left = lease
+            .renew_deadline()
+            .saturating_sub(last_renewal.elapsed());
+        match lease_round(&api, &lease, left).await {
             Ok(true) => last_renewal = tokio::time::Instant::now(),
             Ok(false) => break Err(LeaderError::LostLease(lease.name.clone())),
             Err(error) => {
@@ -122,11 +130,32 @@ where
     };
 
     let _ = controllers_stop_tx.send(true);
-    let _ = controllers.await;
     if outcome.is_ok() {
+        crate::controller::drain(controllers, drain_limit).await;
         release(&api, &lease).await;
+    } else {
+        // Another replica may take the Lease a third of its duration from now: in-flight
+        // reconciles (an AWS call may take 30 s) are dropped rather than finished, so this one
+        // acts no more by then. What they minted and did not write is only a wasted URL; the
+        // Secrets still hold the previous ones.
+        controllers.abort();
+        let _ = controllers.await;
     }
     outcome
+}
+
+/// One read-and-write round on the Lease that gives up after `limit`, so that a call left
+/// without an answer (a connection to an API server that went away without closing it) counts
+/// as a failed round.
+async fn lease_round(
+    api: &Api<Lease>,
+    config: &LeaseConfig,
+    limit: Duration,
+) -> Result<bool, String> {
+    match tokio::time::timeout(limit, try_acquire_or_renew(api, config)).await {
+        Ok(outcome) => outcome.map_err(|error| error.to_string()),
+        Err(_) => Err(format!("no answer from the API server within {limit:?}")),
+    }
 }
 
 /// Takes the Lease if it is free, expired or already ours; renews it if ours. Returns whether
@@ -200,7 +229,9 @@ fn expired(spec: &LeaseSpec, now: Timestamp) -> bool {
 /// Gives the Lease up on a clean shutdown so a standby takes over at once instead of waiting
 /// for it to expire.
 async fn release(api: &Api<Lease>, config: &LeaseConfig) {
-    let Ok(Some(mut lease)) = api.get_opt(&config.name).await else {
+    // Bounded like a renewal: a shutdown must not hang on it; unreleased, the Lease expires.
+    let read = tokio::time::timeout(config.retry_period(), api.get_opt(&config.name));
+    let Ok(Ok(Some(mut lease))) = read.await else {
         return;
     };
     let Some(spec) = lease.spec.as_mut() else {
@@ -211,12 +242,14 @@ async fn release(api: &Api<Lease>, config: &LeaseConfig) {
     }
     spec.holder_identity = None;
     spec.lease_duration_seconds = Some(1);
-    match api
-        .replace(&config.name, &PostParams::default(), &lease)
-        .await
-    {
-        Ok(_) => info!(lease = %config.name, "released the leader lease"),
-        Err(error) => warn!(error = %error, "could not release the leader lease; it will expire"),
+    let params = PostParams::default();
+    let write = api.replace(&config.name, &params, &lease);
+    match tokio::time::timeout(config.retry_period(), write).await {
+        Ok(Ok(_)) => info!(lease = %config.name, "released the leader lease"),
+        Ok(Err(error)) => {
+            warn!(error = %error, "could not release the leader lease; it will expire")
+        }
+        Err(_) => warn!("no answer releasing the leader lease; it will expire"),
     }
 }
 

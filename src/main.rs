@@ -38,6 +38,8 @@ struct Cli {
 }
 
 #[derive(Subcommand, Debug)]
+// Parsed once at start and matched at once: the size of a variant costs nothing here.
+#[allow(clippy::large_enum_variant)]
 enum Command {
     /// Run the operator against the in-cluster config or the current kubeconfig (the default).
     Run(RunArgs),
@@ -111,6 +113,18 @@ struct RunArgs {
     /// How long a leader's Lease lasts without renewal, e.g. `15s`.
     #[arg(long, env = "EMBEDURL_LEASE_DURATION", default_value = "15s", value_parser = duration_arg)]
     lease_duration: Duration,
+
+    /// Longest wait for the Kubernetes API server to start answering a request, e.g. `30s`. A
+    /// connection whose peer vanished without closing it (an API server replaced mid-upgrade)
+    /// would otherwise hold a reconcile slot for as long as TCP takes to notice. Watches are
+    /// answered at once and then stream; kube-runtime bounds their silences itself.
+    #[arg(long, env = "EMBEDURL_API_TIMEOUT", default_value = "30s", value_parser = duration_arg)]
+    api_timeout: Duration,
+
+    /// On SIGTERM, how long in-flight reconciles may take to finish before they are dropped,
+    /// e.g. `20s`. Keep it below the pod's terminationGracePeriodSeconds (30 s in the chart).
+    #[arg(long, env = "EMBEDURL_DRAIN_TIMEOUT", default_value = "20s", value_parser = duration_arg)]
+    drain_timeout: Duration,
 
     /// This replica's name, for events and the Lease (the pod name on Kubernetes).
     #[arg(long, env = "POD_NAME", hide = true)]
@@ -189,9 +203,7 @@ fn run_blocking(args: RunArgs) -> ExitCode {
 }
 
 async fn run(args: RunArgs) -> Result<(), String> {
-    let client = kube::Client::try_default()
-        .await
-        .map_err(|e| format!("no Kubernetes configuration (in-cluster or kubeconfig): {e}"))?;
+    let client = kube_client(args.api_timeout).await?;
 
     // The standard AWS chain: env, profile, web identity (IRSA), EKS Pod Identity, IMDS; and the
     // AWS_ENDPOINT_URL_* overrides. Timeouts keep a stuck call from holding a reconcile slot.
@@ -278,12 +290,21 @@ async fn run(args: RunArgs) -> Result<(), String> {
             identity,
             duration: args.lease_duration,
         };
-        leader::run_while_leading(client, lease, ready, stop_rx, move |client, stop| {
-            controller::run(client, aws.clone(), config.clone(), metrics.clone(), stop)
-        })
+        let drain_limit = args.drain_timeout;
+        leader::run_while_leading(
+            client,
+            lease,
+            ready,
+            stop_rx,
+            drain_limit,
+            move |client, stop| {
+                controller::run(client, aws.clone(), config.clone(), metrics.clone(), stop)
+            },
+        )
         .await
         .map_err(|e| e.to_string())?;
     } else {
+        let mut stopping = stop_rx.clone();
         let (readiness, controllers) = controller::run(client, aws, config, metrics, stop_rx);
         let ready_flag = ready.clone();
         tokio::spawn(async move {
@@ -295,15 +316,33 @@ async fn run(args: RunArgs) -> Result<(), String> {
         // main future goes through the I/O driver (an eventfd write and one more epoll round),
         // and the controllers are woken several times per refresh; a task woken on its own
         // thread is just queued.
-        if let Err(error) = tokio::spawn(controllers).await
-            && error.is_panic()
-        {
-            std::panic::resume_unwind(error.into_panic());
+        let mut controllers = tokio::spawn(controllers);
+        let ended = tokio::select! {
+            ended = &mut controllers => Some(ended),
+            _ = stopping.wait_for(|stop| *stop) => None,
+        };
+        match ended {
+            Some(Err(error)) if error.is_panic() => std::panic::resume_unwind(error.into_panic()),
+            Some(_) => {}
+            None => controller::drain(controllers, args.drain_timeout).await,
         }
     }
     let _ = http_task.await;
     info!("stopped");
     Ok(())
+}
+
+/// The Kubernetes client (in-cluster or kubeconfig), each request bounded by `timeout` until
+/// its answer starts.
+async fn kube_client(timeout: Duration) -> Result<kube::Client, String> {
+    let config = kube::Config::infer()
+        .await
+        .map_err(|e| format!("no Kubernetes configuration (in-cluster or kubeconfig): {e}"))?;
+    let client = kube::client::ClientBuilder::try_from(config)
+        .map_err(|e| format!("could not build the Kubernetes client: {e}"))?
+        .with_layer(&tower::timeout::TimeoutLayer::new(timeout))
+        .build();
+    Ok(client)
 }
 
 async fn wait_for_signal() {

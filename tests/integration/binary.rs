@@ -399,3 +399,51 @@ async fn one_leader_mints_and_a_standby_takes_over_without_a_lapse() {
         "the standby minted before it led"
     );
 }
+
+#[tokio::test]
+async fn the_binary_gives_up_on_an_unanswered_api_call_and_bounds_its_drain() {
+    let cluster = Cluster::start().await;
+    // The first Secret write reaches the API server and is never answered.
+    cluster.kube.inject_stall("patch", "secrets", 1);
+    let mut operator = cluster.spawn(
+        "operator",
+        "10s",
+        &["--api-timeout=1s", "--drain-timeout=1s"],
+    );
+    operator.wait_ready().await;
+    cluster.create("console", quick_sight()).await;
+    // That write times out after a second, the reconcile is retried, and the Secret written.
+    eventually("URL in the Secret after an unanswered write", WAIT, || {
+        cluster.secret_value("console", "url")
+    })
+    .await;
+    assert!(cluster.kube.request_count("patch", "secrets") >= 2);
+
+    // A refresh whose AWS call takes a minute is in flight when SIGTERM comes: the operator
+    // waits for it only as long as --drain-timeout, then exits cleanly.
+    cluster.aws.set_latency(Duration::from_secs(60));
+    let api: Api<EmbedUrlRequest> = Api::namespaced(cluster.kube.client(), NS);
+    api.patch(
+        "console",
+        &kube::api::PatchParams::default(),
+        &kube::api::Patch::Merge(serde_json::json!({
+            "metadata": {"annotations": {"embedurl.io/refresh-requested-at": "now"}}
+        })),
+    )
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    let began = std::time::Instant::now();
+    let exit = operator.terminate().await;
+    assert!(exit.success(), "{exit:?}\n{}", operator.logs());
+    assert!(
+        began.elapsed() < Duration::from_secs(5),
+        "took {:?} to exit",
+        began.elapsed()
+    );
+    let logs = operator.logs();
+    assert!(
+        logs.contains("in-flight reconciles did not finish in time"),
+        "{logs}"
+    );
+}

@@ -789,6 +789,7 @@ async fn a_leader_whose_controllers_panic_gives_the_lease_up_and_stops() {
         lease,
         ReadyFlag::default(),
         stop_rx,
+        Duration::from_secs(20),
         |_, _| {
             let controllers = async {
                 tokio::time::sleep(Duration::from_millis(200)).await;
@@ -803,6 +804,107 @@ async fn a_leader_whose_controllers_panic_gives_the_lease_up_and_stops() {
         .expect("the leader stopped");
     let panic = ended.expect_err("the panic is raised again");
     assert!(panic.is_panic());
+    let leases: Api<Lease> = Api::namespaced(kube.client(), NS);
+    let held = leases.get("embed-url-operator").await.unwrap();
+    assert_eq!(
+        held.spec.and_then(|spec| spec.holder_identity),
+        None,
+        "released for a standby"
+    );
+}
+
+// ---- 8. A leader cut off from the API server, and a leader asked to stop ------------------------
+
+/// A lease of 3 s (renewed every second, given up 2 s after the last renewal) led by a replica
+/// whose controllers are busy with a reconcile that does not stop when told (an AWS call that
+/// takes long). Returns the leader's task, the stop sender, and a flag that
+/// turns true once the controllers started.
+fn leader_with_busy_controllers(
+    kube: &crate::support::fake_kube::FakeApiServer,
+    drain_limit: Duration,
+) -> (
+    tokio::task::JoinHandle<Result<(), embed_url_operator::leader::LeaderError>>,
+    tokio::sync::watch::Sender<bool>,
+    std::sync::Arc<std::sync::atomic::AtomicBool>,
+) {
+    use embed_url_operator::controller::Readiness;
+    use embed_url_operator::http::ReadyFlag;
+    use embed_url_operator::leader::{LeaseConfig, run_while_leading};
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    let lease = LeaseConfig {
+        namespace: NS.to_string(),
+        name: "embed-url-operator".to_string(),
+        identity: "replica-a".to_string(),
+        duration: Duration::from_secs(3),
+    };
+    let (stop, stop_rx) = tokio::sync::watch::channel(false);
+    let started = std::sync::Arc::new(AtomicBool::new(false));
+    let flag = started.clone();
+    let leading = tokio::spawn(run_while_leading(
+        kube.client(),
+        lease,
+        ReadyFlag::default(),
+        stop_rx,
+        drain_limit,
+        move |_, _| {
+            flag.store(true, Ordering::SeqCst);
+            (Readiness::default(), std::future::pending::<()>())
+        },
+    ));
+    (leading, stop, started)
+}
+
+#[tokio::test]
+async fn a_leader_whose_renewals_get_no_answer_stops_before_its_lease_expires() {
+    use embed_url_operator::leader::LeaderError;
+    use std::sync::atomic::Ordering;
+
+    let kube = crate::support::fake_kube::FakeApiServer::new();
+    let (leading, _stop, started) = leader_with_busy_controllers(&kube, Duration::from_secs(60));
+    eventually("leading", Duration::from_secs(5), || {
+        started.load(Ordering::SeqCst).then_some(())
+    })
+    .await;
+    // From now on the API server receives the Lease calls and never answers them, as over a
+    // connection to a replaced API server that was never closed.
+    kube.inject_stall("*", "leases", usize::MAX);
+    let cut_off = Instant::now();
+    let outcome = tokio::time::timeout(Duration::from_secs(10), leading)
+        .await
+        .expect("the leader stopped instead of waiting for an answer")
+        .expect("no panic");
+    assert!(
+        matches!(outcome, Err(LeaderError::LostLease(_))),
+        "{outcome:?}"
+    );
+    // It gives up 2 s after its last renewal, which was before the cut-off; a standby may take
+    // the Lease 3 s after it. The leader, and the reconcile it was running, stopped before that
+    // (half a second of margin for a slow test machine).
+    assert!(
+        cut_off.elapsed() < Duration::from_millis(2_500),
+        "stopped {:?} after the cut-off",
+        cut_off.elapsed()
+    );
+}
+
+#[tokio::test]
+async fn a_leader_asked_to_stop_waits_for_reconciles_only_so_long_then_releases_the_lease() {
+    use k8s_openapi::api::coordination::v1::Lease;
+    use std::sync::atomic::Ordering;
+
+    let kube = crate::support::fake_kube::FakeApiServer::new();
+    let (leading, stop, started) = leader_with_busy_controllers(&kube, Duration::from_millis(300));
+    eventually("leading", Duration::from_secs(5), || {
+        started.load(Ordering::SeqCst).then_some(())
+    })
+    .await;
+    let _ = stop.send(true);
+    let outcome = tokio::time::timeout(Duration::from_secs(3), leading)
+        .await
+        .expect("the drain ended at its limit")
+        .expect("no panic");
+    assert!(outcome.is_ok(), "{outcome:?}");
     let leases: Api<Lease> = Api::namespaced(kube.client(), NS);
     let held = leases.get("embed-url-operator").await.unwrap();
     assert_eq!(

@@ -356,6 +356,48 @@ impl FakeApiServer {
         });
     }
 
+    /// The next `times` requests with this verb (or "*") on this resource are received (and
+    /// counted) but never answered, as over a connection whose peer went away without closing it
+    /// (an API server replaced mid-upgrade, a load balancer dropping state). Only a client-side
+    /// timeout ends them.
+    pub fn inject_stall(&self, verb: &str, resource: &str, times: usize) {
+        self.lock().stalls.push(InjectedFailure {
+            verb: verb.to_owned(),
+            resource: resource.to_owned(),
+            status: 0,
+            remaining: times,
+        });
+    }
+
+    /// Whether an injected stall swallows this request; counts it if so.
+    fn stalls(&self, method: &Method, uri: &Uri) -> bool {
+        let watch = uri
+            .query()
+            .is_some_and(|q| q.split('&').any(|p| p == "watch=true" || p == "watch=1"));
+        let mut store = self.lock();
+        let Ok(route) = store.route(uri.path()) else {
+            return false;
+        };
+        let Ok(verb) = route.verb(method, watch) else {
+            return false;
+        };
+        let resource = route.resource_label();
+        let Some(stall) = store.stalls.iter_mut().find(|stall| {
+            stall.remaining > 0
+                && stall.resource == resource
+                && (stall.verb == "*" || stall.verb == verb.as_str())
+        }) else {
+            return false;
+        };
+        stall.remaining -= 1;
+        store.stalls.retain(|stall| stall.remaining > 0);
+        *store
+            .request_counts
+            .entry((verb.as_str().to_owned(), resource))
+            .or_default() += 1;
+        true
+    }
+
     /// Ends every open watch stream, as an API server restart or a load balancer would.
     pub fn end_all_watches(&self) {
         // An error only means nobody is watching.
@@ -532,6 +574,10 @@ async fn handle_request(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
+    if server.stalls(&method, &uri) {
+        // Dropped only when the client gives up and closes the connection.
+        return std::future::pending().await;
+    }
     server
         .dispatch(&method, &uri, &headers, &body)
         .unwrap_or_else(ApiError::into_response)
@@ -567,6 +613,8 @@ struct Store {
     request_counts: HashMap<(String, String), usize>,
     effective_writes: HashMap<String, usize>,
     failures: Vec<InjectedFailure>,
+    /// Requests to receive and never answer (`status` unused).
+    stalls: Vec<InjectedFailure>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -748,6 +796,7 @@ impl Store {
             request_counts: HashMap::new(),
             effective_writes: HashMap::new(),
             failures: Vec::new(),
+            stalls: Vec::new(),
         }
     }
 
