@@ -16,7 +16,7 @@ use crate::schedule::{self, Facts, MintReason, Plan};
 use crate::secret::{self, FIELD_MANAGER, SecretContent, SecretSnapshot, StoredSecret, StoredUrl};
 use crate::secret_cache::{Lookup, SecretCache};
 use crate::status::{
-    RateLimitWait, conflict_status, failed_status, failure_reason, invalid_spec_status,
+    self, RateLimitWait, conflict_status, failed_status, failure_reason, invalid_spec_status,
     minted_status, not_permitted_status, ready_again, reasons, refresh_request, suspended_status,
     with_rate_limit,
 };
@@ -888,7 +888,7 @@ async fn publish_transition(
             EventType::Warning
         },
         reason: after.reason.to_string(),
-        note: Some(after.message.chars().take(1024).collect()),
+        note: Some(status::event_note(&after.message)),
         action: "Reconcile".to_string(),
         secondary: None,
     };

@@ -176,6 +176,15 @@ pub fn with_rate_limit(
 /// 1.5 MB), leaving the request without any condition. The path comes first, so it survives.
 const MAX_INVALID_SPEC_MESSAGE: usize = 1024;
 
+/// The API server refuses an Event whose `note` is longer than this, in bytes.
+const EVENT_NOTE_LIMIT: usize = 1024;
+
+/// The note of an Event about a condition: its message, cut to what the API server accepts. The
+/// limit is in bytes, and AWS error messages quoted in conditions are not always ASCII.
+pub fn event_note(message: &str) -> String {
+    shorten(message, EVENT_NOTE_LIMIT - '…'.len_utf8())
+}
+
 /// `text` cut to at most `max` bytes (on a character boundary), marked with an ellipsis.
 fn shorten(text: &str, max: usize) -> String {
     if text.len() <= max {
@@ -423,6 +432,17 @@ pub fn failed_status(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_event_note_fits_the_api_servers_limit_in_bytes() {
+        assert_eq!(event_note("Throttled by AWS"), "Throttled by AWS");
+        // 1,000 characters of two bytes each: 2,000 bytes, cut below 1,024 on a boundary.
+        let note = event_note(&"é".repeat(1_000));
+        assert!(note.len() <= 1024, "{} bytes", note.len());
+        assert!(note.ends_with('…'));
+        assert!(note.trim_end_matches('…').chars().all(|c| c == 'é'));
+        assert!(event_note(&"a".repeat(5_000)).len() <= 1024);
+    }
 
     #[test]
     fn invalid_spec_messages_do_not_copy_huge_values() {
