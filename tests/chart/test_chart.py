@@ -622,6 +622,8 @@ def test_service_monitor(chart):
     assert endpoint["port"] == "http-metrics"
     assert endpoint["path"] == "/metrics"
     assert endpoint["interval"] == "30s"
+    # The per-request series' `namespace` and `service` are the operator's, not the target's.
+    assert endpoint["honorLabels"] is True
     service = one(docs, "Service")
     assert monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
 
