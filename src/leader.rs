@@ -64,8 +64,6 @@ where
     Fut: Future<Output = ()> + Send + 'static,
 {
     let api: Api<Lease> = Api::namespaced(client.clone(), &lease.namespace);
-    // Standing by is a healthy state: the replica is ready to take over.
-    ready.set(true);
     info!(lease = %lease.name, identity = %lease.identity, "standing by for the leader lease");
     loop {
         if *stop.borrow() {
@@ -73,8 +71,14 @@ where
         }
         match lease_round(&api, &lease, lease.renew_deadline()).await {
             Ok(true) => break,
-            Ok(false) => {}
-            Err(error) => warn!(error = %error, "could not read or take the leader lease"),
+            // Standing by is a healthy state once the Lease can be read: the replica is ready to
+            // take over. Not before: a replica that cannot reach its Lease (RBAC, a wrong name)
+            // could never lead, and a rollout of such replicas must not look successful.
+            Ok(false) => ready.set(true),
+            Err(error) => {
+                ready.set(false);
+                warn!(error = %error, "could not read or take the leader lease");
+            }
         }
         tokio::select! {
             _ = tokio::time::sleep(lease.retry_period()) => {},

@@ -817,16 +817,11 @@ async fn a_leader_whose_controllers_panic_gives_the_lease_up_and_stops() {
 
 /// A lease of 3 s (renewed every second, given up 2 s after the last renewal) led by a replica
 /// whose controllers are busy with a reconcile that does not stop when told (an AWS call that
-/// takes long). Returns the leader's task, the stop sender, and a flag that
-/// turns true once the controllers started.
+/// takes long).
 fn leader_with_busy_controllers(
     kube: &crate::support::fake_kube::FakeApiServer,
     drain_limit: Duration,
-) -> (
-    tokio::task::JoinHandle<Result<(), embed_url_operator::leader::LeaderError>>,
-    tokio::sync::watch::Sender<bool>,
-    std::sync::Arc<std::sync::atomic::AtomicBool>,
-) {
+) -> BusyLeader {
     use embed_url_operator::controller::Readiness;
     use embed_url_operator::http::ReadyFlag;
     use embed_url_operator::leader::{LeaseConfig, run_while_leading};
@@ -841,10 +836,11 @@ fn leader_with_busy_controllers(
     let (stop, stop_rx) = tokio::sync::watch::channel(false);
     let started = std::sync::Arc::new(AtomicBool::new(false));
     let flag = started.clone();
+    let ready = ReadyFlag::default();
     let leading = tokio::spawn(run_while_leading(
         kube.client(),
         lease,
-        ReadyFlag::default(),
+        ready.clone(),
         stop_rx,
         drain_limit,
         move |_, _| {
@@ -852,7 +848,21 @@ fn leader_with_busy_controllers(
             (Readiness::default(), std::future::pending::<()>())
         },
     ));
-    (leading, stop, started)
+    BusyLeader {
+        leading,
+        stop,
+        started,
+        ready,
+    }
+}
+
+/// A replica run by [`leader_with_busy_controllers`].
+struct BusyLeader {
+    leading: tokio::task::JoinHandle<Result<(), embed_url_operator::leader::LeaderError>>,
+    stop: tokio::sync::watch::Sender<bool>,
+    /// Turns true once it leads (its controllers started).
+    started: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    ready: embed_url_operator::http::ReadyFlag,
 }
 
 #[tokio::test]
@@ -861,7 +871,13 @@ async fn a_leader_whose_renewals_get_no_answer_stops_before_its_lease_expires() 
     use std::sync::atomic::Ordering;
 
     let kube = crate::support::fake_kube::FakeApiServer::new();
-    let (leading, _stop, started) = leader_with_busy_controllers(&kube, Duration::from_secs(60));
+    // (Bound, not dropped: a dropped stop sender would end the leader's pauses.)
+    let BusyLeader {
+        leading,
+        stop: _stop,
+        started,
+        ..
+    } = leader_with_busy_controllers(&kube, Duration::from_secs(60));
     eventually("leading", Duration::from_secs(5), || {
         started.load(Ordering::SeqCst).then_some(())
     })
@@ -894,7 +910,12 @@ async fn a_leader_asked_to_stop_waits_for_reconciles_only_so_long_then_releases_
     use std::sync::atomic::Ordering;
 
     let kube = crate::support::fake_kube::FakeApiServer::new();
-    let (leading, stop, started) = leader_with_busy_controllers(&kube, Duration::from_millis(300));
+    let BusyLeader {
+        leading,
+        stop,
+        started,
+        ..
+    } = leader_with_busy_controllers(&kube, Duration::from_millis(300));
     eventually("leading", Duration::from_secs(5), || {
         started.load(Ordering::SeqCst).then_some(())
     })
@@ -912,4 +933,28 @@ async fn a_leader_asked_to_stop_waits_for_reconciles_only_so_long_then_releases_
         None,
         "released for a standby"
     );
+}
+
+#[tokio::test]
+async fn a_replica_that_cannot_read_its_lease_is_not_ready() {
+    use std::sync::atomic::Ordering;
+
+    let kube = crate::support::fake_kube::FakeApiServer::new();
+    // The first three rounds (a second apart) are refused, as a missing RBAC rule or a Lease
+    // name the Role does not cover would refuse them all.
+    kube.inject_failure("*", "leases", 403, 3);
+    let BusyLeader {
+        started,
+        ready,
+        stop: _stop,
+        leading: _leading,
+    } = leader_with_busy_controllers(&kube, Duration::from_secs(1));
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    assert!(!ready.get(), "Ready while its Lease cannot be read");
+    assert!(!started.load(Ordering::SeqCst));
+    // Once the Lease can be read and taken, it leads and is Ready.
+    eventually("leading and ready", Duration::from_secs(5), || {
+        (started.load(Ordering::SeqCst) && ready.get()).then_some(())
+    })
+    .await;
 }
