@@ -4,6 +4,11 @@
 #
 #   docker build -t embed-url-operator:dev .
 #
+# The image is for the architecture of the machine that builds it. For clusters
+# with both amd64 and arm64 (Graviton) nodes, build and push both at once:
+#
+#   docker buildx build --platform linux/amd64,linux/arm64 -t REGISTRY/embed-url-operator:TAG --push .
+#
 # Then push it to a registry your cluster can pull from and point the Helm
 # chart's image.repository / image.tag at it.
 
