@@ -64,12 +64,13 @@ where
     Fut: Future<Output = ()> + Send + 'static,
 {
     let api: Api<Lease> = Api::namespaced(client.clone(), &lease.namespace);
+    let mut observed = Observed::default();
     info!(lease = %lease.name, identity = %lease.identity, "standing by for the leader lease");
     loop {
         if *stop.borrow() {
             return Ok(());
         }
-        match lease_round(&api, &lease, lease.renew_deadline()).await {
+        match lease_round(&api, &lease, &mut observed, lease.renew_deadline()).await {
             Ok(true) => break,
             // Standing by is a healthy state once the Lease can be read: the replica is ready to
             // take over. Not before: a replica that cannot reach its Lease (RBAC, a wrong name)
@@ -121,7 +122,7 @@ where
         let left = lease
             .renew_deadline()
             .saturating_sub(last_renewal.elapsed());
-        match lease_round(&api, &lease, left).await {
+        match lease_round(&api, &lease, &mut observed, left).await {
             Ok(true) => last_renewal = tokio::time::Instant::now(),
             Ok(false) => break Err(LeaderError::LostLease(lease.name.clone())),
             Err(error) => {
@@ -154,9 +155,10 @@ where
 async fn lease_round(
     api: &Api<Lease>,
     config: &LeaseConfig,
+    observed: &mut Observed,
     limit: Duration,
 ) -> Result<bool, String> {
-    match tokio::time::timeout(limit, try_acquire_or_renew(api, config)).await {
+    match tokio::time::timeout(limit, try_acquire_or_renew(api, config, observed)).await {
         Ok(outcome) => outcome.map_err(|error| error.to_string()),
         Err(_) => Err(format!("no answer from the API server within {limit:?}")),
     }
@@ -165,7 +167,11 @@ async fn lease_round(
 /// Takes the Lease if it is free, expired or already ours; renews it if ours. Returns whether
 /// this replica holds it afterwards. Every write carries the resourceVersion it was based on, so
 /// two candidates racing for an expired Lease cannot both win.
-async fn try_acquire_or_renew(api: &Api<Lease>, config: &LeaseConfig) -> Result<bool, kube::Error> {
+async fn try_acquire_or_renew(
+    api: &Api<Lease>,
+    config: &LeaseConfig,
+    observed: &mut Observed,
+) -> Result<bool, kube::Error> {
     let now = Timestamp::now();
     let duration_secs = i32::try_from(config.duration.as_secs().max(1)).unwrap_or(i32::MAX);
     let Some(mut existing) = api.get_opt(&config.name).await? else {
@@ -193,7 +199,7 @@ async fn try_acquire_or_renew(api: &Api<Lease>, config: &LeaseConfig) -> Result<
     let spec = existing.spec.clone().unwrap_or_default();
     let holder = spec.holder_identity.clone().filter(|h| !h.is_empty());
     let ours = holder.as_deref() == Some(config.identity.as_str());
-    if !ours && holder.is_some() && !expired(&spec, now) {
+    if !ours && holder.is_some() && !observed.expired(&existing, tokio::time::Instant::now()) {
         return Ok(false);
     }
     let transitions = spec.lease_transitions.unwrap_or(0);
@@ -219,15 +225,37 @@ async fn try_acquire_or_renew(api: &Api<Lease>, config: &LeaseConfig) -> Result<
     }
 }
 
-fn expired(spec: &LeaseSpec, now: Timestamp) -> bool {
-    let Some(MicroTime(renewed)) = spec.renew_time else {
-        return true;
-    };
-    let duration =
-        jiff::SignedDuration::from_secs(i64::from(spec.lease_duration_seconds.unwrap_or(0)));
-    renewed
-        .checked_add(duration)
-        .map_or(true, |until| until <= now)
+/// The Lease as this replica last saw it change, and when, on this replica's own clock. As in
+/// client-go, a Lease held by another replica counts as expired once it has not changed for its
+/// duration since this replica saw it change: `renewTime` is written by the holder's clock, and
+/// comparing it with this one's would move a takeover by however far the two disagree.
+#[derive(Debug, Default)]
+struct Observed {
+    /// The Lease's resourceVersion: every renewal changes it.
+    version: Option<String>,
+    since: Option<tokio::time::Instant>,
+}
+
+impl Observed {
+    /// Records `lease` as read at `now`; returns whether it is unchanged for its duration.
+    fn expired(&mut self, lease: &Lease, now: tokio::time::Instant) -> bool {
+        let version = lease.metadata.resource_version.as_deref();
+        let since = match self.since {
+            Some(since) if self.version.as_deref() == version => since,
+            _ => {
+                self.version = version.map(str::to_owned);
+                self.since = Some(now);
+                now
+            }
+        };
+        let seconds = lease
+            .spec
+            .as_ref()
+            .and_then(|spec| spec.lease_duration_seconds)
+            .unwrap_or(0);
+        let duration = Duration::from_secs(u64::try_from(seconds).unwrap_or(0));
+        now.saturating_duration_since(since) >= duration
+    }
 }
 
 /// Gives the Lease up on a clean shutdown so a standby takes over at once instead of waiting
@@ -262,16 +290,31 @@ mod tests {
     use super::*;
 
     #[test]
-    fn lease_expiry() {
-        let now: Timestamp = "2026-11-22T10:00:20Z".parse().unwrap();
-        let spec = |renewed: &str, secs| LeaseSpec {
-            renew_time: Some(MicroTime(renewed.parse().unwrap())),
-            lease_duration_seconds: Some(secs),
-            ..Default::default()
+    fn a_lease_expires_when_unchanged_for_its_duration_as_seen_here() {
+        let lease = |version: &str, seconds| Lease {
+            metadata: ObjectMeta {
+                resource_version: Some(version.into()),
+                ..Default::default()
+            },
+            spec: Some(LeaseSpec {
+                // Whatever the holder's clock wrote: not used.
+                renew_time: Some(MicroTime("2001-01-01T00:00:00Z".parse().unwrap())),
+                lease_duration_seconds: Some(seconds),
+                ..Default::default()
+            }),
         };
-        assert!(expired(&spec("2026-11-22T10:00:00Z", 15), now));
-        assert!(!expired(&spec("2026-11-22T10:00:10Z", 15), now));
-        assert!(expired(&LeaseSpec::default(), now));
+        let start = tokio::time::Instant::now();
+        let at = |secs| start + Duration::from_secs(secs);
+        let mut observed = Observed::default();
+        // First seen now: not expired, however old its renewTime.
+        assert!(!observed.expired(&lease("1", 15), at(0)));
+        assert!(!observed.expired(&lease("1", 15), at(14)));
+        // Renewed (a new version) at 14 s: the 15 s count again from there.
+        assert!(!observed.expired(&lease("2", 15), at(14)));
+        assert!(!observed.expired(&lease("2", 15), at(28)));
+        assert!(observed.expired(&lease("2", 15), at(29)));
+        // A Lease without a duration is expired as soon as it is seen.
+        assert!(Observed::default().expired(&lease("3", 0), at(0)));
     }
 
     #[test]
