@@ -327,7 +327,8 @@ pub fn run(
 /// Waits for the controllers (a task already told to stop) to finish their in-flight
 /// reconciles, for at most `limit`, then drops what is left. A reconcile can wait on AWS for up
 /// to 30 s, and the kubelet kills the pod at `terminationGracePeriodSeconds`: stopping first
-/// lets a leader release its Lease and the process exit cleanly. A reconcile dropped between
+/// lets the process exit cleanly. (A leader drains in `leader::run_while_leading`, which renews
+/// its Lease meanwhile and then releases it.) A reconcile dropped between
 /// its AWS call and its Secret write loses only that URL; the Secret keeps the previous one.
 /// Re-raises a panic of the controllers.
 pub async fn drain(mut controllers: tokio::task::JoinHandle<()>, limit: Duration) {
@@ -340,7 +341,11 @@ pub async fn drain(mut controllers: tokio::task::JoinHandle<()>, limit: Duration
                 "in-flight reconciles did not finish in time; dropped them"
             );
             controllers.abort();
-            let _ = controllers.await;
+            if let Err(error) = controllers.await
+                && error.is_panic()
+            {
+                std::panic::resume_unwind(error.into_panic());
+            }
         }
     }
 }

@@ -15,6 +15,7 @@ use kube::api::{Api, PostParams};
 use kube::{Client, ResourceExt};
 use std::time::Duration;
 use tokio::sync::watch;
+use tokio::time::Instant;
 use tracing::{info, warn};
 
 #[derive(Clone, Debug)]
@@ -38,6 +39,19 @@ impl LeaseConfig {
     fn renew_deadline(&self) -> Duration {
         self.duration.mul_f64(2.0 / 3.0)
     }
+
+    /// The longest one round on the Lease may take (a quarter of the renewal deadline), so that
+    /// a leader whose call got no answer still has time to try again, on another connection.
+    fn attempt_limit(&self) -> Duration {
+        self.renew_deadline() / 4
+    }
+
+    /// How soon a leader tries again after a failed round (a fifteenth of the duration, 1 s for
+    /// 15 s): several tries fit in the renewal deadline, so one API server hiccup does not cost
+    /// the Lease.
+    fn retry_after_failure(&self) -> Duration {
+        (self.duration / 15).max(Duration::from_millis(100))
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -49,8 +63,9 @@ pub enum LeaderError {
 }
 
 /// Stands by until this replica holds the Lease, then runs the controllers built by `start`
-/// until `stop` turns true (then lets in-flight reconciles finish for up to `drain_limit` and
-/// releases the Lease) or the Lease is lost (then drops them at once and returns an error).
+/// until `stop` turns true (then lets in-flight reconciles finish for up to `drain_limit`, still
+/// renewing, and releases the Lease) or the Lease is lost (then drops them at once and returns an
+/// error).
 pub async fn run_while_leading<F, Fut>(
     client: Client,
     lease: LeaseConfig,
@@ -67,10 +82,10 @@ where
     let mut observed = Observed::default();
     info!(lease = %lease.name, identity = %lease.identity, "standing by for the leader lease");
     loop {
-        if *stop.borrow() {
+        if stop_requested(&stop) {
             return Ok(());
         }
-        match lease_round(&api, &lease, &mut observed, lease.renew_deadline()).await {
+        match lease_round(&api, &lease, &mut observed, lease.attempt_limit()).await {
             Ok(true) => break,
             // Standing by is a healthy state once the Lease can be read: the replica is ready to
             // take over. Not before: a replica that cannot reach its Lease (RBAC, a wrong name)
@@ -98,55 +113,82 @@ where
         ready_flag.set(true);
     });
 
-    let mut last_renewal = tokio::time::Instant::now();
-    let outcome = loop {
+    let mut last_renewal = Instant::now();
+    let mut next_round = last_renewal + lease.retry_period();
+    // Set once asked to stop: in-flight reconciles may finish until then, and the Lease is still
+    // renewed meanwhile, so that no standby takes over while one of them may still write.
+    let mut drain_until: Option<Instant> = None;
+    loop {
         tokio::select! {
-            _ = tokio::time::sleep(lease.retry_period()) => {},
-            _ = stop.changed() => {},
+            _ = tokio::time::sleep_until(next_round) => {},
+            _ = stop.changed(), if drain_until.is_none() => {},
+            _ = tokio::time::sleep_until(drain_until.unwrap_or(next_round)), if drain_until.is_some() => {
+                warn!(
+                    limit_secs = drain_limit.as_secs_f64(),
+                    "in-flight reconciles did not finish in time; dropped them"
+                );
+                controllers.abort();
+                let _ = controllers.await;
+                release(&api, &lease).await;
+                return Ok(());
+            }
             ended = &mut controllers => {
-                // They end on their own only by panicking (see controller::run). Renewing on
-                // would keep a replica that reconciles nothing in charge: give the lease up so
-                // a standby takes over at once, and stop the process with the panic.
+                // Drained, or (not asked to stop) ended by a panic (see controller::run):
+                // renewing on would keep a replica that reconciles nothing in charge. Either
+                // way the Lease is given up so that a standby takes over at once.
                 release(&api, &lease).await;
                 match ended {
                     Err(error) if error.is_panic() => std::panic::resume_unwind(error.into_panic()),
+                    _ if drain_until.is_some() => return Ok(()),
                     _ => return Err(LeaderError::ControllersStopped(lease.name.clone())),
                 }
             }
         }
-        if *stop.borrow() {
-            break Ok(());
+        if drain_until.is_none() && stop_requested(&stop) {
+            let _ = controllers_stop_tx.send(true);
+            drain_until = Some(Instant::now() + drain_limit);
+        }
+        if Instant::now() < next_round {
+            continue;
         }
         // A round may take only what is left of the deadline: a call that never gets an answer
-        // must not keep this replica leading past it.
-        let left = lease
-            .renew_deadline()
-            .saturating_sub(last_renewal.elapsed());
-        match lease_round(&api, &lease, &mut observed, left).await {
-            Ok(true) => last_renewal = tokio::time::Instant::now(),
-            Ok(false) => break Err(LeaderError::LostLease(lease.name.clone())),
+        // must not keep this replica leading past it. The deadline counts from when the last
+        // successful round began, as a standby counts from when it saw that round's write.
+        let began = Instant::now();
+        let left = lease.renew_deadline().saturating_sub(began - last_renewal);
+        if left.is_zero() {
+            break;
+        }
+        match lease_round(&api, &lease, &mut observed, left.min(lease.attempt_limit())).await {
+            Ok(true) => {
+                last_renewal = began;
+                next_round = began + lease.retry_period();
+            }
+            Ok(false) => break,
             Err(error) => {
                 warn!(error = %error, "could not renew the leader lease");
                 if last_renewal.elapsed() >= lease.renew_deadline() {
-                    break Err(LeaderError::LostLease(lease.name.clone()));
+                    break;
                 }
+                next_round = Instant::now() + lease.retry_after_failure();
             }
         }
-    };
-
-    let _ = controllers_stop_tx.send(true);
-    if outcome.is_ok() {
-        crate::controller::drain(controllers, drain_limit).await;
-        release(&api, &lease).await;
-    } else {
-        // Another replica may take the Lease a third of its duration from now: in-flight
-        // reconciles (an AWS call may take 30 s) are dropped rather than finished, so this one
-        // acts no more by then. What they minted and did not write is only a wasted URL; the
-        // Secrets still hold the previous ones.
-        controllers.abort();
-        let _ = controllers.await;
     }
-    outcome
+
+    // Lost. Another replica may take the Lease a third of its duration from now: in-flight
+    // reconciles (an AWS call may take 30 s) are dropped rather than finished, so this one acts
+    // no more by then. What they minted and did not write is only a wasted URL; the Secrets
+    // still hold the previous ones.
+    let _ = controllers_stop_tx.send(true);
+    controllers.abort();
+    let _ = controllers.await;
+    Err(LeaderError::LostLease(lease.name.clone()))
+}
+
+/// Whether this replica was asked to stop. A stop sender that is gone can no longer ask, and
+/// waiting on it would return at once, every time: that counts as asked.
+fn stop_requested(stop: &watch::Receiver<bool>) -> bool {
+    *stop.borrow() || stop.has_changed().is_err()
 }
 
 /// One read-and-write round on the Lease that gives up after `limit`, so that a call left
@@ -327,5 +369,7 @@ mod tests {
         };
         assert_eq!(config.retry_period(), Duration::from_secs(5));
         assert_eq!(config.renew_deadline(), Duration::from_secs(10));
+        assert_eq!(config.attempt_limit(), Duration::from_millis(2_500));
+        assert_eq!(config.retry_after_failure(), Duration::from_secs(1));
     }
 }

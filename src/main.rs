@@ -114,16 +114,20 @@ struct RunArgs {
     #[arg(long, env = "EMBEDURL_LEASE_DURATION", default_value = "15s", value_parser = duration_arg)]
     lease_duration: Duration,
 
-    /// Longest wait for the Kubernetes API server to start answering a request, e.g. `30s`. A
+    /// Longest wait for the Kubernetes API server to start answering a request, e.g. `70s`. A
     /// connection whose peer vanished without closing it (an API server replaced mid-upgrade)
-    /// would otherwise hold a reconcile slot for as long as TCP takes to notice. Watches are
-    /// answered at once and then stream; kube-runtime bounds their silences itself.
-    #[arg(long, env = "EMBEDURL_API_TIMEOUT", default_value = "30s", value_parser = duration_arg)]
+    /// would otherwise hold a reconcile slot for as long as TCP takes to notice. The default is
+    /// above the API server's own limit on a request (60 s), so it never cuts off one the server
+    /// would still complete (a slow page of a large list). Watches are answered at once and then
+    /// stream; kube-runtime bounds their silences itself.
+    #[arg(long, env = "EMBEDURL_API_TIMEOUT", default_value = "70s", value_parser = duration_arg)]
     api_timeout: Duration,
 
     /// On SIGTERM, how long in-flight reconciles may take to finish before they are dropped,
-    /// e.g. `20s`. Keep it below the pod's terminationGracePeriodSeconds (30 s in the chart).
-    #[arg(long, env = "EMBEDURL_DRAIN_TIMEOUT", default_value = "20s", value_parser = duration_arg)]
+    /// e.g. `15s`. Keep it well below the pod's terminationGracePeriodSeconds (30 s in the
+    /// chart): a leader then still releases its Lease (two calls of up to a third of the lease
+    /// duration each).
+    #[arg(long, env = "EMBEDURL_DRAIN_TIMEOUT", default_value = "15s", value_parser = duration_arg)]
     drain_timeout: Duration,
 
     /// This replica's name, for events and the Lease (the pod name on Kubernetes).

@@ -47,11 +47,14 @@ pub fn init_logging(format: LogFormat, filter: &str) -> Result<(), String> {
             .with_max_level_hint(tracing_subscriber::filter::LevelFilter::TRACE),
     );
     let layer = match format {
-        // Colours only on a terminal: in a pod, `kubectl logs` and log shippers would show the
-        // escape codes as text.
+        // Colours only on a terminal, and not with NO_COLOR: in a pod, `kubectl logs` and log
+        // shippers would show the escape codes as text.
         LogFormat::Text => tracing_subscriber::fmt::layer()
             .with_target(false)
-            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
+            .with_ansi(
+                std::io::IsTerminal::is_terminal(&std::io::stdout())
+                    && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty()),
+            )
             .boxed(),
         LogFormat::Json => tracing_subscriber::fmt::layer()
             .json()
