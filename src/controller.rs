@@ -312,11 +312,7 @@ pub fn run(
             ended = &mut dispatcher => {
                 // The dispatcher only ends by panicking, and without it nothing is reconciled
                 // any more: stop the process (Kubernetes restarts it) rather than stay Ready.
-                if let Err(error) = ended
-                    && error.is_panic()
-                {
-                    std::panic::resume_unwind(error.into_panic());
-                }
+                let _ = unless_panicked(ended);
             }
         }
         capacity.abort();
@@ -332,21 +328,29 @@ pub fn run(
 /// its AWS call and its Secret write loses only that URL; the Secret keeps the previous one.
 /// Re-raises a panic of the controllers.
 pub async fn drain(mut controllers: tokio::task::JoinHandle<()>, limit: Duration) {
-    match tokio::time::timeout(limit, &mut controllers).await {
-        Ok(Err(error)) if error.is_panic() => std::panic::resume_unwind(error.into_panic()),
-        Ok(_) => {}
+    let ended = match tokio::time::timeout(limit, &mut controllers).await {
+        Ok(ended) => ended,
         Err(_) => {
             warn!(
                 limit_secs = limit.as_secs_f64(),
                 "in-flight reconciles did not finish in time; dropped them"
             );
             controllers.abort();
-            if let Err(error) = controllers.await
-                && error.is_panic()
-            {
-                std::panic::resume_unwind(error.into_panic());
-            }
+            controllers.await
         }
+    };
+    let _ = unless_panicked(ended);
+}
+
+/// The outcome of a task that ended, unless it ended by panicking: then the panic goes on, out
+/// of this task, so that the process stops (and Kubernetes restarts it) instead of running on
+/// without the part that died.
+pub fn unless_panicked<T>(
+    ended: Result<T, tokio::task::JoinError>,
+) -> Result<T, tokio::task::JoinError> {
+    match ended {
+        Err(error) if error.is_panic() => std::panic::resume_unwind(error.into_panic()),
+        other => other,
     }
 }
 

@@ -128,8 +128,9 @@ where
                     "in-flight reconciles did not finish in time; dropped them"
                 );
                 controllers.abort();
-                let _ = controllers.await;
+                let ended = controllers.await;
                 release(&api, &lease).await;
+                let _ = crate::controller::unless_panicked(ended);
                 return Ok(());
             }
             ended = &mut controllers => {
@@ -137,11 +138,12 @@ where
                 // renewing on would keep a replica that reconciles nothing in charge. Either
                 // way the Lease is given up so that a standby takes over at once.
                 release(&api, &lease).await;
-                match ended {
-                    Err(error) if error.is_panic() => std::panic::resume_unwind(error.into_panic()),
-                    _ if drain_until.is_some() => return Ok(()),
-                    _ => return Err(LeaderError::ControllersStopped(lease.name.clone())),
-                }
+                let _ = crate::controller::unless_panicked(ended);
+                return if drain_until.is_some() {
+                    Ok(())
+                } else {
+                    Err(LeaderError::ControllersStopped(lease.name.clone()))
+                };
             }
         }
         if drain_until.is_none() && stop_requested(&stop) {
@@ -241,7 +243,7 @@ async fn try_acquire_or_renew(
     let spec = existing.spec.clone().unwrap_or_default();
     let holder = spec.holder_identity.clone().filter(|h| !h.is_empty());
     let ours = holder.as_deref() == Some(config.identity.as_str());
-    if !ours && holder.is_some() && !observed.expired(&existing, tokio::time::Instant::now()) {
+    if !ours && holder.is_some() && !observed.expired(&existing, Instant::now()) {
         return Ok(false);
     }
     let transitions = spec.lease_transitions.unwrap_or(0);
@@ -275,12 +277,12 @@ async fn try_acquire_or_renew(
 struct Observed {
     /// The Lease's resourceVersion: every renewal changes it.
     version: Option<String>,
-    since: Option<tokio::time::Instant>,
+    since: Option<Instant>,
 }
 
 impl Observed {
     /// Records `lease` as read at `now`; returns whether it is unchanged for its duration.
-    fn expired(&mut self, lease: &Lease, now: tokio::time::Instant) -> bool {
+    fn expired(&mut self, lease: &Lease, now: Instant) -> bool {
         let version = lease.metadata.resource_version.as_deref();
         let since = match self.since {
             Some(since) if self.version.as_deref() == version => since,
@@ -345,7 +347,7 @@ mod tests {
                 ..Default::default()
             }),
         };
-        let start = tokio::time::Instant::now();
+        let start = Instant::now();
         let at = |secs| start + Duration::from_secs(secs);
         let mut observed = Observed::default();
         // First seen now: not expired, however old its renewTime.

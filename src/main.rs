@@ -326,8 +326,9 @@ async fn run(args: RunArgs) -> Result<(), String> {
             _ = stopping.wait_for(|stop| *stop) => None,
         };
         match ended {
-            Some(Err(error)) if error.is_panic() => std::panic::resume_unwind(error.into_panic()),
-            Some(_) => {}
+            Some(ended) => {
+                let _ = controller::unless_panicked(ended);
+            }
             None => controller::drain(controllers, args.drain_timeout).await,
         }
     }

@@ -865,28 +865,29 @@ struct BusyLeader {
     ready: embed_url_operator::http::ReadyFlag,
 }
 
+impl BusyLeader {
+    async fn wait_leading(&self) {
+        eventually("leading", Duration::from_secs(5), || {
+            self.started
+                .load(std::sync::atomic::Ordering::SeqCst)
+                .then_some(())
+        })
+        .await;
+    }
+}
+
 #[tokio::test]
 async fn a_leader_whose_renewals_get_no_answer_stops_before_its_lease_expires() {
     use embed_url_operator::leader::LeaderError;
-    use std::sync::atomic::Ordering;
 
     let kube = crate::support::fake_kube::FakeApiServer::new();
-    // (Bound, not dropped: a dropped stop sender would end the leader's pauses.)
-    let BusyLeader {
-        leading,
-        stop: _stop,
-        started,
-        ..
-    } = leader_with_busy_controllers(&kube, Duration::from_secs(60));
-    eventually("leading", Duration::from_secs(5), || {
-        started.load(Ordering::SeqCst).then_some(())
-    })
-    .await;
+    let leader = leader_with_busy_controllers(&kube, Duration::from_secs(60));
+    leader.wait_leading().await;
     // From now on the API server receives the Lease calls and never answers them, as over a
     // connection to a replaced API server that was never closed.
     kube.inject_stall("*", "leases", usize::MAX);
     let cut_off = Instant::now();
-    let outcome = tokio::time::timeout(Duration::from_secs(10), leading)
+    let outcome = tokio::time::timeout(Duration::from_secs(10), leader.leading)
         .await
         .expect("the leader stopped instead of waiting for an answer")
         .expect("no panic");
@@ -907,21 +908,12 @@ async fn a_leader_whose_renewals_get_no_answer_stops_before_its_lease_expires() 
 #[tokio::test]
 async fn a_leader_asked_to_stop_waits_for_reconciles_only_so_long_then_releases_the_lease() {
     use k8s_openapi::api::coordination::v1::Lease;
-    use std::sync::atomic::Ordering;
 
     let kube = crate::support::fake_kube::FakeApiServer::new();
-    let BusyLeader {
-        leading,
-        stop,
-        started,
-        ..
-    } = leader_with_busy_controllers(&kube, Duration::from_millis(300));
-    eventually("leading", Duration::from_secs(5), || {
-        started.load(Ordering::SeqCst).then_some(())
-    })
-    .await;
-    let _ = stop.send(true);
-    let outcome = tokio::time::timeout(Duration::from_secs(3), leading)
+    let leader = leader_with_busy_controllers(&kube, Duration::from_millis(300));
+    leader.wait_leading().await;
+    let _ = leader.stop.send(true);
+    let outcome = tokio::time::timeout(Duration::from_secs(3), leader.leading)
         .await
         .expect("the drain ended at its limit")
         .expect("no panic");
@@ -943,18 +935,14 @@ async fn a_replica_that_cannot_read_its_lease_is_not_ready() {
     // The first three rounds (a second apart) are refused, as a missing RBAC rule or a Lease
     // name the Role does not cover would refuse them all.
     kube.inject_failure("*", "leases", 403, 3);
-    let BusyLeader {
-        started,
-        ready,
-        stop: _stop,
-        leading: _leading,
-    } = leader_with_busy_controllers(&kube, Duration::from_secs(1));
+    let leader = leader_with_busy_controllers(&kube, Duration::from_secs(1));
     tokio::time::sleep(Duration::from_millis(1_500)).await;
-    assert!(!ready.get(), "Ready while its Lease cannot be read");
-    assert!(!started.load(Ordering::SeqCst));
+    assert!(!leader.ready.get(), "Ready while its Lease cannot be read");
+    assert!(!leader.started.load(Ordering::SeqCst));
     // Once the Lease can be read and taken, it leads and is Ready.
-    eventually("leading and ready", Duration::from_secs(5), || {
-        (started.load(Ordering::SeqCst) && ready.get()).then_some(())
+    leader.wait_leading().await;
+    eventually("ready", Duration::from_secs(5), || {
+        leader.ready.get().then_some(())
     })
     .await;
 }
@@ -976,46 +964,26 @@ async fn lease_holder(
 
 #[tokio::test]
 async fn a_leader_keeps_its_lease_through_a_failed_renewal() {
-    use std::sync::atomic::Ordering;
-
     let kube = crate::support::fake_kube::FakeApiServer::new();
-    let BusyLeader {
-        leading,
-        stop: _stop,
-        started,
-        ..
-    } = leader_with_busy_controllers(&kube, Duration::from_secs(1));
-    eventually("leading", Duration::from_secs(5), || {
-        started.load(Ordering::SeqCst).then_some(())
-    })
-    .await;
+    let leader = leader_with_busy_controllers(&kube, Duration::from_secs(1));
+    leader.wait_leading().await;
     // One renewal answered with a 500 (an API server restarting): retried within the deadline.
     kube.inject_failure("*", "leases", 500, 1);
     tokio::time::sleep(Duration::from_secs(4)).await;
-    assert!(!leading.is_finished(), "{:?}", leading.await);
+    assert!(!leader.leading.is_finished(), "{:?}", leader.leading.await);
     assert_eq!(lease_holder(&kube).await.0.as_deref(), Some("replica-a"));
 }
 
 #[tokio::test]
 async fn a_leader_renews_its_lease_while_it_drains() {
-    use std::sync::atomic::Ordering;
-
     let kube = crate::support::fake_kube::FakeApiServer::new();
     // The drain may last longer than the lease (3 s): without renewals meanwhile, a standby
     // could take over while a reconcile of this replica still runs.
-    let BusyLeader {
-        leading,
-        stop,
-        started,
-        ..
-    } = leader_with_busy_controllers(&kube, Duration::from_secs(5));
-    eventually("leading", Duration::from_secs(5), || {
-        started.load(Ordering::SeqCst).then_some(())
-    })
-    .await;
-    let _ = stop.send(true);
+    let leader = leader_with_busy_controllers(&kube, Duration::from_secs(5));
+    leader.wait_leading().await;
+    let _ = leader.stop.send(true);
     tokio::time::sleep(Duration::from_secs(4)).await;
-    assert!(!leading.is_finished(), "still draining");
+    assert!(!leader.leading.is_finished(), "still draining");
     let (holder, renewed) = lease_holder(&kube).await;
     assert_eq!(holder.as_deref(), Some("replica-a"));
     let renewed = renewed.expect("renewTime");
@@ -1023,7 +991,7 @@ async fn a_leader_renews_its_lease_while_it_drains() {
         jiff::Timestamp::now().duration_since(renewed) < jiff::SignedDuration::from_secs(2),
         "last renewed at {renewed}"
     );
-    let outcome = tokio::time::timeout(Duration::from_secs(3), leading)
+    let outcome = tokio::time::timeout(Duration::from_secs(3), leader.leading)
         .await
         .expect("the drain ended at its limit")
         .expect("no panic");
