@@ -769,24 +769,28 @@ async fn malformed_requests_get_invalid_spec_and_do_not_disturb_valid_ones() {
 
 // ---- 7. A leader whose controllers die -------------------------------------------------------
 
-#[tokio::test]
-async fn a_leader_whose_controllers_panic_gives_the_lease_up_and_stops() {
-    use embed_url_operator::controller::Readiness;
-    use embed_url_operator::http::ReadyFlag;
-    use embed_url_operator::leader::{LeaseConfig, run_while_leading};
-    use k8s_openapi::api::coordination::v1::Lease;
-
-    let kube = crate::support::fake_kube::FakeApiServer::new();
-    let lease = LeaseConfig {
+/// The Lease of the leader tests: renewed every second, given up 2 s after the last renewal.
+fn three_second_lease() -> embed_url_operator::leader::LeaseConfig {
+    embed_url_operator::leader::LeaseConfig {
         namespace: NS.to_string(),
         name: "embed-url-operator".to_string(),
         identity: "replica-a".to_string(),
         duration: Duration::from_secs(3),
-    };
+    }
+}
+
+#[tokio::test]
+async fn a_leader_whose_controllers_panic_gives_the_lease_up_and_stops() {
+    use embed_url_operator::controller::Readiness;
+    use embed_url_operator::http::ReadyFlag;
+    use embed_url_operator::leader::run_while_leading;
+    use k8s_openapi::api::coordination::v1::Lease;
+
+    let kube = crate::support::fake_kube::FakeApiServer::new();
     let (_stop, stop_rx) = tokio::sync::watch::channel(false);
     let leading = tokio::spawn(run_while_leading(
         kube.client(),
-        lease,
+        three_second_lease(),
         ReadyFlag::default(),
         stop_rx,
         Duration::from_secs(20),
@@ -824,22 +828,16 @@ fn leader_with_busy_controllers(
 ) -> BusyLeader {
     use embed_url_operator::controller::Readiness;
     use embed_url_operator::http::ReadyFlag;
-    use embed_url_operator::leader::{LeaseConfig, run_while_leading};
+    use embed_url_operator::leader::run_while_leading;
     use std::sync::atomic::{AtomicBool, Ordering};
 
-    let lease = LeaseConfig {
-        namespace: NS.to_string(),
-        name: "embed-url-operator".to_string(),
-        identity: "replica-a".to_string(),
-        duration: Duration::from_secs(3),
-    };
     let (stop, stop_rx) = tokio::sync::watch::channel(false);
     let started = std::sync::Arc::new(AtomicBool::new(false));
     let flag = started.clone();
     let ready = ReadyFlag::default();
     let leading = tokio::spawn(run_while_leading(
         kube.client(),
-        lease,
+        three_second_lease(),
         ready.clone(),
         stop_rx,
         drain_limit,
@@ -866,6 +864,17 @@ struct BusyLeader {
 }
 
 impl BusyLeader {
+    /// How it ended, which must be within `limit`.
+    async fn ended_within(
+        self,
+        limit: Duration,
+    ) -> Result<(), embed_url_operator::leader::LeaderError> {
+        tokio::time::timeout(limit, self.leading)
+            .await
+            .expect("the leader ended in time")
+            .expect("no panic")
+    }
+
     async fn wait_leading(&self) {
         eventually("leading", Duration::from_secs(5), || {
             self.started
@@ -887,10 +896,8 @@ async fn a_leader_whose_renewals_get_no_answer_stops_before_its_lease_expires() 
     // connection to a replaced API server that was never closed.
     kube.inject_stall("*", "leases", usize::MAX);
     let cut_off = Instant::now();
-    let outcome = tokio::time::timeout(Duration::from_secs(10), leader.leading)
-        .await
-        .expect("the leader stopped instead of waiting for an answer")
-        .expect("no panic");
+    // It stops instead of waiting for an answer.
+    let outcome = leader.ended_within(Duration::from_secs(10)).await;
     assert!(
         matches!(outcome, Err(LeaderError::LostLease(_))),
         "{outcome:?}"
@@ -907,24 +914,14 @@ async fn a_leader_whose_renewals_get_no_answer_stops_before_its_lease_expires() 
 
 #[tokio::test]
 async fn a_leader_asked_to_stop_waits_for_reconciles_only_so_long_then_releases_the_lease() {
-    use k8s_openapi::api::coordination::v1::Lease;
-
     let kube = crate::support::fake_kube::FakeApiServer::new();
     let leader = leader_with_busy_controllers(&kube, Duration::from_millis(300));
     leader.wait_leading().await;
     let _ = leader.stop.send(true);
-    let outcome = tokio::time::timeout(Duration::from_secs(3), leader.leading)
-        .await
-        .expect("the drain ended at its limit")
-        .expect("no panic");
+    // The drain ends at its limit.
+    let outcome = leader.ended_within(Duration::from_secs(3)).await;
     assert!(outcome.is_ok(), "{outcome:?}");
-    let leases: Api<Lease> = Api::namespaced(kube.client(), NS);
-    let held = leases.get("embed-url-operator").await.unwrap();
-    assert_eq!(
-        held.spec.and_then(|spec| spec.holder_identity),
-        None,
-        "released for a standby"
-    );
+    assert_eq!(lease_holder(&kube).await.0, None, "released for a standby");
 }
 
 #[tokio::test]
@@ -991,10 +988,7 @@ async fn a_leader_renews_its_lease_while_it_drains() {
         jiff::Timestamp::now().duration_since(renewed) < jiff::SignedDuration::from_secs(2),
         "last renewed at {renewed}"
     );
-    let outcome = tokio::time::timeout(Duration::from_secs(3), leader.leading)
-        .await
-        .expect("the drain ended at its limit")
-        .expect("no panic");
+    let outcome = leader.ended_within(Duration::from_secs(3)).await;
     assert!(outcome.is_ok(), "{outcome:?}");
     assert_eq!(lease_holder(&kube).await.0, None, "released for a standby");
 }
