@@ -64,8 +64,9 @@ pub enum LeaderError {
 
 /// Stands by until this replica holds the Lease, then runs the controllers built by `start`
 /// until `stop` turns true (then lets in-flight reconciles finish for up to `drain_limit`, still
-/// renewing, and releases the Lease) or the Lease is lost (then drops them at once and returns an
-/// error).
+/// renewing, and releases the Lease), the Lease is lost (then drops them at once and returns
+/// `LostLease`), or the controllers end on their own (then releases the Lease and re-raises
+/// their panic, or returns `ControllersStopped`).
 pub async fn run_while_leading<F, Fut>(
     client: Client,
     lease: LeaseConfig,
@@ -81,12 +82,13 @@ where
     let api: Api<Lease> = Api::namespaced(client.clone(), &lease.namespace);
     let mut observed = Observed::default();
     info!(lease = %lease.name, identity = %lease.identity, "standing by for the leader lease");
-    loop {
+    let acquired_at = loop {
         if stop_requested(&stop) {
             return Ok(());
         }
+        let began = Instant::now();
         match lease_round(&api, &lease, &mut observed, lease.attempt_limit()).await {
-            Ok(true) => break,
+            Ok(true) => break began,
             // Standing by is a healthy state once the Lease can be read: the replica is ready to
             // take over. Not before: a replica that cannot reach its Lease (RBAC, a wrong name)
             // could never lead, and a rollout of such replicas must not look successful.
@@ -100,6 +102,11 @@ where
             _ = tokio::time::sleep(lease.retry_period()) => {},
             _ = stop.changed() => {},
         }
+    };
+    if stop_requested(&stop) {
+        // Asked to stop while the winning round was in flight: hand the Lease straight back.
+        release(&api, &lease).await;
+        return Ok(());
     }
 
     info!(lease = %lease.name, identity = %lease.identity, "became leader, starting controllers");
@@ -113,7 +120,8 @@ where
         ready_flag.set(true);
     });
 
-    let mut last_renewal = Instant::now();
+    // The deadline counts from when the winning round began, like every later one.
+    let mut last_renewal = acquired_at;
     let mut next_round = last_renewal + lease.retry_period();
     // Set once asked to stop: in-flight reconciles may finish until then, and the Lease is still
     // renewed meanwhile, so that no standby takes over while one of them may still write.
@@ -169,21 +177,25 @@ where
             Ok(false) => break,
             Err(error) => {
                 warn!(error = %error, "could not renew the leader lease");
-                if last_renewal.elapsed() >= lease.renew_deadline() {
-                    break;
-                }
-                next_round = Instant::now() + lease.retry_after_failure();
+                // Retried soon, but never later than the deadline: the next pass stops there.
+                next_round = (Instant::now() + lease.retry_after_failure())
+                    .min(last_renewal + lease.renew_deadline());
             }
         }
     }
 
-    // Lost. Another replica may take the Lease a third of its duration from now: in-flight
-    // reconciles (an AWS call may take 30 s) are dropped rather than finished, so this one acts
-    // no more by then. What they minted and did not write is only a wasted URL; the Secrets
-    // still hold the previous ones.
+    // Lost: another replica holds the Lease, or may take it once its duration has passed since
+    // the last renewal, a third of it from the deadline. In-flight reconciles (an AWS call may
+    // take 30 s) are dropped rather than finished, so this one acts no more by then. What they
+    // minted and did not write is only a wasted URL; the Secrets still hold the previous ones.
     let _ = controllers_stop_tx.send(true);
     controllers.abort();
     let _ = controllers.await;
+    if drain_until.is_some() {
+        // Lost while shutting down anyway: a clean stop, with nothing left to release.
+        warn!(lease = %lease.name, "lost the leader lease while draining; dropped the reconciles left");
+        return Ok(());
+    }
     Err(LeaderError::LostLease(lease.name.clone()))
 }
 
@@ -217,7 +229,9 @@ async fn try_acquire_or_renew(
     observed: &mut Observed,
 ) -> Result<bool, kube::Error> {
     let now = Timestamp::now();
-    let duration_secs = i32::try_from(config.duration.as_secs().max(1)).unwrap_or(i32::MAX);
+    // Rounded up: the Lease must not promise standbys less time than this leader may act for.
+    let duration_secs =
+        i32::try_from(config.duration.as_secs_f64().ceil().max(1.0) as u64).unwrap_or(i32::MAX);
     let Some(mut existing) = api.get_opt(&config.name).await? else {
         let lease = Lease {
             metadata: ObjectMeta {
@@ -264,7 +278,10 @@ async fn try_acquire_or_renew(
         .await
     {
         Ok(_) => Ok(true),
-        Err(kube::Error::Api(status)) if status.code == 409 => Ok(false),
+        // Someone wrote the Lease between the read and this write. A candidate has lost the
+        // race. The holder has not necessarily lost anything (a label added with kubectl also
+        // conflicts): a failed round, retried; a real takeover shows on the next read.
+        Err(kube::Error::Api(status)) if status.code == 409 && !ours => Ok(false),
         Err(error) => Err(error),
     }
 }
@@ -285,7 +302,8 @@ impl Observed {
     fn expired(&mut self, lease: &Lease, now: Instant) -> bool {
         let version = lease.metadata.resource_version.as_deref();
         let since = match self.since {
-            Some(since) if self.version.as_deref() == version => since,
+            // Without a resourceVersion (no API server omits it) every read counts as a change.
+            Some(since) if version.is_some() && self.version.as_deref() == version => since,
             _ => {
                 self.version = version.map(str::to_owned);
                 self.since = Some(now);
@@ -359,6 +377,12 @@ mod tests {
         assert!(observed.expired(&lease("2", 15), at(29)));
         // A Lease without a duration is expired as soon as it is seen.
         assert!(Observed::default().expired(&lease("3", 0), at(0)));
+        // Without a resourceVersion, every read counts as a change: never expired by time.
+        let mut unversioned = lease("4", 15);
+        unversioned.metadata.resource_version = None;
+        let mut observed = Observed::default();
+        assert!(!observed.expired(&unversioned, at(0)));
+        assert!(!observed.expired(&unversioned, at(20)));
     }
 
     #[test]

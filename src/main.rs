@@ -111,7 +111,7 @@ struct RunArgs {
     lease_namespace: Option<String>,
 
     /// How long a leader's Lease lasts without renewal, e.g. `15s`.
-    #[arg(long, env = "EMBEDURL_LEASE_DURATION", default_value = "15s", value_parser = duration_arg)]
+    #[arg(long, env = "EMBEDURL_LEASE_DURATION", default_value = "15s", value_parser = lease_duration_arg)]
     lease_duration: Duration,
 
     /// Longest wait for the Kubernetes API server to start answering a request, e.g. `70s`. A
@@ -125,8 +125,8 @@ struct RunArgs {
 
     /// On SIGTERM, how long in-flight reconciles may take to finish before they are dropped,
     /// e.g. `15s`. Keep it well below the pod's terminationGracePeriodSeconds (30 s in the
-    /// chart): a leader then still releases its Lease (two calls of up to a third of the lease
-    /// duration each).
+    /// chart): a leader may still be in a Lease renewal (up to a sixth of the lease duration)
+    /// and then releases its Lease (two calls of up to a third of it each).
     #[arg(long, env = "EMBEDURL_DRAIN_TIMEOUT", default_value = "15s", value_parser = duration_arg)]
     drain_timeout: Duration,
 
@@ -142,6 +142,16 @@ struct RunArgs {
 
 fn duration_arg(text: &str) -> Result<Duration, String> {
     parse_duration(text).ok_or_else(|| format!("{text:?} is not a duration such as 15s or 2m"))
+}
+
+/// A Lease stores whole seconds, and renewing takes round trips: below a second a leader could
+/// never renew in time.
+fn lease_duration_arg(text: &str) -> Result<Duration, String> {
+    let duration = duration_arg(text)?;
+    if duration < Duration::from_secs(1) {
+        return Err(format!("{text:?} is shorter than a second; use e.g. 15s"));
+    }
+    Ok(duration)
 }
 
 fn main() -> ExitCode {

@@ -447,3 +447,18 @@ async fn the_binary_gives_up_on_an_unanswered_api_call_and_bounds_its_drain() {
         "{logs}"
     );
 }
+
+#[test]
+fn the_binary_refuses_a_lease_shorter_than_a_second() {
+    let output = Command::new(env!("CARGO_BIN_EXE_embed-url-operator"))
+        .args(["run", "--leader-election", "--lease-duration", "500ms"])
+        .env_clear()
+        .output()
+        .expect("run the operator binary");
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("--lease-duration") && stderr.contains("shorter than a second"),
+        "{stderr}"
+    );
+}

@@ -960,12 +960,14 @@ async fn lease_holder(
 }
 
 #[tokio::test]
-async fn a_leader_keeps_its_lease_through_a_failed_renewal() {
+async fn a_leader_keeps_its_lease_through_failed_renewals() {
     let kube = crate::support::fake_kube::FakeApiServer::new();
     let leader = leader_with_busy_controllers(&kube, Duration::from_secs(1));
     leader.wait_leading().await;
-    // One renewal answered with a 500 (an API server restarting): retried within the deadline.
+    // One renewal answered with a 500 (an API server restarting), the next one's write with a
+    // 409 (someone labelled the Lease meanwhile): both retried within the deadline.
     kube.inject_failure("*", "leases", 500, 1);
+    kube.inject_failure("update", "leases", 409, 1);
     tokio::time::sleep(Duration::from_secs(4)).await;
     assert!(!leader.leading.is_finished(), "{:?}", leader.leading.await);
     assert_eq!(lease_holder(&kube).await.0.as_deref(), Some("replica-a"));
