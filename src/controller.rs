@@ -305,19 +305,28 @@ pub fn run(
     let capacity = watch_capacity(readiness.clone(), config.clone(), metrics.clone(), shutdown);
     let dispatcher = dispatch(queue, dispatch_routes, metrics.clone());
     (readiness, async move {
-        let capacity = tokio::spawn(capacity);
-        let mut dispatcher = tokio::spawn(dispatcher);
+        // Guarded: when this future is dropped rather than run to its end (a leader that lost
+        // its Lease aborts it), its helpers stop with it.
+        let _capacity = AbortOnDrop(tokio::spawn(capacity));
+        let mut dispatcher = AbortOnDrop(tokio::spawn(dispatcher));
         tokio::select! {
             _ = future::join_all(controllers) => {}
-            ended = &mut dispatcher => {
+            ended = &mut dispatcher.0 => {
                 // The dispatcher only ends by panicking, and without it nothing is reconciled
                 // any more: stop the process (Kubernetes restarts it) rather than stay Ready.
                 let _ = unless_panicked(ended);
             }
         }
-        capacity.abort();
-        dispatcher.abort();
     })
+}
+
+/// A spawned task that is aborted when this handle is dropped (a plain `JoinHandle` detaches).
+pub struct AbortOnDrop(pub tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// Waits for the controllers (a task already told to stop) to finish their in-flight

@@ -115,10 +115,11 @@ where
     let (readiness, controllers) = start(client.clone(), controllers_stop_rx);
     let mut controllers = tokio::spawn(controllers);
     let ready_flag = ready.clone();
-    tokio::spawn(async move {
+    // Ends with this function, however it ends.
+    let _marks_ready = crate::controller::AbortOnDrop(tokio::spawn(async move {
         readiness.wait_synced().await;
         ready_flag.set(true);
-    });
+    }));
 
     // The deadline counts from when the winning round began, like every later one.
     let mut last_renewal = acquired_at;
