@@ -314,7 +314,7 @@ pub fn run(
             ended = &mut dispatcher.0 => {
                 // The dispatcher only ends by panicking, and without it nothing is reconciled
                 // any more: stop the process (Kubernetes restarts it) rather than stay Ready.
-                let _ = unless_panicked(ended);
+                reraise_panic(ended);
             }
         }
     })
@@ -333,9 +333,9 @@ impl Drop for AbortOnDrop {
 /// reconciles, for at most `limit`, then drops what is left. A reconcile can wait on AWS for up
 /// to 30 s, and the kubelet kills the pod at `terminationGracePeriodSeconds`: stopping first
 /// lets the process exit cleanly. (A leader drains in `leader::run_while_leading`, which renews
-/// its Lease meanwhile and then releases it.) A reconcile dropped between
-/// its AWS call and its Secret write loses only that URL; the Secret keeps the previous one.
-/// Re-raises a panic of the controllers.
+/// its Lease meanwhile and then releases it.) A reconcile dropped between its AWS call and its
+/// Secret write loses only that URL; the Secret keeps the previous one. Re-raises a panic of the
+/// controllers.
 pub async fn drain(mut controllers: tokio::task::JoinHandle<()>, limit: Duration) {
     let ended = match tokio::time::timeout(limit, &mut controllers).await {
         Ok(ended) => ended,
@@ -348,18 +348,16 @@ pub async fn drain(mut controllers: tokio::task::JoinHandle<()>, limit: Duration
             controllers.await
         }
     };
-    let _ = unless_panicked(ended);
+    reraise_panic(ended);
 }
 
-/// The outcome of a task that ended, unless it ended by panicking: then the panic goes on, out
-/// of this task, so that the process stops (and Kubernetes restarts it) instead of running on
-/// without the part that died.
-pub fn unless_panicked<T>(
-    ended: Result<T, tokio::task::JoinError>,
-) -> Result<T, tokio::task::JoinError> {
-    match ended {
-        Err(error) if error.is_panic() => std::panic::resume_unwind(error.into_panic()),
-        other => other,
+/// If a task that ended did so by panicking, the panic goes on, out of this task, so that the
+/// process stops (and Kubernetes restarts it) instead of running on without the part that died.
+pub fn reraise_panic<T>(ended: Result<T, tokio::task::JoinError>) {
+    if let Err(error) = ended
+        && error.is_panic()
+    {
+        std::panic::resume_unwind(error.into_panic());
     }
 }
 

@@ -139,7 +139,7 @@ where
                 controllers.abort();
                 let ended = controllers.await;
                 release(&api, &lease).await;
-                let _ = crate::controller::unless_panicked(ended);
+                crate::controller::reraise_panic(ended);
                 return Ok(());
             }
             ended = &mut controllers => {
@@ -147,7 +147,7 @@ where
                 // renewing on would keep a replica that reconciles nothing in charge. Either
                 // way the Lease is given up so that a standby takes over at once.
                 release(&api, &lease).await;
-                let _ = crate::controller::unless_panicked(ended);
+                crate::controller::reraise_panic(ended);
                 return if drain_until.is_some() {
                     Ok(())
                 } else {

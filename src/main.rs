@@ -337,7 +337,7 @@ async fn run(args: RunArgs) -> Result<(), String> {
         };
         match ended {
             Some(ended) => {
-                let _ = controller::unless_panicked(ended);
+                controller::reraise_panic(ended);
             }
             None => controller::drain(controllers, args.drain_timeout).await,
         }
