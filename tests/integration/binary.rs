@@ -48,7 +48,16 @@ impl Cluster {
     }
 
     async fn create(&self, name: &str, spec: embed_url_operator::crd::EmbedUrlRequestSpec) {
-        let api: Api<EmbedUrlRequest> = Api::namespaced(self.kube.client(), NS);
+        self.create_in(NS, name, spec).await;
+    }
+
+    async fn create_in(
+        &self,
+        namespace: &str,
+        name: &str,
+        spec: embed_url_operator::crd::EmbedUrlRequestSpec,
+    ) {
+        let api: Api<EmbedUrlRequest> = Api::namespaced(self.kube.client(), namespace);
         api.create(&PostParams::default(), &EmbedUrlRequest::new(name, spec))
             .await
             .unwrap();
@@ -200,25 +209,13 @@ async fn the_binary_mints_serves_metrics_and_shuts_down_on_sigterm() {
     operator.wait_ready().await;
     assert_eq!(operator.get("/healthz").await.map(|r| r.0), Ok(200));
 
-    let elsewhere: Api<EmbedUrlRequest> = Api::namespaced(cluster.kube.client(), "unwatched");
-    elsewhere
-        .create(
-            &PostParams::default(),
-            &EmbedUrlRequest::new("ignored", quick_sight()),
-        )
-        .await
-        .unwrap();
+    cluster
+        .create_in("unwatched", "ignored", quick_sight())
+        .await;
     cluster.create("console", quick_sight()).await;
     cluster.create("dashboard", flink()).await;
     // The second watched namespace has a controller of its own, fed by the same work queue.
-    let other: Api<EmbedUrlRequest> = Api::namespaced(cluster.kube.client(), "other");
-    other
-        .create(
-            &PostParams::default(),
-            &EmbedUrlRequest::new("second", q_business()),
-        )
-        .await
-        .unwrap();
+    cluster.create_in("other", "second", q_business()).await;
     let url = eventually("URL in the Secret", WAIT, || {
         cluster.secret_value("console", "url")
     })
