@@ -10,7 +10,7 @@ use crate::crd::{
 use crate::error::{Error, Result};
 use crate::identity::{AwsClients, Identity};
 use crate::policy::{self, Ask, Decision, EmbedUrlPolicy, PolicyMode};
-use crate::providers::EmbedUrl;
+use crate::providers::{EmbedUrl, Service};
 use crate::ratelimit::{BucketKey, RateLimits};
 use crate::schedule::{self, Facts, MintReason, Plan};
 use crate::secret::{self, FIELD_MANAGER, SecretContent, SecretSnapshot, StoredSecret, StoredUrl};
@@ -382,15 +382,6 @@ async fn mint(
                 schedule::add(minted_at, spec.target.session_length()),
             )
             .await?;
-            // The Secret holds the new URL: say so in the metrics before the status does.
-            ctx.metrics.set_schedule(
-                &namespace,
-                &name,
-                service,
-                Some(expires_at),
-                Some(next),
-                true,
-            );
             let desired = served.stamp(with_rate_limit(
                 minted_status(request, current, spec, minted_at, expires_at, next),
                 current,
@@ -470,14 +461,6 @@ async fn mint(
                 now,
             ));
             write_status(request, current, desired, ctx).await?;
-            ctx.metrics.set_schedule(
-                &namespace,
-                &name,
-                service,
-                still_usable_until,
-                Some(retry),
-                still_usable_until.is_some() && error.kind.is_retryable(),
-            );
             Ok(requeue_at(now, retry))
         }
     }
@@ -525,6 +508,7 @@ async fn reconcile_unreadable(invalid: &InvalidObject, ctx: &Context) -> Result<
                 Timestamp::now(),
             )
         };
+        publish_schedule(ctx, &shell, &replacement);
         replace_status(ctx, &namespace, &name, stored_status, &replacement).await?;
         publish_transition(ctx, &shell, &EmbedUrlRequestStatus::default(), &replacement).await;
         return Ok(Next::await_change());
@@ -535,6 +519,7 @@ async fn reconcile_unreadable(invalid: &InvalidObject, ctx: &Context) -> Result<
         &problem,
         Timestamp::now(),
     );
+    publish_schedule(ctx, &shell, &desired);
     if desired != current {
         // The answer is read as metadata only: the object does not deserialize as an
         // EmbedUrlRequest. (Read whole, the write succeeded but the reconcile failed reading
@@ -793,12 +778,37 @@ async fn write_status(
     desired: EmbedUrlRequestStatus,
     ctx: &Context,
 ) -> Result<()> {
+    // Before the write: after a mint the Secret already holds the new URL.
+    publish_schedule(ctx, request, &desired);
     if &desired == current {
         return Ok(());
     }
     apply_status(ctx, request, &desired).await?;
     publish_transition(ctx, request, current, &desired).await;
     Ok(())
+}
+
+/// The per-request metrics (use-by time, next refresh, ready) say what `status` says. They are
+/// set from every status a reconcile ends with, written or already in place, so that a restarted
+/// operator exports them for requests it has no reason to refresh yet, and a request that is
+/// halted (suspended, not permitted, in conflict, invalid) reports `ready` 0 and no next refresh.
+/// A status without a service (the spec was never valid) has no series.
+fn publish_schedule(ctx: &Context, request: &EmbedUrlRequest, status: &EmbedUrlRequestStatus) {
+    let namespace = request.meta().namespace.as_deref().unwrap_or_default();
+    let name = request.meta().name.as_deref().unwrap_or_default();
+    let Some(service) = status.service.as_deref().and_then(Service::from_name) else {
+        ctx.metrics.forget_request(namespace, name);
+        return;
+    };
+    let ready = status.ready().is_some_and(|c| c.status == "True");
+    ctx.metrics.set_schedule(
+        namespace,
+        name,
+        service,
+        schedule::parse_time(status.url_expires_at.as_deref()),
+        schedule::parse_time(status.next_refresh_time.as_deref()),
+        ready,
+    );
 }
 
 async fn apply_status(

@@ -36,6 +36,13 @@ impl Service {
         }
     }
 
+    /// The service named `name` in `status.service` (the inverse of [`Service::name`]).
+    pub fn from_name(name: &str) -> Option<Service> {
+        [Service::QuickSight, Service::QBusiness, Service::Flink]
+            .into_iter()
+            .find(|service| service.name() == name)
+    }
+
     /// The AWS operation that mints this service's URL.
     pub fn operation(self) -> &'static str {
         match self {

@@ -34,6 +34,14 @@ async fn patch_spec(h: &Harness, name: &str, spec: serde_json::Value) {
         .expect("patch spec");
 }
 
+/// The value of the per-request series `family` of request `name`, as the operator exports it.
+fn request_metric(h: &Harness, family: &str, name: &str) -> Option<String> {
+    let prefix = format!("embedurl_{family}{{namespace=\"{NS}\",name=\"{name}\",");
+    let text = h.metrics().encode();
+    let line = text.lines().find(|line| line.starts_with(&prefix))?;
+    line.rsplit_once(' ').map(|(_, value)| value.to_string())
+}
+
 #[tokio::test]
 async fn each_service_mints_into_its_secret() {
     let h = Harness::start(LONG_WINDOW).await;
@@ -492,6 +500,23 @@ async fn a_restarted_operator_does_not_mint_fresh_urls_again() {
         h.kube.effective_write_count("secrets") + h.kube.effective_write_count("embedurlrequests"),
         writes
     );
+    // The new process exports every request's schedule although it has minted nothing, so an
+    // alert on the use-by time keeps working across restarts.
+    for request in ["console", "chat", "dashboard"] {
+        let status = h.status(request);
+        let expiry: Timestamp = status.url_expires_at.as_deref().unwrap().parse().unwrap();
+        let exported: f64 = request_metric(&h, "url_expiry_timestamp_seconds", request)
+            .unwrap_or_else(|| panic!("no use-by time exported for {request}"))
+            .parse()
+            .unwrap();
+        assert_eq!(exported, expiry.as_millisecond() as f64 / 1000.0);
+        assert!(request_metric(&h, "next_refresh_timestamp_seconds", request).is_some());
+        assert_eq!(
+            request_metric(&h, "ready", request).as_deref(),
+            Some("1"),
+            "{request}"
+        );
+    }
 }
 
 #[tokio::test]
@@ -571,6 +596,13 @@ async fn suspend_stops_refreshing() {
         "the Secret stays as it is"
     );
     assert!(h.status("console").next_refresh_time.is_none());
+    // The metrics follow: not ready, nothing planned; the last URL's use-by time stays.
+    assert_eq!(request_metric(&h, "ready", "console").as_deref(), Some("0"));
+    assert_eq!(
+        request_metric(&h, "next_refresh_timestamp_seconds", "console"),
+        None
+    );
+    assert!(request_metric(&h, "url_expiry_timestamp_seconds", "console").is_some());
 
     patch_spec(&h, "console", json!({"suspend": false})).await;
     eventually("refreshing again", WAIT, || {
