@@ -190,6 +190,12 @@ pub fn error_policy(object: Arc<CachedRequest>, error: &Error, ctx: Arc<Context>
 }
 
 async fn reconcile_request(request: &EmbedUrlRequest, ctx: &Context) -> Result<Next> {
+    if request.meta().deletion_timestamp.is_some() {
+        // Going away, but still visible while finalizers or a foreground deletion hold it (the
+        // garbage collector deletes its Secret first). A URL minted now would only re-create a
+        // Secret the collector then removes again.
+        return Ok(Next::await_change());
+    }
     let now = Timestamp::now();
     let current = request.status.clone().unwrap_or_default();
     let spec = match validation::validate(&request.spec, &request.name_any(), &ctx.settings.windows)

@@ -379,6 +379,38 @@ async fn deleting_the_request_garbage_collects_the_secret() {
 }
 
 #[tokio::test]
+async fn a_request_being_deleted_is_not_refreshed() {
+    let h = Harness::start(LONG_WINDOW).await;
+    h.create("console", quick_sight()).await;
+    minted_url(&h, "console").await;
+    // A finalizer keeps the deleted request visible, as foreground deletion (`kubectl delete
+    // --cascade=foreground`, Argo CD's foreground prune) does while the garbage collector
+    // removes the request's Secret.
+    h.requests()
+        .patch(
+            "console",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"finalizers": ["example.com/hold"]}})),
+        )
+        .await
+        .unwrap();
+    h.requests()
+        .delete("console", &DeleteParams::default())
+        .await
+        .unwrap();
+    h.secrets()
+        .delete("console", &DeleteParams::default())
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(
+        h.secret("console").is_none(),
+        "a Secret was re-created for a request that is going away"
+    );
+    assert_eq!(h.aws.calls().len(), 1, "no URL is minted for it");
+}
+
+#[tokio::test]
 async fn throttling_keeps_the_old_url_then_recovers() {
     let h = Harness::start(Duration::from_secs(6)).await;
     h.create("chat", q_business()).await;
