@@ -41,6 +41,18 @@ impl Error {
         }
     }
 
+    /// What the API server said when it refused a call ("403 Forbidden: ..."), or the whole
+    /// error for failures without an answer.
+    pub fn refusal(&self) -> String {
+        match self {
+            Error::Kube {
+                source: kube::Error::Api(status),
+                ..
+            } => format!("{} {}: {}", status.code, status.reason, status.message),
+            other => other.to_string(),
+        }
+    }
+
     /// Short label for metrics.
     pub fn metric_label(&self) -> &'static str {
         match self {

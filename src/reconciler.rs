@@ -10,15 +10,15 @@ use crate::crd::{
 use crate::error::{Error, Result};
 use crate::identity::{AwsClients, Identity};
 use crate::policy::{self, Ask, Decision, EmbedUrlPolicy, PolicyMode};
-use crate::providers::{EmbedUrl, Service};
+use crate::providers::{AwsErrorKind, EmbedUrl, Service};
 use crate::ratelimit::{BucketKey, RateLimits};
 use crate::schedule::{self, Facts, MintReason, Plan};
 use crate::secret::{self, FIELD_MANAGER, SecretContent, SecretSnapshot, StoredSecret, StoredUrl};
 use crate::secret_cache::{Lookup, SecretCache};
 use crate::status::{
     self, RateLimitWait, conflict_status, failed_status, failure_reason, invalid_spec_status,
-    minted_status, not_permitted_status, ready_again, reasons, refresh_request, suspended_status,
-    with_rate_limit,
+    minted_status, not_permitted_status, ready_again, reasons, refresh_request,
+    secret_refused_status, suspended_status, with_rate_limit,
 };
 use crate::telemetry::Metrics;
 use crate::validation::{self, InvalidSpec, UseByWindows, ValidSpec};
@@ -379,7 +379,7 @@ async fn mint(
         Ok((url, minted_at)) => {
             let expires_at = schedule::url_expires_at(minted_at, window);
             let next = schedule::planned_refresh(expires_at, spec.refresh_before, rand::random());
-            let written = apply_secret_content(
+            let written = match apply_secret_content(
                 ctx,
                 request,
                 spec,
@@ -387,7 +387,15 @@ async fn mint(
                 expires_at,
                 schedule::add(minted_at, spec.target.session_length()),
             )
-            .await?;
+            .await
+            {
+                Ok(written) => written,
+                // Retrying soon mints another URL for the same refusal: back off instead.
+                Err(error) if !error.is_retryable() => {
+                    return secret_refused(request, current, spec, served, &url, &error, ctx).await;
+                }
+                Err(error) => return Err(error),
+            };
             let desired = served.stamp(with_rate_limit(
                 minted_status(request, current, spec, minted_at, expires_at, next),
                 current,
@@ -470,6 +478,47 @@ async fn mint(
             Ok(requeue_at(now, retry))
         }
     }
+}
+
+/// The API server refused the Secret a URL was just minted for (403 from RBAC, or an admission
+/// policy): the request says so and waits like a request AWS rejected, instead of minting and
+/// losing a URL every minute.
+async fn secret_refused(
+    request: &EmbedUrlRequest,
+    current: &EmbedUrlRequestStatus,
+    spec: &ValidSpec,
+    served: &Served,
+    url: &EmbedUrl,
+    error: &Error,
+    ctx: &Context,
+) -> Result<Next> {
+    let now = Timestamp::now();
+    let failures = current.consecutive_failures.unwrap_or(0).saturating_add(1);
+    let window = ctx.settings.windows.for_service(spec.service());
+    let retry = schedule::retry_at(
+        now,
+        AwsErrorKind::Rejected,
+        failures,
+        None,
+        window,
+        rand::random(),
+    );
+    // An admission webhook's message may quote the object it refused: never the URL.
+    let refusal = url.redact_in(&error.refusal());
+    warn!(
+        namespace = request.namespace().unwrap_or_default(),
+        name = request.name_any(),
+        secret = &*spec.secret_name,
+        refusal,
+        failures,
+        retry_at = %secret::rfc3339(retry),
+        "Secret write refused; the minted URL was discarded"
+    );
+    let desired = served.stamp(secret_refused_status(
+        request, current, spec, &refusal, failures, retry, now,
+    ));
+    write_status(request, current, desired, ctx).await?;
+    Ok(requeue_at(now, retry))
 }
 
 /// An object whose spec or status does not even deserialize (written around the schema):

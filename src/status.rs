@@ -23,6 +23,8 @@ pub mod reasons {
     pub const SUSPENDED: &str = "Suspended";
     pub const NOT_PERMITTED: &str = "NotPermitted";
     pub const ASSUME_ROLE_FAILED: &str = "AssumeRoleFailed";
+    /// The API server refused the Secret write after a URL was minted for it.
+    pub const SECRET_WRITE_FAILED: &str = "SecretWriteFailed";
     /// `RateLimited=True`: the operator's AWS rate limit delayed the last refresh.
     pub const DEMAND_EXCEEDS_RATE_LIMIT: &str = "DemandExceedsRateLimit";
     /// `RateLimited=False`: the last refresh went out without a noticeable wait.
@@ -373,6 +375,50 @@ pub fn minted_status(
             message,
             generation,
             minted_at,
+        ),
+    )
+}
+
+/// The API server refused to write the Secret (RBAC, an admission policy): the URL minted for it
+/// is lost, and minting again soon would only lose the next one. Retried like a request AWS
+/// rejected, or at once when the spec changes.
+#[allow(clippy::too_many_arguments)]
+pub fn secret_refused_status(
+    request: &EmbedUrlRequest,
+    current: &EmbedUrlRequestStatus,
+    spec: &ValidSpec,
+    refusal: &str,
+    failures: u32,
+    retry: Timestamp,
+    now: Timestamp,
+) -> EmbedUrlRequestStatus {
+    let generation = request.meta().generation;
+    let status = EmbedUrlRequestStatus {
+        service: Some(spec.service().name().into()),
+        secret_name: Some(spec.secret_name.as_str().into()),
+        next_refresh_time: Some(secret::rfc3339(retry).into()),
+        observed_generation: generation,
+        consecutive_failures: Some(failures),
+        last_handled_refresh_request: refresh_request(request)
+            .map(CompactString::from)
+            .or_else(|| current.last_handled_refresh_request.clone()),
+        ..current.clone()
+    };
+    let message = format!(
+        "the Kubernetes API server refused to write Secret {:?} ({}), so the URL minted for it was discarded. Check the operator's RBAC and admission policies for Secrets in this namespace, or the secretTemplate; next attempt at {} (failure {failures}), or at once when the spec changes",
+        spec.secret_name,
+        shorten(refusal, MAX_INVALID_SPEC_MESSAGE),
+        secret::rfc3339(retry)
+    );
+    with_ready(
+        status,
+        ready(
+            current,
+            false,
+            reasons::SECRET_WRITE_FAILED,
+            message,
+            generation,
+            now,
         ),
     )
 }

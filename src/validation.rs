@@ -12,6 +12,7 @@ use crate::crd::{
 use crate::providers::{Service, Target};
 use crate::secret::MANAGED_BY_LABEL;
 use regex::Regex;
+use std::collections::BTreeMap;
 use std::str::FromStr;
 use std::sync::LazyLock;
 use std::time::Duration;
@@ -166,6 +167,7 @@ pub fn validate(
             ),
         ));
     }
+    check_annotations(&secret_template.annotations)?;
 
     let window = windows.for_service(service);
     let refresh_before = match &spec.refresh_before {
@@ -339,22 +341,63 @@ static LABEL_NAME: LazyLock<Regex> =
 static LABEL_VALUE: LazyLock<Regex> =
     LazyLock::new(|| pattern(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$"));
 
-/// Kubernetes label rules, so a bad template is reported here instead of as a failed write.
-fn check_label(key: &str, value: &str) -> Result<(), InvalidSpec> {
-    let field = "spec.secretTemplate.labels";
+/// Whether `key` is a Kubernetes qualified name, the form of label and annotation keys: an
+/// optional DNS-subdomain prefix and `/`, then at most 63 alphanumerics, '-', '_' or '.'.
+fn is_qualified_name(key: &str) -> bool {
     let (prefix, name) = match key.rsplit_once('/') {
         Some((prefix, name)) => (Some(prefix), name),
         None => (None, key),
     };
     let prefix_ok = prefix.is_none_or(|p| p.len() <= 253 && SECRET_NAME.is_match(p));
-    if !prefix_ok || name.is_empty() || name.len() > 63 || !LABEL_NAME.is_match(name) {
-        return Err(invalid(field, format!("{key:?} is not a valid label key")));
+    prefix_ok && !name.is_empty() && name.len() <= 63 && LABEL_NAME.is_match(name)
+}
+
+/// Kubernetes label rules, so a bad template is reported here instead of as a failed write.
+fn check_label(key: &str, value: &str) -> Result<(), InvalidSpec> {
+    let field = "spec.secretTemplate.labels";
+    if !is_qualified_name(key) {
+        return Err(invalid(
+            field,
+            format!(
+                "{key:?} is not a valid label key (an optional DNS-subdomain prefix and '/', then at most 63 alphanumerics, '-', '_' or '.')"
+            ),
+        ));
     }
     if value.len() > 63 || !LABEL_VALUE.is_match(value) {
         return Err(invalid(
             field,
             format!(
                 "the value of {key:?} is not a valid label value (at most 63 alphanumerics, '-', '_' or '.')"
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// The API server's limit on all annotations of one object together, keys and values, in bytes.
+const ANNOTATIONS_SIZE_LIMIT: usize = 256 * 1024;
+/// Room left under that limit for the annotations the operator adds to the Secret itself.
+const OWN_ANNOTATIONS_ROOM: usize = 1024;
+
+/// Kubernetes annotation rules. The API server refuses a Secret whose annotations break them,
+/// and that refusal would come only after a URL was minted for it: checked here, nothing is
+/// minted and the request says which key to fix.
+fn check_annotations(annotations: &BTreeMap<String, String>) -> Result<(), InvalidSpec> {
+    let field = "spec.secretTemplate.annotations";
+    if let Some(key) = annotations.keys().find(|key| !is_qualified_name(key)) {
+        return Err(invalid(
+            field,
+            format!(
+                "{key:?} is not a valid annotation key (an optional DNS-subdomain prefix and '/', then at most 63 alphanumerics, '-', '_' or '.')"
+            ),
+        ));
+    }
+    let size: usize = annotations.iter().map(|(k, v)| k.len() + v.len()).sum();
+    if size > ANNOTATIONS_SIZE_LIMIT - OWN_ANNOTATIONS_ROOM {
+        return Err(invalid(
+            field,
+            format!(
+                "the annotations take {size} bytes; Kubernetes allows {ANNOTATIONS_SIZE_LIMIT} in all, of which the operator needs {OWN_ANNOTATIONS_ROOM}"
             ),
         ));
     }
@@ -601,6 +644,32 @@ mod tests {
                 ..Default::default()
             }));
             assert_eq!(check(&spec).is_ok(), ok, "{key}={value}");
+        }
+
+        // Annotation keys follow the label key rules; values are free, but not their total size.
+        for (key, value, ok) in [
+            (
+                "example.com/owner",
+                "anything at all: spaces, / and :",
+                true,
+            ),
+            ("note", "", true),
+            ("has space", "x", false),
+            ("Example.com/owner", "x", false),
+            ("example.com/", "x", false),
+            ("note", &"x".repeat(200 * 1024), true),
+            ("note", &"x".repeat(256 * 1024), false),
+        ] {
+            let mut spec = qs();
+            spec.secret_template = Some(Box::new(SecretTemplate {
+                annotations: [(key.to_string(), value.to_string())].into(),
+                ..Default::default()
+            }));
+            let result = check(&spec);
+            assert_eq!(result.is_ok(), ok, "{key}={:.40}", value);
+            if let Err(e) = result {
+                assert_eq!(e.field, "spec.secretTemplate.annotations");
+            }
         }
     }
 

@@ -133,6 +133,26 @@ impl EmbedUrl {
             .ok_or_else(|| AwsCallError::missing_url(operation))
     }
 
+    /// `text` (say, an API server's refusal that may quote the object it refused) with this URL,
+    /// as is or JSON-escaped, replaced by `[URL]`.
+    pub fn redact_in(&self, text: &str) -> String {
+        let mut redacted = text.replace(&self.0, "[URL]");
+        if let Ok(quoted) = serde_json::to_string(&self.0) {
+            let escaped = &quoted[1..quoted.len() - 1];
+            // Go's encoder escapes '&', '<' and '>' too; serde_json does not.
+            let go_escaped = escaped
+                .replace('&', "\\u0026")
+                .replace('<', "\\u003c")
+                .replace('>', "\\u003e");
+            for form in [escaped, go_escaped.as_str()] {
+                if form != self.0 {
+                    redacted = redacted.replace(form, "[URL]");
+                }
+            }
+        }
+        redacted
+    }
+
     /// The URL itself, for the one place that needs it: the Secret's data.
     pub fn expose(&self) -> &str {
         &self.0
@@ -180,5 +200,25 @@ impl Providers {
             Service::QBusiness => self.q_business.as_ref(),
             Service::Flink => self.flink.as_ref(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_url_is_redacted_as_is_and_json_escaped() {
+        let url = EmbedUrl::new("https://x.example/embed?code=a&b=<c>/d".to_string());
+        for text in [
+            "refused https://x.example/embed?code=a&b=<c>/d here",
+            r#"refused {"url":"https://x.example/embed?code=a&b=<c>/d"}"#,
+            r#"refused {"url":"https://x.example/embed?code=a\u0026b=\u003cc\u003e/d"}"#,
+        ] {
+            let redacted = url.redact_in(text);
+            assert!(redacted.contains("[URL]"), "{text} -> {redacted}");
+            assert!(!redacted.contains("code=a"), "{text} -> {redacted}");
+        }
+        assert_eq!(url.redact_in("nothing to hide"), "nothing to hide");
     }
 }

@@ -143,6 +143,48 @@ async fn secret_write_conflicts_cost_one_mint_each_and_status_conflicts_none() {
 }
 
 #[tokio::test]
+async fn a_refused_secret_write_is_reported_and_backs_off_instead_of_minting_again() {
+    let h = Harness::start(LONG_WINDOW).await;
+    // RBAC or an admission policy refuses the Secret: 403 is not worth retrying soon, and each
+    // retry would mint (and lose) another URL.
+    h.kube.inject_failure("patch", "secrets", 403, 1);
+    h.create("console", quick_sight()).await;
+    let status = eventually("SecretWriteFailed", WAIT, || {
+        let status = h.status("console");
+        let ready = status.ready()?;
+        (ready.reason == "SecretWriteFailed").then(|| status.clone())
+    })
+    .await;
+    let ready = status.ready().unwrap();
+    assert_eq!(ready.status, "False");
+    assert!(ready.message.contains("403 Forbidden"), "{}", ready.message);
+    assert_eq!(status.consecutive_failures, Some(1));
+    // The next attempt is minutes away (like a request AWS rejected), not 5-60 s.
+    let retry: jiff::Timestamp = status
+        .next_refresh_time
+        .as_deref()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(retry.duration_since(jiff::Timestamp::now()).as_secs_f64() > 200.0);
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    assert_no_more_calls(&h, 1, "the refusal is not retried with another mint").await;
+    assert!(h.secret("console").is_none());
+
+    // Once the cause is fixed, a spec change retries at once.
+    h.requests()
+        .patch(
+            "console",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"refreshBefore": "60s"}})),
+        )
+        .await
+        .unwrap();
+    converged(&h, "console", "console", WAIT).await;
+    assert_eq!(h.aws.calls().len(), 2);
+}
+
+#[tokio::test]
 async fn status_write_conflicts_are_repaired_from_the_secret_without_a_mint() {
     let h = Harness::start(LONG_WINDOW).await;
     // The status write after the mint and the first repair are both refused.
