@@ -370,7 +370,7 @@ async fn mint(
             }
             Err(error) => Err(error),
         };
-        timer.finish(result.as_ref().err().map(|e| e.kind));
+        timer.finish(result.as_ref().err());
         result.map(|url| (url, started))
     };
     let namespace = request.namespace().unwrap_or_default();

@@ -3,7 +3,7 @@
 //! No metric label and no log field ever carries a URL or a user ARN: labels are limited to
 //! namespace, name, service, operation, outcome and error reason.
 
-use crate::providers::{AwsErrorKind, Service};
+use crate::providers::{AwsCallError, AwsErrorKind, Service};
 use jiff::Timestamp;
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{
@@ -432,15 +432,19 @@ pub struct AwsCallTimer<'a> {
 }
 
 impl AwsCallTimer<'_> {
-    pub fn finish(self, error: Option<AwsErrorKind>) {
-        let outcome = match error {
+    /// Records the call under the operation that failed (`AssumeRole` when the policy's role could
+    /// not be assumed, so no mint was attempted), or the service's mint operation.
+    pub fn finish(self, error: Option<&AwsCallError>) {
+        let outcome = match error.map(|e| e.kind) {
             None => Outcome::Success,
             Some(AwsErrorKind::Throttled) => Outcome::Throttled,
             Some(AwsErrorKind::Unavailable) => Outcome::Unavailable,
             Some(AwsErrorKind::Rejected) => Outcome::Rejected,
         };
         let service = self.service.name().to_string();
-        let operation = self.service.operation().to_string();
+        let operation = error
+            .map_or(self.service.operation(), |e| e.operation)
+            .to_string();
         self.metrics
             .aws_call_duration
             .get_or_create(&AwsOperationLabels {
@@ -525,9 +529,24 @@ mod tests {
         let metrics = Metrics::new();
         metrics.reconcile_started().finish(Some("kube_api"));
         metrics.aws_call_started(Service::Flink).finish(None);
+        let throttled = AwsCallError {
+            operation: Service::Flink.operation(),
+            kind: AwsErrorKind::Throttled,
+            code: "ThrottlingException".into(),
+            message: String::new(),
+        };
         metrics
             .aws_call_started(Service::Flink)
-            .finish(Some(AwsErrorKind::Throttled));
+            .finish(Some(&throttled));
+        let sts_refused = AwsCallError {
+            operation: "AssumeRole",
+            kind: AwsErrorKind::Rejected,
+            code: "AccessDenied".into(),
+            message: String::new(),
+        };
+        metrics
+            .aws_call_started(Service::Flink)
+            .finish(Some(&sts_refused));
         let t: Timestamp = "2026-11-22T10:05:00Z".parse().unwrap();
         metrics.set_schedule(
             "analytics",
@@ -546,6 +565,12 @@ mod tests {
         assert!(
             text.contains(
                 "embedurl_aws_calls_total{service=\"Flink\",operation=\"CreateApplicationPresignedUrl\",outcome=\"Throttled\"} 1"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "embedurl_aws_calls_total{service=\"Flink\",operation=\"AssumeRole\",outcome=\"Rejected\"} 1"
             ),
             "{text}"
         );

@@ -220,6 +220,16 @@ async fn an_sts_refusal_is_reported_as_assume_role_and_nothing_is_minted() {
     );
     assert_eq!(h.aws.call_count(Service::QuickSight), 0);
     assert_eq!(h.status("console").consecutive_failures, Some(1));
+    // Counted as the call that failed, not as a mint that was never made.
+    let metrics = h.metrics().encode();
+    assert!(
+        metrics.contains(r#"embedurl_aws_calls_total{service="QuickSight",operation="AssumeRole",outcome="Rejected"} 1"#),
+        "{metrics}"
+    );
+    assert!(
+        !metrics.contains(r#"operation="GetSessionEmbedUrl""#),
+        "{metrics}"
+    );
 }
 
 #[tokio::test]
