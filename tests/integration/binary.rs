@@ -65,10 +65,22 @@ impl Cluster {
 
     /// Spawns the operator binary. Logs go to a file so the test can check them.
     fn spawn(&self, instance: &str, window: &str, extra_args: &[&str]) -> OperatorProcess {
+        self.spawn_adjusted(instance, window, extra_args, |_| {})
+    }
+
+    /// Spawns the operator binary with its environment changed by `adjust` last.
+    fn spawn_adjusted(
+        &self,
+        instance: &str,
+        window: &str,
+        extra_args: &[&str],
+        adjust: impl FnOnce(&mut Command),
+    ) -> OperatorProcess {
         let http = free_port();
         let log = self.dir.path().join(format!("{instance}.log"));
         let log_file = std::fs::File::create(&log).unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_embed-url-operator"))
+        let mut command = Command::new(env!("CARGO_BIN_EXE_embed-url-operator"));
+        command
             .arg("run")
             .args(extra_args)
             .env_clear()
@@ -99,9 +111,9 @@ impl Cluster {
                  aws_sdk_qbusiness=trace,aws_sdk_kinesisanalyticsv2=trace,embed_url_operator=trace",
             )
             .stdout(log_file.try_clone().unwrap())
-            .stderr(log_file)
-            .spawn()
-            .expect("spawn the operator binary");
+            .stderr(log_file);
+        adjust(&mut command);
+        let child = command.spawn().expect("spawn the operator binary");
         OperatorProcess { child, http, log }
     }
 }
@@ -458,4 +470,47 @@ fn the_binary_refuses_a_lease_shorter_than_a_second() {
         stderr.contains("--lease-duration") && stderr.contains("shorter than a second"),
         "{stderr}"
     );
+}
+
+#[tokio::test]
+async fn the_binary_takes_credentials_from_a_profiles_credential_process() {
+    let cluster = Cluster::start().await;
+    // A profile whose credentials come from a program, as aws-vault or granted set up.
+    let program = cluster.dir.path().join("credentials.sh");
+    std::fs::write(
+        &program,
+        "#!/bin/sh\necho '{\"Version\": 1, \"AccessKeyId\": \"AKIDFROMPROCESS\", \"SecretAccessKey\": \"from-process\"}'\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(
+        &program,
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let config = cluster.dir.path().join("aws-config");
+    std::fs::write(
+        &config,
+        format!(
+            "[profile dev]\ncredential_process = {}\n",
+            program.display()
+        ),
+    )
+    .unwrap();
+    let mut operator = cluster.spawn_adjusted("process", "60s", &[], |command| {
+        command
+            .env_remove("AWS_ACCESS_KEY_ID")
+            .env_remove("AWS_SECRET_ACCESS_KEY")
+            .env("AWS_CONFIG_FILE", &config)
+            .env("AWS_PROFILE", "dev");
+    });
+    operator.wait_ready().await;
+    cluster.create("console", quick_sight()).await;
+    eventually("URL in the Secret", WAIT, || {
+        cluster.secret_value("console", "url")
+    })
+    .await;
+    let calls = cluster.aws.calls();
+    assert_eq!(calls.len(), 1, "{calls:?}");
+    assert_eq!(calls[0].access_key.as_deref(), Some("AKIDFROMPROCESS"));
+    operator.terminate().await;
 }
