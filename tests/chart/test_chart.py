@@ -33,17 +33,17 @@ IRSA_ROLE = "arn:aws:iam::123456789012:role/embed-url-operator"
 # What the operator's ServiceAccount may do in every namespace it watches,
 # keyed by (apiGroup, resource). Nothing more, nothing less.
 OPERATOR_PERMISSIONS = {
-    ("embedurl.io", "embedurlrequests"): {"get", "list", "watch", "patch"},
-    ("embedurl.io", "embedurlrequests/status"): {"patch", "update"},
+    ("embedurl.io", "embedurlrequests"): {"get", "list", "watch"},
+    ("embedurl.io", "embedurlrequests/status"): {"patch"},
     ("", "secrets"): {"get", "list", "watch", "create", "patch"},
-    ("events.k8s.io", "events"): {"create", "patch"},
+    ("events.k8s.io", "events"): {"create"},
 }
 
 # What it may read cluster-wide in every mode: the cluster-scoped
 # EmbedUrlPolicies, and namespaces (policies select them by label).
 POLICY_READ_PERMISSIONS = {
-    ("embedurl.io", "embedurlpolicies"): {"get", "list", "watch"},
-    ("", "namespaces"): {"get", "list", "watch"},
+    ("embedurl.io", "embedurlpolicies"): {"list", "watch"},
+    ("", "namespaces"): {"list", "watch"},
 }
 CLUSTER_WIDE_PERMISSIONS = {**OPERATOR_PERMISSIONS, **POLICY_READ_PERMISSIONS}
 # What it may do in the release namespace for leader election, when on.
@@ -715,6 +715,11 @@ def test_schema_accepts_defaults_and_value_sets(chart):
         pytest.param({"logFormat": "xml"}, id="logFormat-enum"),
         pytest.param({"leaderElection": {"enabled": "yes"}}, id="leaderElection-enum"),
         pytest.param({"leaderElection": {"leaseDuration": 15}}, id="leaseDuration-int"),
+        pytest.param({"leaderElection": {"leaseDuration": "500ms"}}, id="leaseDuration-under-a-second"),
+        pytest.param({"leaderElection": {"leaseDuration": "0s"}}, id="leaseDuration-zero"),
+        pytest.param({"leaderElection": {"leaseDuration": ""}}, id="leaseDuration-empty"),
+        pytest.param({"serviceMonitor": {"interval": "1.5m"}}, id="serviceMonitor-interval-fraction"),
+        pytest.param({"serviceMonitor": {"scrapeTimeout": "10sec"}}, id="serviceMonitor-scrapeTimeout-unit"),
         pytest.param({"image": {"pullPolicy": "Sometimes"}}, id="pullPolicy-enum"),
         pytest.param({"image": {"tagg": "1"}}, id="unknown-image-key"),
         pytest.param({"serviceAccount": {"annotations": {"a": 1}}}, id="annotation-not-string"),
@@ -731,6 +736,19 @@ def test_schema_rejects_bad_values(chart, values):
     # Helm itself refuses to render (and so to install) with them.
     with pytest.raises(helm.HelmValuesError):
         chart.render(values, name=RELEASE, namespace=NAMESPACE)
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        pytest.param({"leaderElection": {"leaseDuration": "15s"}}, id="leaseDuration-15s"),
+        pytest.param({"leaderElection": {"leaseDuration": "1m30s"}}, id="leaseDuration-1m30s"),
+        pytest.param({"leaderElection": {"leaseDuration": "1s"}}, id="leaseDuration-1s"),
+        pytest.param({"serviceMonitor": {"interval": "1m30s", "scrapeTimeout": "500ms"}}, id="serviceMonitor-durations"),
+    ],
+)
+def test_schema_accepts_good_durations(chart, values):
+    chart.validate_schema(values)
 
 
 def test_schema_top_level_is_closed(chart):

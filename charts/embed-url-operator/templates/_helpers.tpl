@@ -116,23 +116,26 @@ Name of the leader-election Lease.
 {{/*
 Rules the operator needs in every namespace it watches. Shared by the
 ClusterRole (all namespaces) and the per-namespace Roles (watchNamespaces).
-No wildcards; Secrets can be created and patched (server-side apply) but
+Exactly what the code calls, no wildcards: requests are only read (their
+status is written through the status subresource, by server-side apply or a
+merge patch); Secrets can be created and patched (server-side apply) but
 never updated or deleted (owner references let the garbage collector delete
-them with their EmbedUrlRequest).
+them with their EmbedUrlRequest); events are only created (the operator uses
+a new kube Recorder per event, which never patches one).
 */}}
 {{- define "embed-url-operator.operatorRules" -}}
 - apiGroups: ["embedurl.io"]
   resources: ["embedurlrequests"]
-  verbs: ["get", "list", "watch", "patch"]
+  verbs: ["get", "list", "watch"]
 - apiGroups: ["embedurl.io"]
   resources: ["embedurlrequests/status"]
-  verbs: ["patch", "update"]
+  verbs: ["patch"]
 - apiGroups: [""]
   resources: ["secrets"]
   verbs: ["get", "list", "watch", "create", "patch"]
 - apiGroups: ["events.k8s.io"]
   resources: ["events"]
-  verbs: ["create", "patch"]
+  verbs: ["create"]
 {{- end }}
 
 {{/*
