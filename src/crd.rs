@@ -92,8 +92,8 @@ pub struct EmbedUrlRequestSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub flink: Option<Box<FlinkSpec>>,
 
-    /// AWS region to call, for example `eu-west-1`. Default: the operator's own AWS region
-    /// (its `AWS_REGION`).
+    /// AWS region to call, for example `eu-west-1`. Default: the region of the EmbedUrlPolicy
+    /// that serves the request (`spec.aws.region`), else the operator's own (its `AWS_REGION`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(pattern(REGION_PATTERN), length(max = 32))]
     pub region: Option<String>,

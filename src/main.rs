@@ -45,7 +45,8 @@ enum Command {
     Run(RunArgs),
     /// Print the CustomResourceDefinitions (what `crds/` holds), or write one file per kind.
     Crd {
-        /// Write `<plural>.yaml` files into this directory instead of printing.
+        /// Write one file per kind (`embedurlrequest.yaml`, `embedurlpolicy.yaml`) into this
+        /// directory instead of printing.
         #[arg(long)]
         output_dir: Option<std::path::PathBuf>,
     },

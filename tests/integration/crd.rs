@@ -117,21 +117,32 @@ fn examples_are_valid_requests() {
         validate(&request.spec, &name, &UseByWindows::documented())
             .unwrap_or_else(|e| panic!("{file}: {e}"));
     }
-    // The example policy allows the QuickSight example.
+    // Each example policy allows its example (as README says), in the example's namespace.
     use embed_url_operator::policy::{Ask, Decision, EmbedUrlPolicy, PolicyMode, decide};
     let read = |file: &str| std::fs::read_to_string(root.join("examples").join(file)).unwrap();
-    let policy: EmbedUrlPolicy = serde_yaml_ng::from_str(&read("policy.yaml")).unwrap();
-    let request: EmbedUrlRequest = serde_yaml_ng::from_str(&read("quicksight.yaml")).unwrap();
-    let spec = validate(&request.spec, "sales-console", &UseByWindows::documented()).unwrap();
-    let ask = Ask {
-        namespace: "analytics",
-        namespace_labels: &Default::default(),
-        target: &spec.target,
-        region: spec.region.as_deref(),
-        operator_region: None,
-    };
-    assert!(matches!(
-        decide(&[&policy], &ask, PolicyMode::Enforce),
-        Decision::Allowed { .. }
-    ));
+    for (policy_file, request_file) in [
+        ("policy.yaml", "quicksight.yaml"),
+        ("policy-qbusiness.yaml", "qbusiness.yaml"),
+        ("policy-flink.yaml", "flink.yaml"),
+    ] {
+        let policy: EmbedUrlPolicy = serde_yaml_ng::from_str(&read(policy_file)).unwrap();
+        let request: EmbedUrlRequest = serde_yaml_ng::from_str(&read(request_file)).unwrap();
+        let name = request.metadata.name.clone().unwrap();
+        let namespace = request.metadata.namespace.clone().unwrap();
+        let spec = validate(&request.spec, &name, &UseByWindows::documented()).unwrap();
+        let ask = Ask {
+            namespace: &namespace,
+            namespace_labels: &Default::default(),
+            target: &spec.target,
+            region: spec.region.as_deref(),
+            operator_region: None,
+        };
+        assert!(
+            matches!(
+                decide(&[&policy], &ask, PolicyMode::Enforce),
+                Decision::Allowed { .. }
+            ),
+            "{policy_file} does not allow {request_file}"
+        );
+    }
 }
