@@ -124,6 +124,15 @@ struct RunArgs {
     #[arg(long, env = "EMBEDURL_API_TIMEOUT", default_value = "70s", value_parser = duration_arg)]
     api_timeout: Duration,
 
+    /// Longest silence while reading from a connection to the API server, e.g. `300s`. It ends
+    /// a list or read whose answer stops halfway (the peer vanished mid-body): `--api-timeout`
+    /// only bounds the wait for an answer to start, and without this the caches could wait for
+    /// ever. It must outlast a healthy watch's silences (the API server sends a bookmark every
+    /// minute and ends a watch after 290 s), so it is not a setting to turn down; tests shorten
+    /// it together with the stand-in's bookmark interval.
+    #[arg(long, env = "EMBEDURL_READ_TIMEOUT", default_value = "300s", value_parser = duration_arg, hide = true)]
+    read_timeout: Duration,
+
     /// On SIGTERM, how long in-flight reconciles may take to finish before they are dropped,
     /// e.g. `15s`. Keep it well below the pod's terminationGracePeriodSeconds (30 s in the
     /// chart): a leader may still be in a Lease renewal (up to a sixth of the lease duration)
@@ -218,7 +227,7 @@ fn run_blocking(args: RunArgs) -> ExitCode {
 }
 
 async fn run(args: RunArgs) -> Result<(), String> {
-    let client = kube_client(args.api_timeout).await?;
+    let client = kube_client(args.api_timeout, args.read_timeout).await?;
 
     // The standard AWS chain: env, profile, web identity (IRSA), EKS Pod Identity, IMDS; and the
     // AWS_ENDPOINT_URL_* overrides. Timeouts keep a stuck call from holding a reconcile slot.
@@ -349,11 +358,14 @@ async fn run(args: RunArgs) -> Result<(), String> {
 }
 
 /// The Kubernetes client (in-cluster or kubeconfig), each request bounded by `timeout` until
-/// its answer starts.
-async fn kube_client(timeout: Duration) -> Result<kube::Client, String> {
-    let config = kube::Config::infer()
+/// its answer starts, and each read from a connection by `read_timeout`.
+async fn kube_client(timeout: Duration, read_timeout: Duration) -> Result<kube::Client, String> {
+    let mut config = kube::Config::infer()
         .await
         .map_err(|e| format!("no Kubernetes configuration (in-cluster or kubeconfig): {e}"))?;
+    config.read_timeout = Some(read_timeout);
+    // Counted from each request sent, not from when its pooled connection went idle.
+    config.reset_reader_on_write = true;
     let client = kube::client::ClientBuilder::try_from(config)
         .map_err(|e| format!("could not build the Kubernetes client: {e}"))?
         .with_layer(&tower::timeout::TimeoutLayer::new(timeout))

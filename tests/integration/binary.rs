@@ -514,3 +514,28 @@ async fn the_binary_takes_credentials_from_a_profiles_credential_process() {
     assert_eq!(calls[0].access_key.as_deref(), Some("AKIDFROMPROCESS"));
     operator.terminate().await;
 }
+
+#[tokio::test]
+async fn the_binary_recovers_from_a_list_whose_answer_stops_halfway() {
+    let cluster = Cluster::start().await;
+    // The read timeout must outlast a healthy watch's silences, which bookmarks end: here a
+    // bookmark every half second against a 3 s read timeout (production: a minute against 300 s).
+    cluster
+        .kube
+        .set_bookmark_interval(Duration::from_millis(500));
+    cluster.create("console", quick_sight()).await;
+    // The first list of requests sends half its answer, then nothing, as when an API server
+    // vanishes mid-body. A timeout on the answer's start cannot see it.
+    cluster
+        .kube
+        .inject_stall_mid_answer("list", "embedurlrequests", 1);
+    let mut operator = cluster.spawn_adjusted("solo", "60s", &[], |command| {
+        command.env("EMBEDURL_READ_TIMEOUT", "3s");
+    });
+    eventually("URL in the Secret", Duration::from_secs(20), || {
+        cluster.secret_value("console", "url")
+    })
+    .await;
+    assert!(cluster.kube.request_count("list", "embedurlrequests") >= 2);
+    operator.terminate().await;
+}

@@ -361,41 +361,54 @@ impl FakeApiServer {
     /// (an API server replaced mid-upgrade, a load balancer dropping state). Only a client-side
     /// timeout ends them.
     pub fn inject_stall(&self, verb: &str, resource: &str, times: usize) {
+        self.push_stall(verb, resource, times, Stall::NoAnswer);
+    }
+
+    /// The next `times` requests with this verb (or "*") on this resource get the status line,
+    /// the headers and the first half of their answer's body, and then nothing more, as when the
+    /// peer vanishes while sending a large list. Only a client-side read timeout ends them.
+    pub fn inject_stall_mid_answer(&self, verb: &str, resource: &str, times: usize) {
+        self.push_stall(verb, resource, times, Stall::MidAnswer);
+    }
+
+    fn push_stall(&self, verb: &str, resource: &str, times: usize, stall: Stall) {
         self.lock().stalls.push(InjectedFailure {
             verb: verb.to_owned(),
             resource: resource.to_owned(),
-            status: 0,
+            status: stall as u16,
             remaining: times,
         });
     }
 
-    /// Whether an injected stall swallows this request; counts it if so.
-    fn stalls(&self, method: &Method, uri: &Uri) -> bool {
+    /// The injected stall that swallows this request, if any.
+    fn stalls(&self, method: &Method, uri: &Uri) -> Option<Stall> {
         let watch = uri
             .query()
             .is_some_and(|q| q.split('&').any(|p| p == "watch=true" || p == "watch=1"));
         let mut store = self.lock();
-        let Ok(route) = store.route(uri.path()) else {
-            return false;
-        };
-        let Ok(verb) = route.verb(method, watch) else {
-            return false;
-        };
+        let route = store.route(uri.path()).ok()?;
+        let verb = route.verb(method, watch).ok()?;
         let resource = route.resource_label();
-        let Some(stall) = store.stalls.iter_mut().find(|stall| {
+        let stall = store.stalls.iter_mut().find(|stall| {
             stall.remaining > 0
                 && stall.resource == resource
                 && (stall.verb == "*" || stall.verb == verb.as_str())
-        }) else {
-            return false;
+        })?;
+        let kind = if stall.status == Stall::MidAnswer as u16 {
+            Stall::MidAnswer
+        } else {
+            Stall::NoAnswer
         };
         stall.remaining -= 1;
         store.stalls.retain(|stall| stall.remaining > 0);
-        *store
-            .request_counts
-            .entry((verb.as_str().to_owned(), resource))
-            .or_default() += 1;
-        true
+        if kind == Stall::NoAnswer {
+            // A request answered mid-way is counted when it is dispatched.
+            *store
+                .request_counts
+                .entry((verb.as_str().to_owned(), resource))
+                .or_default() += 1;
+        }
+        Some(kind)
     }
 
     /// Ends every open watch stream, as an API server restart or a load balancer would.
@@ -574,13 +587,35 @@ async fn handle_request(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    if server.stalls(&method, &uri) {
+    let stall = server.stalls(&method, &uri);
+    if stall == Some(Stall::NoAnswer) {
         // Dropped only when the client gives up and closes the connection.
         return std::future::pending().await;
     }
-    server
+    let response = server
         .dispatch(&method, &uri, &headers, &body)
-        .unwrap_or_else(ApiError::into_response)
+        .unwrap_or_else(ApiError::into_response);
+    if stall != Some(Stall::MidAnswer) {
+        return response;
+    }
+    let (mut parts, body) = response.into_parts();
+    let Ok(whole) = axum::body::to_bytes(body, usize::MAX).await else {
+        return std::future::pending().await;
+    };
+    let half = whole.slice(..whole.len() / 2);
+    parts.headers.remove(header::CONTENT_LENGTH);
+    let then_nothing =
+        stream::once(async move { Ok::<_, Infallible>(half) }).chain(stream::pending());
+    Response::from_parts(parts, Body::from_stream(then_nothing))
+}
+
+/// How an injected stall treats a request (stored as [`InjectedFailure::status`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Stall {
+    /// Received, never answered.
+    NoAnswer = 0,
+    /// Answered with half a body, then silence.
+    MidAnswer = 1,
 }
 
 /// A change as [`FakeApiServer::observe`] reports it: `before` is `None` for a creation, `after`
