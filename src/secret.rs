@@ -126,9 +126,12 @@ pub struct SecretSnapshot {
     annotated_digest: Option<[u8; 32]>,
     /// The `embedurl.io/generation` annotation, if it is a number.
     annotated_generation: Option<i64>,
-    /// Every other label and annotation (those a `secretTemplate` sets, among others).
-    labels: Box<[(Box<str>, Box<str>)]>,
-    annotations: Box<[(Box<str>, Box<str>)]>,
+    /// A fingerprint of every other label and annotation (key and value), sorted: enough to tell
+    /// whether those a `secretTemplate` sets are there. Not the text: other tools' annotations
+    /// can be large, and `kubectl.kubernetes.io/last-applied-configuration` can even hold the
+    /// Secret's data, URL included.
+    labels: Box<[u64]>,
+    annotations: Box<[u64]>,
     /// What the data says, if known: a metadata-only watch event does not carry it.
     pub data: Option<DataFacts>,
 }
@@ -187,11 +190,14 @@ impl SecretSnapshot {
     /// The snapshot of a Secret's metadata; `data` as far as known.
     pub fn of_metadata(meta: &ObjectMeta, data: Option<DataFacts>) -> Self {
         let others = |map: &Option<BTreeMap<String, String>>, own: &[&str]| {
-            map.iter()
+            let mut fingerprints: Vec<u64> = map
+                .iter()
                 .flatten()
                 .filter(|(k, _)| !own.contains(&k.as_str()))
-                .map(|(k, v)| (Box::from(k.as_str()), Box::from(v.as_str())))
-                .collect()
+                .map(|(k, v)| fingerprint(k, v))
+                .collect();
+            fingerprints.sort_unstable();
+            fingerprints.into_boxed_slice()
         };
         let annotation = |key: &str| meta.annotations.as_ref().and_then(|a| a.get(key));
         let controlling = meta
@@ -226,7 +232,7 @@ impl SecretSnapshot {
     fn has_label(&self, key: &str, value: &str) -> bool {
         match key {
             MANAGED_BY_LABEL => self.labelled && value == MANAGED_BY_VALUE,
-            _ => lookup(&self.labels, key) == Some(value),
+            _ => self.labels.binary_search(&fingerprint(key, value)).is_ok(),
         }
     }
 
@@ -237,7 +243,10 @@ impl SecretSnapshot {
             GENERATION_ANNOTATION => self
                 .annotated_generation
                 .is_some_and(|g| g.to_string() == value),
-            _ => lookup(&self.annotations, key) == Some(value),
+            _ => self
+                .annotations
+                .binary_search(&fingerprint(key, value))
+                .is_ok(),
         }
     }
 
@@ -247,11 +256,15 @@ impl SecretSnapshot {
     }
 }
 
-fn lookup<'a>(pairs: &'a [(Box<str>, Box<str>)], key: &str) -> Option<&'a str> {
-    pairs
-        .iter()
-        .find(|(k, _)| k.as_ref() == key)
-        .map(|(_, v)| v.as_ref())
+/// A fingerprint of a label or annotation, key and value together (stable within the process,
+/// which is all a cached snapshot needs).
+fn fingerprint(key: &str, value: &str) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut hasher = std::hash::DefaultHasher::new();
+    // `str`'s Hash ends each string with a separator, so ("ab", "c") and ("a", "bc") differ.
+    key.hash(&mut hasher);
+    value.hash(&mut hasher);
+    hasher.finish()
 }
 
 /// The 32 bytes a digest annotation spells, in lowercase hex as [`hex`] writes it.
@@ -480,9 +493,12 @@ mod tests {
             snapshot.annotated_digest.map(|d| hex(&d)),
             Some(digest("https://example.test/a"))
         );
-        // Only what a template set is kept as text.
-        assert_eq!(&*snapshot.labels, [("team".into(), "bi".into())]);
-        assert_eq!(&*snapshot.annotations, [("note".into(), "hello".into())]);
+        // What a template set is recognised, by key and value.
+        assert!(snapshot.has_label("team", "bi"));
+        assert!(!snapshot.has_label("team", "sales"));
+        assert!(snapshot.has_annotation("note", "hello"));
+        assert!(!snapshot.has_annotation("note", "hell"));
+        assert!(!snapshot.has_annotation("not", "ehello"));
         // A template that names the operator's own keys is compared with what they hold.
         assert!(snapshot.has_annotation(GENERATION_ANNOTATION, "3"));
         assert!(!snapshot.has_annotation(GENERATION_ANNOTATION, "4"));
@@ -506,6 +522,20 @@ mod tests {
     fn debug_output_never_shows_the_url() {
         let url = EmbedUrl::new("https://secret.test/xyz".into());
         assert!(!format!("{url:?}").contains("secret.test"));
+    }
+
+    #[test]
+    fn a_snapshot_keeps_no_text_of_other_tools_annotations() {
+        // `kubectl apply` of a Secret manifest leaves its data, URL included, in an annotation.
+        let mut secret = rendered("https://example.test/a");
+        secret.metadata.annotations.as_mut().unwrap().insert(
+            "kubectl.kubernetes.io/last-applied-configuration".into(),
+            r#"{"data":{"url":"https://example.test/a"}}"#.into(),
+        );
+        let snapshot = SecretSnapshot::of(&secret);
+        assert!(!format!("{snapshot:?}").contains("example.test"));
+        // What a template set is still recognised.
+        assert!(snapshot.has_annotation("note", "hello"));
     }
 
     #[test]
