@@ -41,6 +41,17 @@ impl Error {
         }
     }
 
+    /// Whether the API server answered 404: the object is gone.
+    pub fn is_not_found(&self) -> bool {
+        matches!(
+            self,
+            Error::Kube {
+                source: kube::Error::Api(status),
+                ..
+            } if status.code == 404
+        )
+    }
+
     /// What the API server said when it refused a call ("403 Forbidden: ..."), or the whole
     /// error for failures without an answer.
     pub fn refusal(&self) -> String {

@@ -193,7 +193,10 @@ async fn reconcile_request(request: &EmbedUrlRequest, ctx: &Context) -> Result<N
     if request.meta().deletion_timestamp.is_some() {
         // Going away, but still visible while finalizers or a foreground deletion hold it (the
         // garbage collector deletes its Secret first). A URL minted now would only re-create a
-        // Secret the collector then removes again.
+        // Secret the collector then removes again; and its series would keep an expiry alert
+        // firing for a request that is going away.
+        let key = RequestKey::of(request);
+        ctx.metrics.forget_request(&key.namespace, &key.name);
         return Ok(Next::await_change());
     }
     let now = Timestamp::now();
@@ -392,7 +395,11 @@ async fn mint(
                 Ok(written) => written,
                 // Retrying soon mints another URL for the same refusal: back off instead.
                 Err(error) if !error.is_retryable() => {
-                    return secret_refused(request, current, spec, served, &url, &error, ctx).await;
+                    let refused = SecretRefusal {
+                        error: &error,
+                        rate_limit_wait,
+                    };
+                    return secret_refused(request, current, spec, served, refused, ctx).await;
                 }
                 Err(error) => return Err(error),
             };
@@ -488,10 +495,14 @@ async fn secret_refused(
     current: &EmbedUrlRequestStatus,
     spec: &ValidSpec,
     served: &Served,
-    url: &EmbedUrl,
-    error: &Error,
+    SecretRefusal {
+        error,
+        rate_limit_wait,
+    }: SecretRefusal<'_>,
     ctx: &Context,
 ) -> Result<Next> {
+    // The reconcile ends well (the status says what happened), but did not do its work.
+    ctx.metrics.count_reconcile_error("secret_refused");
     let now = Timestamp::now();
     let failures = current.consecutive_failures.unwrap_or(0).saturating_add(1);
     let window = ctx.settings.windows.for_service(spec.service());
@@ -503,8 +514,8 @@ async fn secret_refused(
         window,
         rand::random(),
     );
-    // An admission webhook's message may quote the object it refused: never the URL.
-    let refusal = url.redact_in(&error.refusal());
+    // The URL is already out of the API server's message (see `redact_url`).
+    let refusal = error.refusal();
     warn!(
         namespace = request.namespace().unwrap_or_default(),
         name = request.name_any(),
@@ -514,11 +525,22 @@ async fn secret_refused(
         retry_at = %secret::rfc3339(retry),
         "Secret write refused; the minted URL was discarded"
     );
-    let desired = served.stamp(secret_refused_status(
-        request, current, spec, &refusal, failures, retry, now,
+    let desired = served.stamp(with_rate_limit(
+        secret_refused_status(request, current, spec, &refusal, failures, retry, now),
+        current,
+        rate_limit_wait,
+        spec.refresh_before,
+        request.meta().generation,
+        now,
     ));
     write_status(request, current, desired, ctx).await?;
     Ok(requeue_at(now, retry))
+}
+
+/// Why a Secret write was refused, and how long its mint waited for the rate limit.
+struct SecretRefusal<'a> {
+    error: &'a Error,
+    rate_limit_wait: RateLimitWait,
 }
 
 /// An object whose spec or status does not even deserialize (written around the schema):
@@ -804,8 +826,22 @@ async fn server_side_apply_secret(
     let changed_meanwhile =
         ctx.secrets
             .finish_write(&namespace, content.name, written.as_ref().ok());
-    written.map_err(Error::kube("writing the Secret"))?;
+    written
+        .map_err(|error| redact_url(error, content.url))
+        .map_err(Error::kube("writing the Secret"))?;
     Ok(SecretWritten { changed_meanwhile })
+}
+
+/// `error` with `url` taken out of the API server's message: an admission webhook that refuses
+/// the Secret may quote it, and every error ends up in a log line or the status.
+fn redact_url(error: kube::Error, url: &EmbedUrl) -> kube::Error {
+    match error {
+        kube::Error::Api(mut status) => {
+            status.message = url.redact_in(&status.message);
+            kube::Error::Api(status)
+        }
+        other => other,
+    }
 }
 
 /// The outcome of a Secret write.
@@ -833,12 +869,19 @@ async fn write_status(
     desired: EmbedUrlRequestStatus,
     ctx: &Context,
 ) -> Result<()> {
-    // Before the write: after a mint the Secret already holds the new URL.
-    publish_schedule(ctx, request, &desired);
     if &desired == current {
+        publish_schedule(ctx, request, &desired);
         return Ok(());
     }
-    apply_status(ctx, request, &desired).await?;
+    if let Err(error) = apply_status(ctx, request, &desired).await {
+        if error.is_not_found() {
+            // Deleted meanwhile: its series went with the deletion and must not come back.
+            let key = RequestKey::of(request);
+            ctx.metrics.forget_request(&key.namespace, &key.name);
+        }
+        return Err(error);
+    }
+    publish_schedule(ctx, request, &desired);
     publish_transition(ctx, request, current, &desired).await;
     Ok(())
 }

@@ -249,6 +249,16 @@ impl Metrics {
         }
     }
 
+    /// Counts a reconcile that could not do its work, by `reason`: most end in an error the
+    /// controller retries (`kube_api`); `secret_refused` ends in a status that says so.
+    pub fn count_reconcile_error(&self, reason: &str) {
+        self.reconcile_errors
+            .get_or_create(&ErrorLabels {
+                reason: reason.to_string(),
+            })
+            .inc();
+    }
+
     pub fn observe_rate_limit_wait(&self, service: Service, waited: std::time::Duration) {
         self.rate_limit_wait
             .get_or_create(&ServiceLabels {
@@ -414,12 +424,7 @@ impl ReconcileTimer<'_> {
             .reconcile_duration
             .observe(self.started.elapsed().as_secs_f64());
         if let Some(reason) = error {
-            self.metrics
-                .reconcile_errors
-                .get_or_create(&ErrorLabels {
-                    reason: reason.to_string(),
-                })
-                .inc();
+            self.metrics.count_reconcile_error(reason);
         }
     }
 }

@@ -384,7 +384,11 @@ const OWN_ANNOTATIONS_ROOM: usize = 1024;
 /// minted and the request says which key to fix.
 fn check_annotations(annotations: &BTreeMap<String, String>) -> Result<(), InvalidSpec> {
     let field = "spec.secretTemplate.annotations";
-    if let Some(key) = annotations.keys().find(|key| !is_qualified_name(key)) {
+    // The API server checks annotation keys in lower case (label keys as written).
+    if let Some(key) = annotations
+        .keys()
+        .find(|key| !is_qualified_name(&key.to_ascii_lowercase()))
+    {
         return Err(invalid(
             field,
             format!(
@@ -655,7 +659,8 @@ mod tests {
             ),
             ("note", "", true),
             ("has space", "x", false),
-            ("Example.com/owner", "x", false),
+            ("Example.com/Owner", "x", true),
+            ("example_com/owner", "x", false),
             ("example.com/", "x", false),
             ("note", &"x".repeat(200 * 1024), true),
             ("note", &"x".repeat(256 * 1024), false),

@@ -134,9 +134,12 @@ impl EmbedUrl {
     }
 
     /// `text` (say, an API server's refusal that may quote the object it refused) with this URL,
-    /// as is or JSON-escaped, replaced by `[URL]`.
+    /// as is, JSON-escaped or base64-encoded as in a Secret's data, replaced by `[URL]`.
     pub fn redact_in(&self, text: &str) -> String {
+        use base64::Engine;
         let mut redacted = text.replace(&self.0, "[URL]");
+        let encoded = base64::engine::general_purpose::STANDARD.encode(&self.0);
+        redacted = redacted.replace(&encoded, "[URL]");
         if let Ok(quoted) = serde_json::to_string(&self.0) {
             let escaped = &quoted[1..quoted.len() - 1];
             // Go's encoder escapes '&', '<' and '>' too; serde_json does not.
@@ -219,6 +222,13 @@ mod tests {
             assert!(redacted.contains("[URL]"), "{text} -> {redacted}");
             assert!(!redacted.contains("code=a"), "{text} -> {redacted}");
         }
+        // As a Secret's data holds it (what a webhook quoting the object would show).
+        let in_data =
+            r#"denied: {"data":{"url":"aHR0cHM6Ly94LmV4YW1wbGUvZW1iZWQ/Y29kZT1hJmI9PGM+L2Q="}}"#;
+        assert_eq!(
+            url.redact_in(in_data),
+            r#"denied: {"data":{"url":"[URL]"}}"#
+        );
         assert_eq!(url.redact_in("nothing to hide"), "nothing to hide");
     }
 }

@@ -398,6 +398,14 @@ async fn a_request_being_deleted_is_not_refreshed() {
         .delete("console", &DeleteParams::default())
         .await
         .unwrap();
+    // Its series go when the operator sees the deletion start, which is also when it must
+    // stop refreshing.
+    eventually("series dropped", WAIT, || {
+        request_metric(&h, "ready", "console")
+            .is_none()
+            .then_some(())
+    })
+    .await;
     h.secrets()
         .delete("console", &DeleteParams::default())
         .await
@@ -537,10 +545,12 @@ async fn a_restarted_operator_does_not_mint_fresh_urls_again() {
     for request in ["console", "chat", "dashboard"] {
         let status = h.status(request);
         let expiry: Timestamp = status.url_expires_at.as_deref().unwrap().parse().unwrap();
-        let exported: f64 = request_metric(&h, "url_expiry_timestamp_seconds", request)
-            .unwrap_or_else(|| panic!("no use-by time exported for {request}"))
-            .parse()
-            .unwrap();
+        let exported: f64 = eventually("the use-by time exported", WAIT, || {
+            request_metric(&h, "url_expiry_timestamp_seconds", request)
+        })
+        .await
+        .parse()
+        .unwrap();
         assert_eq!(exported, expiry.as_millisecond() as f64 / 1000.0);
         assert!(request_metric(&h, "next_refresh_timestamp_seconds", request).is_some());
         assert_eq!(

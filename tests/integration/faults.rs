@@ -159,6 +159,11 @@ async fn a_refused_secret_write_is_reported_and_backs_off_instead_of_minting_aga
     assert_eq!(ready.status, "False");
     assert!(ready.message.contains("403 Forbidden"), "{}", ready.message);
     assert_eq!(status.consecutive_failures, Some(1));
+    assert!(
+        h.metrics()
+            .encode()
+            .contains(r#"embedurl_reconcile_errors_total{reason="secret_refused"} 1"#)
+    );
     // The next attempt is minutes away (like a request AWS rejected), not 5-60 s.
     let retry: jiff::Timestamp = status
         .next_refresh_time
