@@ -837,7 +837,13 @@ async fn server_side_apply_secret(
 fn redact_url(error: kube::Error, url: &EmbedUrl) -> kube::Error {
     match error {
         kube::Error::Api(mut status) => {
+            // Everything that can carry text from the refused object: the message and each
+            // cause (kube's Display of the error prints them all).
             status.message = url.redact_in(&status.message);
+            for cause in status.details.iter_mut().flat_map(|d| d.causes.iter_mut()) {
+                cause.message = url.redact_in(&cause.message);
+                cause.field = url.redact_in(&cause.field);
+            }
             kube::Error::Api(status)
         }
         other => other,
@@ -1158,6 +1164,27 @@ async fn waiting_status(
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn a_refusal_quoting_the_secret_loses_the_url_everywhere_it_is_shown() {
+        let url = EmbedUrl::new("https://x.example/embed?code=abc".to_string());
+        // base64 of the URL, as the refused Secret's data carries it.
+        let in_data = "aHR0cHM6Ly94LmV4YW1wbGUvZW1iZWQ/Y29kZT1hYmM=";
+        let status: kube::core::Status = serde_json::from_value(json!({
+            "code": 403,
+            "reason": "Forbidden",
+            "message": format!("denied: url is https://x.example/embed?code=abc"),
+            "details": {"causes": [
+                {"reason": "FieldValueForbidden", "message": format!("data.url={in_data}"), "field": "data.url"}
+            ]}
+        }))
+        .unwrap();
+        let redacted = redact_url(kube::Error::Api(Box::new(status)), &url);
+        let shown = format!("{redacted} {redacted:?}");
+        assert!(!shown.contains("code=abc"), "{shown}");
+        assert!(!shown.contains(in_data), "{shown}");
+        assert!(shown.contains("[URL]"), "{shown}");
+    }
 
     #[test]
     fn api_errors_back_off_after_three_quick_retries() {
