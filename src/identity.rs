@@ -20,6 +20,11 @@ use std::time::{Duration, SystemTime};
 
 /// STS limits role session names to 64 characters.
 const MAX_SESSION_NAME: usize = 64;
+/// How many assumed-role identities the process keeps: far more than the (role, region,
+/// namespace, policy) combinations a cluster uses, but a bound, since a request's region is the
+/// tenant's choice. Past it, the least recently used identity is dropped (its next use assumes
+/// the role again).
+pub const MAX_ASSUMED_IDENTITIES: usize = 1024;
 /// Assumed credentials are renewed this long before they expire.
 const RENEW_BEFORE: Duration = Duration::from_secs(5 * 60);
 
@@ -36,8 +41,11 @@ pub struct Identity {
 pub struct AwsClients {
     base: SdkConfig,
     own: Identity,
-    roles: Mutex<HashMap<RoleKey, Identity>>,
+    roles: Mutex<AssumedIdentities>,
 }
+
+/// Assumed-role identities, each with when it was last used (a use counter), and the counter.
+type AssumedIdentities = (HashMap<RoleKey, (Identity, u64)>, u64);
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 struct RoleKey {
@@ -57,7 +65,7 @@ impl AwsClients {
         AwsClients {
             base,
             own,
-            roles: Mutex::new(HashMap::new()),
+            roles: Mutex::new((HashMap::new(), 0)),
         }
     }
 
@@ -80,35 +88,48 @@ impl AwsClients {
             namespace: namespace.to_string(),
             policy: policy.to_string(),
         };
-        let mut roles = self
+        let mut guard = self
             .roles
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
-        roles
-            .entry(key)
-            .or_insert_with(|| {
-                let assumed = Arc::new(AssumedRole::new(
-                    &self.base, role, region, namespace, policy,
-                ));
-                let provider: Arc<dyn ProvideCredentials> = assumed.clone();
-                let config = self
-                    .base
-                    .to_builder()
-                    .credentials_provider(SharedCredentialsProvider::new(provider))
-                    // AssumedRole caches itself; a second cache on top would only add latency.
-                    .identity_cache(IdentityCache::no_cache())
-                    .build();
-                Identity {
-                    providers: Providers::from_sdk_config(&config),
-                    assumed: Some(assumed),
-                }
-            })
-            .clone()
+        let (roles, uses) = &mut *guard;
+        *uses += 1;
+        let now = *uses;
+        if let Some((identity, used)) = roles.get_mut(&key) {
+            *used = now;
+            return identity.clone();
+        }
+        if roles.len() >= MAX_ASSUMED_IDENTITIES {
+            let least_recent = roles
+                .iter()
+                .min_by_key(|(_, (_, used))| *used)
+                .map(|(key, _)| key.clone());
+            if let Some(key) = least_recent {
+                roles.remove(&key);
+            }
+        }
+        let assumed = Arc::new(AssumedRole::new(
+            &self.base, role, region, namespace, policy,
+        ));
+        let provider: Arc<dyn ProvideCredentials> = assumed.clone();
+        let config = self
+            .base
+            .to_builder()
+            .credentials_provider(SharedCredentialsProvider::new(provider))
+            // AssumedRole caches itself; a second cache on top would only add latency.
+            .identity_cache(IdentityCache::no_cache())
+            .build();
+        let identity = Identity {
+            providers: Providers::from_sdk_config(&config),
+            assumed: Some(assumed),
+        };
+        roles.insert(key, (identity.clone(), now));
+        identity
     }
 
     /// How many assumed-role identities exist (for tests and diagnostics).
     pub fn assumed_count(&self) -> usize {
-        self.roles.lock().map(|r| r.len()).unwrap_or_default()
+        self.roles.lock().map(|r| r.0.len()).unwrap_or_default()
     }
 }
 
@@ -270,6 +291,32 @@ mod tests {
         assert_eq!(hour.renew_at, now + Duration::from_secs(3300));
         let short = CachedCredentials::new(creds(240), now);
         assert_eq!(short.renew_at, now + Duration::from_secs(120));
+    }
+
+    #[tokio::test]
+    async fn assumed_identities_are_bounded_dropping_the_least_recently_used() {
+        let clients = AwsClients::new(
+            SdkConfig::builder()
+                .behavior_version(aws_config::BehaviorVersion::latest())
+                .build(),
+        );
+        let role = RoleToAssume {
+            role_arn: "arn:aws:iam::111122223333:role/tenant".into(),
+            external_id: None,
+        };
+        let region = |i: usize| format!("xx-made-up-{i}");
+        for i in 0..MAX_ASSUMED_IDENTITIES {
+            clients.assumed(&role, &region(i), "team", "policy");
+        }
+        // The first is used again; the second is then the least recently used.
+        let first = clients.assumed(&role, &region(0), "team", "policy");
+        clients.assumed(&role, &region(MAX_ASSUMED_IDENTITIES), "team", "policy");
+        assert_eq!(clients.assumed_count(), MAX_ASSUMED_IDENTITIES);
+        let again = clients.assumed(&role, &region(0), "team", "policy");
+        assert!(Arc::ptr_eq(
+            first.assumed.as_ref().unwrap(),
+            again.assumed.as_ref().unwrap()
+        ));
     }
 
     #[test]

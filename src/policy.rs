@@ -181,6 +181,24 @@ pub fn decide(policies: &[&EmbedUrlPolicy], ask: &Ask<'_>, mode: PolicyMode) -> 
     selecting.sort_by(|a, b| a.metadata.name.cmp(&b.metadata.name));
 
     if selecting.is_empty() {
+        // In permissive mode an unselected namespace is served with no limits, so a selector
+        // the operator cannot read must not count as "selects nothing": the policy was meant
+        // to limit someone.
+        let unreadable = policies.iter().find(|p| {
+            p.spec
+                .namespace_selector
+                .as_ref()
+                .is_some_and(|selector| Selector::try_from(selector.clone()).is_err())
+        });
+        if let (PolicyMode::Permissive, Some(policy)) = (mode, unreadable) {
+            return Decision::Denied {
+                message: format!(
+                    "EmbedUrlPolicy {:?} has a namespaceSelector the operator cannot read, so it cannot tell whether that policy should limit namespace {:?}; ask a cluster administrator to fix the selector",
+                    policy.metadata.name.as_deref().unwrap_or_default(),
+                    ask.namespace
+                ),
+            };
+        }
         return match mode {
             PolicyMode::Permissive => Decision::Allowed {
                 policy: None,
@@ -458,6 +476,34 @@ mod tests {
                 default_region: None
             }
         );
+    }
+
+    #[test]
+    fn permissive_mode_does_not_serve_past_an_unreadable_selector() {
+        let labels = BTreeMap::new();
+        let target = qs_target(Some(VIEWER), None, None);
+        let broken = policy(
+            "tenants",
+            EmbedUrlPolicySpec {
+                namespace_selector: Some(LabelSelector {
+                    match_expressions: Some(vec![LabelSelectorRequirement {
+                        key: "tier".into(),
+                        operator: "Notin".into(),
+                        values: Some(vec!["restricted".into()]),
+                    }]),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            },
+        );
+        let Decision::Denied { message } = decide(
+            &[&broken],
+            &ask("analytics", &labels, &target),
+            PolicyMode::Permissive,
+        ) else {
+            panic!("served past a broken selector");
+        };
+        assert!(message.contains("\"tenants\""), "{message}");
     }
 
     #[test]

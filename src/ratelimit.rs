@@ -14,6 +14,9 @@ use std::time::Duration;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
+/// How many buckets exist before idle ones (full, unused) are dropped.
+const BUCKETS_BEFORE_PRUNING: usize = 256;
+
 /// What a bucket is shared by.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct BucketKey {
@@ -123,6 +126,19 @@ impl RateLimits {
 
     fn bucket(&self, key: &BucketKey) -> Arc<Bucket> {
         let mut buckets = lock(&self.buckets);
+        if buckets.len() >= BUCKETS_BEFORE_PRUNING && !buckets.contains_key(key) {
+            // A request's region is its author's choice: made-up ones must not grow this map
+            // for ever. A bucket nobody holds, with no one waiting and every token back, is
+            // exactly what a new one would be, so dropping it changes no one's pace.
+            let now = Instant::now();
+            buckets.retain(|_, bucket| {
+                Arc::strong_count(bucket) > 1 || {
+                    let mut state = lock(&bucket.state);
+                    state.refill(now, self.rate, self.burst);
+                    !state.waiting.is_empty() || state.tokens < self.burst
+                }
+            });
+        }
         buckets
             .entry(key.clone())
             .or_insert_with(|| {
@@ -204,6 +220,33 @@ mod tests {
             region: "us-east-1".into(),
             identity: String::new(),
         }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn idle_buckets_are_dropped_and_busy_ones_keep_their_pace() {
+        let limits = RateLimits::new(1.0, 2);
+        let now = Timestamp::now();
+        let region = |i: usize| BucketKey {
+            region: format!("xx-made-up-{i}"),
+            ..key()
+        };
+        for i in 0..300 {
+            limits.acquire(&region(i), now).await;
+        }
+        assert_eq!(lock(&limits.buckets).len(), 300);
+        // They all refill; then one bucket is drained.
+        tokio::time::advance(Duration::from_secs(5)).await;
+        limits.acquire(&key(), now).await;
+        limits.acquire(&key(), now).await;
+        // A new bucket past the threshold drops every idle one, not the drained one.
+        limits.acquire(&region(300), now).await;
+        assert_eq!(lock(&limits.buckets).len(), 2);
+        let started = Instant::now();
+        limits.acquire(&key(), now).await;
+        assert!(
+            started.elapsed() >= Duration::from_millis(900),
+            "the drained bucket kept its pace"
+        );
     }
 
     #[tokio::test(start_paused = true)]

@@ -103,6 +103,8 @@ static ENTRY_POINT: LazyLock<Regex> = LazyLock::new(|| pattern(ENTRY_POINT_PATTE
 static Q_BUSINESS_ID: LazyLock<Regex> = LazyLock::new(|| pattern(r"^[a-zA-Z0-9][a-zA-Z0-9-]{35}$"));
 static FLINK_APP_NAME: LazyLock<Regex> = LazyLock::new(|| pattern(r"^[a-zA-Z0-9_.-]{1,128}$"));
 static REGION: LazyLock<Regex> = LazyLock::new(|| pattern(REGION_PATTERN));
+/// The CRD's bound on `spec.region`, checked again for specs that bypassed the schema.
+const MAX_REGION_LENGTH: usize = 32;
 static SECRET_NAME: LazyLock<Regex> = LazyLock::new(|| pattern(SECRET_NAME_PATTERN));
 static DURATION: LazyLock<Regex> = LazyLock::new(|| pattern(DURATION_PATTERN));
 
@@ -117,11 +119,13 @@ pub fn validate(
     let service = target.service();
 
     if let Some(region) = &spec.region
-        && !REGION.is_match(region)
+        && (region.len() > MAX_REGION_LENGTH || !REGION.is_match(region))
     {
         return Err(invalid(
             "spec.region",
-            format!("{region:?} is not an AWS region name such as \"us-east-1\""),
+            format!(
+                "{region:?} is not an AWS region name such as \"us-east-1\" (at most {MAX_REGION_LENGTH} characters)"
+            ),
         ));
     }
 
@@ -592,6 +596,9 @@ mod tests {
         spec.region = Some("us-gov-west-1".into());
         assert!(check(&spec).is_ok());
         spec.region = Some("Europe".into());
+        assert_eq!(field_of(&spec), "spec.region");
+        // The schema's length bound holds for specs that bypassed it.
+        spec.region = Some(format!("eu-{}-1", "a".repeat(40)));
         assert_eq!(field_of(&spec), "spec.region");
 
         let valid = check(&qs()).unwrap();
