@@ -273,7 +273,7 @@ async fn reconcile_request(request: &EmbedUrlRequest, ctx: &Context) -> Result<N
             if usable.as_ref().is_some_and(|url| !url.metadata_intact) {
                 // Labels or template metadata were edited by hand: restore them with the same
                 // URL, without asking AWS for a new one. The cache holds no URL: read it.
-                restored = restore_metadata(ctx, request, &spec, &uid, now).await?;
+                restored = restore_metadata(ctx, request, &spec, &uid).await?;
             }
             let waiting =
                 waiting_status(request, &current, &spec, usable.as_ref(), until, ctx).await?;
@@ -729,7 +729,6 @@ async fn restore_metadata(
     request: &EmbedUrlRequest,
     spec: &ValidSpec,
     owner_uid: &str,
-    now: Timestamp,
 ) -> Result<Option<SecretWritten>> {
     let Some(secret) = fetch_secret(
         ctx,
@@ -750,7 +749,7 @@ async fn restore_metadata(
         && !url.metadata_intact
         && let Some(url_text) = secret::stored_url(&secret)
     {
-        return apply_secret(ctx, request, spec, &url_text, &url, now)
+        return apply_secret(ctx, request, spec, &url_text, &url)
             .await
             .map(Some);
     }
@@ -763,9 +762,14 @@ async fn apply_secret(
     spec: &ValidSpec,
     url: &EmbedUrl,
     stored: &StoredUrl,
-    now: Timestamp,
 ) -> Result<SecretWritten> {
-    let session_expires = stored.session_expires_at.unwrap_or(now);
+    // A `sessionExpiresAt` removed by hand is rebuilt: the URL was minted one use-by window
+    // before its use-by time, and the session lasts the spec's length from then.
+    let session_expires = stored.session_expires_at.unwrap_or_else(|| {
+        let window = ctx.settings.windows.for_service(spec.service());
+        let minted_at = schedule::sub(stored.expires_at, window);
+        schedule::add(minted_at, spec.target.session_length())
+    });
     let content = SecretContent {
         name: &spec.secret_name,
         url,

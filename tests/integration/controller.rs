@@ -287,12 +287,17 @@ async fn deleted_or_edited_secret_is_restored() {
     let calls_after_edit = h.aws.calls().len();
     assert_eq!(calls_after_edit, 3);
 
-    // Labels removed by hand are restored without a new mint.
+    // Labels removed by hand are restored without a new mint; so is a data key removed with
+    // them, rebuilt from the URL's use-by time.
+    let session_expires = h.secret_value("console", "sessionExpiresAt");
     h.secrets()
         .patch(
             "console",
             &PatchParams::default(),
-            &Patch::Merge(json!({"metadata": {"labels": {"app.kubernetes.io/managed-by": null}}})),
+            &Patch::Merge(json!({
+                "metadata": {"labels": {"app.kubernetes.io/managed-by": null}},
+                "data": {"sessionExpiresAt": null}
+            })),
         )
         .await
         .unwrap();
@@ -308,6 +313,10 @@ async fn deleted_or_edited_secret_is_restored() {
     assert_eq!(
         h.secret_value("console", "url").as_deref(),
         Some(third.as_str())
+    );
+    assert_eq!(
+        h.secret_value("console", "sessionExpiresAt"),
+        session_expires
     );
     assert_eq!(h.aws.calls().len(), calls_after_edit);
 }
