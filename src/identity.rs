@@ -24,7 +24,10 @@ const MAX_SESSION_NAME: usize = 64;
 /// namespace, policy) combinations a cluster uses, but a bound, since a request's region is the
 /// tenant's choice. Past it, the least recently used identity is dropped (its next use assumes
 /// the role again).
-pub const MAX_ASSUMED_IDENTITIES: usize = 1024;
+pub const MAX_ASSUMED_IDENTITIES: usize = 4096;
+/// How many regions one tenant's (role, namespace, policy) keeps identities for. A tenant naming
+/// ever new regions drops its own least recently used ones, never another tenant's.
+pub const MAX_REGIONS_PER_TENANT: usize = 64;
 /// Assumed credentials are renewed this long before they expire.
 const RENEW_BEFORE: Duration = Duration::from_secs(5 * 60);
 
@@ -99,9 +102,22 @@ impl AwsClients {
             *used = now;
             return identity.clone();
         }
-        if roles.len() >= MAX_ASSUMED_IDENTITIES {
+        let same_tenant = |other: &RoleKey| {
+            other.role == key.role && other.namespace == key.namespace && other.policy == key.policy
+        };
+        let tenants_regions = roles.keys().filter(|other| same_tenant(other)).count();
+        let evict_among: Option<&dyn Fn(&RoleKey) -> bool> =
+            if tenants_regions >= MAX_REGIONS_PER_TENANT {
+                Some(&same_tenant)
+            } else if roles.len() >= MAX_ASSUMED_IDENTITIES {
+                Some(&|_| true)
+            } else {
+                None
+            };
+        if let Some(candidate) = evict_among {
             let least_recent = roles
                 .iter()
+                .filter(|(other, _)| candidate(other))
                 .min_by_key(|(_, (_, used))| *used)
                 .map(|(key, _)| key.clone());
             if let Some(key) = least_recent {
@@ -294,7 +310,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn assumed_identities_are_bounded_dropping_the_least_recently_used() {
+    async fn assumed_identities_are_bounded_per_tenant_and_in_all() {
         let clients = AwsClients::new(
             SdkConfig::builder()
                 .behavior_version(aws_config::BehaviorVersion::latest())
@@ -305,18 +321,31 @@ mod tests {
             external_id: None,
         };
         let region = |i: usize| format!("xx-made-up-{i}");
-        for i in 0..MAX_ASSUMED_IDENTITIES {
+        // Another tenant's identity, used first (so the least recently used of all).
+        let other = clients.assumed(&role, "us-east-1", "other-team", "policy");
+        // One tenant naming ever new regions drops only its own least recently used ones.
+        for i in 0..MAX_REGIONS_PER_TENANT {
             clients.assumed(&role, &region(i), "team", "policy");
         }
-        // The first is used again; the second is then the least recently used.
         let first = clients.assumed(&role, &region(0), "team", "policy");
-        clients.assumed(&role, &region(MAX_ASSUMED_IDENTITIES), "team", "policy");
-        assert_eq!(clients.assumed_count(), MAX_ASSUMED_IDENTITIES);
+        clients.assumed(&role, &region(MAX_REGIONS_PER_TENANT), "team", "policy");
+        assert_eq!(clients.assumed_count(), MAX_REGIONS_PER_TENANT + 1);
         let again = clients.assumed(&role, &region(0), "team", "policy");
         assert!(Arc::ptr_eq(
             first.assumed.as_ref().unwrap(),
             again.assumed.as_ref().unwrap()
         ));
+        let other_again = clients.assumed(&role, "us-east-1", "other-team", "policy");
+        assert!(Arc::ptr_eq(
+            other.assumed.as_ref().unwrap(),
+            other_again.assumed.as_ref().unwrap()
+        ));
+        // Many tenants together stay within the overall bound.
+        for i in 0..MAX_ASSUMED_IDENTITIES {
+            let namespace = format!("team-{}", i / MAX_REGIONS_PER_TENANT);
+            clients.assumed(&role, &region(i), &namespace, "policy");
+        }
+        assert_eq!(clients.assumed_count(), MAX_ASSUMED_IDENTITIES);
     }
 
     #[test]

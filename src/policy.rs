@@ -184,12 +184,16 @@ pub fn decide(policies: &[&EmbedUrlPolicy], ask: &Ask<'_>, mode: PolicyMode) -> 
         // In permissive mode an unselected namespace is served with no limits, so a selector
         // the operator cannot read must not count as "selects nothing": the policy was meant
         // to limit someone.
-        let unreadable = policies.iter().find(|p| {
-            p.spec
-                .namespace_selector
-                .as_ref()
-                .is_some_and(|selector| Selector::try_from(selector.clone()).is_err())
-        });
+        // The first by name, so the message does not change with the cache's order.
+        let unreadable = policies
+            .iter()
+            .filter(|p| {
+                p.spec
+                    .namespace_selector
+                    .as_ref()
+                    .is_some_and(|selector| Selector::try_from(selector.clone()).is_err())
+            })
+            .min_by(|a, b| a.metadata.name.cmp(&b.metadata.name));
         if let (PolicyMode::Permissive, Some(policy)) = (mode, unreadable) {
             return Decision::Denied {
                 message: format!(

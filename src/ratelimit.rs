@@ -230,17 +230,23 @@ mod tests {
             region: format!("xx-made-up-{i}"),
             ..key()
         };
-        for i in 0..300 {
+        // One bucket drained first, then more made-up ones than the threshold (no pruning
+        // yet: each has spent a token, so none is idle).
+        limits.acquire(&key(), now).await;
+        limits.acquire(&key(), now).await;
+        for i in 0..BUCKETS_BEFORE_PRUNING {
             limits.acquire(&region(i), now).await;
         }
-        assert_eq!(lock(&limits.buckets).len(), 300);
-        // They all refill; then one bucket is drained.
-        tokio::time::advance(Duration::from_secs(5)).await;
-        limits.acquire(&key(), now).await;
-        limits.acquire(&key(), now).await;
+        assert_eq!(lock(&limits.buckets).len(), BUCKETS_BEFORE_PRUNING + 1);
+        // A second later the made-up ones are full again, the drained one is not (1 of 2).
+        tokio::time::advance(Duration::from_secs(1)).await;
         // A new bucket past the threshold drops every idle one, not the drained one.
-        limits.acquire(&region(300), now).await;
+        limits.acquire(&region(BUCKETS_BEFORE_PRUNING), now).await;
         assert_eq!(lock(&limits.buckets).len(), 2);
+        assert!(lock(&limits.buckets).contains_key(&key()));
+        // The drained bucket kept its pace: one token back after that second, then the next
+        // only a second later.
+        limits.acquire(&key(), now).await;
         let started = Instant::now();
         limits.acquire(&key(), now).await;
         assert!(

@@ -844,9 +844,16 @@ fn redact_url(error: kube::Error, url: &EmbedUrl) -> kube::Error {
             // Everything that can carry text from the refused object: the message and each
             // cause (kube's Display of the error prints them all).
             status.message = url.redact_in(&status.message);
-            for cause in status.details.iter_mut().flat_map(|d| d.causes.iter_mut()) {
-                cause.message = url.redact_in(&cause.message);
-                cause.field = url.redact_in(&cause.field);
+            status.reason = url.redact_in(&status.reason);
+            if let Some(details) = status.details.as_mut() {
+                for text in [&mut details.name, &mut details.group, &mut details.kind] {
+                    *text = url.redact_in(text);
+                }
+                for cause in &mut details.causes {
+                    cause.message = url.redact_in(&cause.message);
+                    cause.field = url.redact_in(&cause.field);
+                    cause.reason = url.redact_in(&cause.reason);
+                }
             }
             kube::Error::Api(status)
         }
@@ -1176,7 +1183,7 @@ mod tests {
         let in_data = "aHR0cHM6Ly94LmV4YW1wbGUvZW1iZWQ/Y29kZT1hYmM=";
         let status: kube::core::Status = serde_json::from_value(json!({
             "code": 403,
-            "reason": "Forbidden",
+            "reason": "denied https://x.example/embed?code=abc",
             "message": format!("denied: url is https://x.example/embed?code=abc"),
             "details": {"causes": [
                 {"reason": "FieldValueForbidden", "message": format!("data.url={in_data}"), "field": "data.url"}
