@@ -403,14 +403,16 @@ async fn mint(
                 }
                 Err(error) => return Err(error),
             };
-            let desired = served.stamp(with_rate_limit(
-                minted_status(request, current, spec, minted_at, expires_at, next),
+            let minted = minted_status(request, current, spec, minted_at, expires_at, next);
+            let desired = after_attempt(
+                served,
+                minted,
+                request,
                 current,
+                spec,
                 rate_limit_wait,
-                spec.refresh_before,
-                request.meta().generation,
                 minted_at,
-            ));
+            );
             write_status(request, current, desired, ctx).await?;
             if reason == MintReason::Due
                 && let Some(planned) = planned
@@ -464,23 +466,18 @@ async fn mint(
                 retry_at = %secret::rfc3339(retry),
                 "AWS call failed"
             );
-            let desired = served.stamp(with_rate_limit(
-                failed_status(
-                    request,
-                    current,
-                    spec,
-                    &error,
-                    failures,
-                    still_usable_until,
-                    retry,
-                    now,
-                ),
+            let failed = failed_status(
+                request,
                 current,
-                rate_limit_wait,
-                spec.refresh_before,
-                request.meta().generation,
+                spec,
+                &error,
+                failures,
+                still_usable_until,
+                retry,
                 now,
-            ));
+            );
+            let desired =
+                after_attempt(served, failed, request, current, spec, rate_limit_wait, now);
             write_status(request, current, desired, ctx).await?;
             Ok(requeue_at(now, retry))
         }
@@ -525,16 +522,39 @@ async fn secret_refused(
         retry_at = %secret::rfc3339(retry),
         "Secret write refused; the minted URL was discarded"
     );
-    let desired = served.stamp(with_rate_limit(
-        secret_refused_status(request, current, spec, &refusal, failures, retry, now),
+    let refused = secret_refused_status(request, current, spec, &refusal, failures, retry, now);
+    let desired = after_attempt(
+        served,
+        refused,
+        request,
+        current,
+        spec,
+        rate_limit_wait,
+        now,
+    );
+    write_status(request, current, desired, ctx).await?;
+    Ok(requeue_at(now, retry))
+}
+
+/// The status a mint attempt ends with: `status`, the `RateLimited` condition for how long the
+/// attempt waited for the rate limit (as of `at`), and the serving policy.
+fn after_attempt(
+    served: &Served,
+    status: EmbedUrlRequestStatus,
+    request: &EmbedUrlRequest,
+    current: &EmbedUrlRequestStatus,
+    spec: &ValidSpec,
+    rate_limit_wait: RateLimitWait,
+    at: Timestamp,
+) -> EmbedUrlRequestStatus {
+    served.stamp(with_rate_limit(
+        status,
         current,
         rate_limit_wait,
         spec.refresh_before,
         request.meta().generation,
-        now,
-    ));
-    write_status(request, current, desired, ctx).await?;
-    Ok(requeue_at(now, retry))
+        at,
+    ))
 }
 
 /// Why a Secret write was refused, and how long its mint waited for the rate limit.

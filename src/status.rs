@@ -379,6 +379,30 @@ pub fn minted_status(
     )
 }
 
+/// The status after the `failures`-th failed attempt in a row, the next one at `retry`; the
+/// rest (the URL's times, the conditions) as in `current`.
+fn failing(
+    request: &EmbedUrlRequest,
+    current: &EmbedUrlRequestStatus,
+    spec: &ValidSpec,
+    failures: u32,
+    retry: Timestamp,
+) -> EmbedUrlRequestStatus {
+    EmbedUrlRequestStatus {
+        service: Some(spec.service().name().into()),
+        secret_name: Some(spec.secret_name.as_str().into()),
+        next_refresh_time: Some(secret::rfc3339(retry).into()),
+        observed_generation: request.meta().generation,
+        consecutive_failures: Some(failures),
+        // The refresh request is consumed even when the attempt fails; the retry follows the
+        // backoff.
+        last_handled_refresh_request: refresh_request(request)
+            .map(CompactString::from)
+            .or_else(|| current.last_handled_refresh_request.clone()),
+        ..current.clone()
+    }
+}
+
 /// The API server refused to write the Secret (RBAC, an admission policy): the URL minted for it
 /// is lost, and minting again soon would only lose the next one. Retried like a request AWS
 /// rejected, or at once when the spec changes.
@@ -393,17 +417,7 @@ pub fn secret_refused_status(
     now: Timestamp,
 ) -> EmbedUrlRequestStatus {
     let generation = request.meta().generation;
-    let status = EmbedUrlRequestStatus {
-        service: Some(spec.service().name().into()),
-        secret_name: Some(spec.secret_name.as_str().into()),
-        next_refresh_time: Some(secret::rfc3339(retry).into()),
-        observed_generation: generation,
-        consecutive_failures: Some(failures),
-        last_handled_refresh_request: refresh_request(request)
-            .map(CompactString::from)
-            .or_else(|| current.last_handled_refresh_request.clone()),
-        ..current.clone()
-    };
+    let status = failing(request, current, spec, failures, retry);
     let message = format!(
         "the Kubernetes API server refused to write Secret {:?} ({}), so the URL minted for it was discarded. Check the operator's RBAC and admission policies for Secrets in this namespace, or the secretTemplate; next attempt at {} (failure {failures}), or at once when the spec changes",
         spec.secret_name,
@@ -435,18 +449,7 @@ pub fn failed_status(
     now: Timestamp,
 ) -> EmbedUrlRequestStatus {
     let generation = request.meta().generation;
-    let status = EmbedUrlRequestStatus {
-        service: Some(spec.service().name().into()),
-        secret_name: Some(spec.secret_name.as_str().into()),
-        next_refresh_time: Some(secret::rfc3339(retry).into()),
-        observed_generation: generation,
-        consecutive_failures: Some(failures),
-        // The request is consumed even when the call fails; the retry follows the backoff.
-        last_handled_refresh_request: refresh_request(request)
-            .map(CompactString::from)
-            .or_else(|| current.last_handled_refresh_request.clone()),
-        ..current.clone()
-    };
+    let status = failing(request, current, spec, failures, retry);
     let kept = match still_usable_until {
         Some(until) => format!(
             "the current URL stays in the Secret, usable until {}",
