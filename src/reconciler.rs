@@ -158,6 +158,17 @@ pub fn urgency(object: &CachedRequest) -> Timestamp {
         .unwrap_or_else(Timestamp::now)
 }
 
+/// A mint's place in the rate limit's queue: the URL that stops working first goes first, by the
+/// use-by time the status gives for the URL the operator last wrote (as the work queue orders
+/// them, see [`urgency`]). Not by the Secret's `expiresAt`: the request's owner can edit that, or
+/// delete the Secret, and so jump ahead of every other tenant. Only a request that was never
+/// given a URL is as urgent as can be.
+fn mint_urgency(current: &EmbedUrlRequestStatus, usable: Option<&StoredUrl>) -> Timestamp {
+    schedule::parse_time(current.url_expires_at.as_deref())
+        .or(usable.map(|url| url.expires_at))
+        .unwrap_or_else(Timestamp::now)
+}
+
 /// When to reconcile a request again if nothing changes first (`None`: only on a change).
 #[derive(Debug, PartialEq, Eq)]
 struct Next(Option<Duration>);
@@ -346,8 +357,7 @@ async fn mint(
                 .map(|role| role.role_arn().to_string())
                 .unwrap_or_default(),
         };
-        // The URL that stops working first goes first; without one, it is as urgent as can be.
-        let urgency = usable.map_or_else(Timestamp::now, |u| u.expires_at);
+        let urgency = mint_urgency(current, usable);
         let waited = ctx.rate_limits.acquire(&bucket, urgency).await;
         ctx.metrics.observe_rate_limit_wait(service, waited);
         rate_limit_wait = RateLimitWait {
@@ -1215,6 +1225,30 @@ mod tests {
         assert!(!shown.contains("code=abc"), "{shown}");
         assert!(!shown.contains(in_data), "{shown}");
         assert!(shown.contains("[URL]"), "{shown}");
+    }
+
+    #[test]
+    fn a_mint_is_as_urgent_as_the_status_says_not_as_the_secret_says() {
+        let written: Timestamp = "2026-11-22T10:05:00Z".parse().unwrap();
+        let status = EmbedUrlRequestStatus {
+            url_expires_at: Some("2026-11-22T10:05:00Z".into()),
+            ..Default::default()
+        };
+        // A Secret whose expiresAt its owner set to 1970 does not put it first in line.
+        let edited = StoredUrl {
+            expires_at: Timestamp::UNIX_EPOCH,
+            session_expires_at: None,
+            generation: Some(1),
+            metadata_intact: true,
+        };
+        assert_eq!(mint_urgency(&status, Some(&edited)), written);
+        // Nor does a deleted Secret.
+        assert_eq!(mint_urgency(&status, None), written);
+        // Before the first status write, the Secret's time; never minted: now.
+        let empty = EmbedUrlRequestStatus::default();
+        assert_eq!(mint_urgency(&empty, Some(&edited)), Timestamp::UNIX_EPOCH);
+        let before = Timestamp::now();
+        assert!(mint_urgency(&empty, None) >= before);
     }
 
     #[test]
