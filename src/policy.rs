@@ -164,6 +164,10 @@ pub enum Decision {
 pub struct Ask<'a> {
     pub namespace: &'a str,
     pub namespace_labels: &'a BTreeMap<String, String>,
+    /// Whether the namespace's labels are known (it is in the cache). A namespace created a
+    /// moment ago may not be yet: then only policies that list it by name select it, since
+    /// judging a `NotIn` or `DoesNotExist` selector against no labels would match by mistake.
+    pub namespace_known: bool,
     pub target: &'a Target,
     /// The spec's `region`, if set.
     pub region: Option<&'a str>,
@@ -176,11 +180,26 @@ pub fn decide(policies: &[&EmbedUrlPolicy], ask: &Ask<'_>, mode: PolicyMode) -> 
     let mut selecting: Vec<&EmbedUrlPolicy> = policies
         .iter()
         .copied()
-        .filter(|p| selects(&p.spec, ask.namespace, ask.namespace_labels))
+        .filter(|p| {
+            if ask.namespace_known {
+                selects(&p.spec, ask.namespace, ask.namespace_labels)
+            } else {
+                p.spec.namespaces.iter().any(|n| n == ask.namespace)
+            }
+        })
         .collect();
     selecting.sort_by(|a, b| a.metadata.name.cmp(&b.metadata.name));
 
     if selecting.is_empty() {
+        if !ask.namespace_known && policies.iter().any(|p| p.spec.namespace_selector.is_some()) {
+            // The namespace's first watch event is on its way; it re-evaluates every request.
+            return Decision::Denied {
+                message: format!(
+                    "namespace {:?} is not in the operator's cache yet, so which policies select it by label is not known; it is decided again as soon as it is",
+                    ask.namespace
+                ),
+            };
+        }
         // In permissive mode an unselected namespace is served with no limits, so a selector
         // the operator cannot read must not count as "selects nothing": the policy was meant
         // to limit someone.
@@ -425,6 +444,7 @@ mod tests {
         Ask {
             namespace: ns,
             namespace_labels: labels,
+            namespace_known: true,
             target,
             region: None,
             operator_region: Some("us-east-1"),
@@ -480,6 +500,68 @@ mod tests {
                 default_region: None
             }
         );
+    }
+
+    #[test]
+    fn a_namespace_not_yet_seen_is_selected_only_by_name() {
+        let labels = BTreeMap::new();
+        let target = qs_target(Some(VIEWER), None, None);
+        let open_rules = EmbedUrlPolicySpec {
+            quick_sight: Some(QuickSightRules {
+                aws_account_ids: vec!["*".into()],
+                user_arns: vec!["*".into()],
+                entry_points: vec!["*".into()],
+                max_session_lifetime_in_minutes: None,
+                allow_caller_identity: true,
+            }),
+            ..Default::default()
+        };
+        // "Every namespace not labelled restricted": a namespace whose labels are not known yet
+        // must not count as unlabelled.
+        let not_restricted = policy(
+            "not-restricted",
+            EmbedUrlPolicySpec {
+                namespace_selector: Some(LabelSelector {
+                    match_expressions: Some(vec![LabelSelectorRequirement {
+                        key: "tier".into(),
+                        operator: "NotIn".into(),
+                        values: Some(vec!["restricted".into()]),
+                    }]),
+                    ..Default::default()
+                }),
+                ..open_rules.clone()
+            },
+        );
+        let mut unseen = ask("analytics", &labels, &target);
+        unseen.namespace_known = false;
+        for mode in [PolicyMode::Enforce, PolicyMode::Permissive] {
+            let Decision::Denied { message } = decide(&[&not_restricted], &unseen, mode) else {
+                panic!("{mode:?}: served a namespace whose labels are unknown");
+            };
+            assert!(
+                message.contains("not in the operator's cache yet"),
+                "{message}"
+            );
+        }
+        assert!(matches!(
+            decide(
+                &[&not_restricted],
+                &ask("analytics", &labels, &target),
+                PolicyMode::Enforce
+            ),
+            Decision::Allowed { .. }
+        ));
+        let by_name = policy(
+            "by-name",
+            EmbedUrlPolicySpec {
+                namespaces: vec!["analytics".into()],
+                ..open_rules
+            },
+        );
+        assert!(matches!(
+            decide(&[&by_name], &unseen, PolicyMode::Enforce),
+            Decision::Allowed { .. }
+        ));
     }
 
     #[test]

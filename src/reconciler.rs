@@ -1108,14 +1108,15 @@ fn authorize(
 ) -> std::result::Result<Served, Refusal> {
     let policies = ctx.policies.state();
     let policies: Vec<&EmbedUrlPolicy> = policies.iter().map(Arc::as_ref).collect();
-    let labels = ctx
-        .namespaces
-        .get(&ObjectRef::new(namespace))
+    let known = ctx.namespaces.get(&ObjectRef::new(namespace));
+    let labels = known
+        .as_ref()
         .and_then(|ns| ns.metadata.labels.clone())
         .unwrap_or_default();
     let ask = Ask {
         namespace,
         namespace_labels: &labels,
+        namespace_known: known.is_some(),
         target: &spec.target,
         region: spec.region.as_deref(),
         operator_region: ctx.settings.default_region.as_deref(),

@@ -133,6 +133,7 @@ fn examples_are_valid_requests() {
         let ask = Ask {
             namespace: &namespace,
             namespace_labels: &Default::default(),
+            namespace_known: true,
             target: &spec.target,
             region: spec.region.as_deref(),
             operator_region: None,
