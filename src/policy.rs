@@ -502,6 +502,19 @@ mod tests {
         );
     }
 
+    /// "Every namespace whose `tier` is not `restricted`", with the selector operator spelt
+    /// `operator` (the API server stores a misspelt one).
+    fn not_restricted_selector(operator: &str) -> LabelSelector {
+        LabelSelector {
+            match_expressions: Some(vec![LabelSelectorRequirement {
+                key: "tier".into(),
+                operator: operator.into(),
+                values: Some(vec!["restricted".into()]),
+            }]),
+            ..Default::default()
+        }
+    }
+
     #[test]
     fn a_namespace_not_yet_seen_is_selected_only_by_name() {
         let labels = BTreeMap::new();
@@ -521,14 +534,7 @@ mod tests {
         let not_restricted = policy(
             "not-restricted",
             EmbedUrlPolicySpec {
-                namespace_selector: Some(LabelSelector {
-                    match_expressions: Some(vec![LabelSelectorRequirement {
-                        key: "tier".into(),
-                        operator: "NotIn".into(),
-                        values: Some(vec!["restricted".into()]),
-                    }]),
-                    ..Default::default()
-                }),
+                namespace_selector: Some(not_restricted_selector("NotIn")),
                 ..open_rules.clone()
             },
         );
@@ -571,14 +577,7 @@ mod tests {
         let broken = policy(
             "tenants",
             EmbedUrlPolicySpec {
-                namespace_selector: Some(LabelSelector {
-                    match_expressions: Some(vec![LabelSelectorRequirement {
-                        key: "tier".into(),
-                        operator: "Notin".into(),
-                        values: Some(vec!["restricted".into()]),
-                    }]),
-                    ..Default::default()
-                }),
+                namespace_selector: Some(not_restricted_selector("Notin")),
                 ..Default::default()
             },
         );
