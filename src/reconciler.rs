@@ -164,9 +164,12 @@ pub fn urgency(object: &CachedRequest) -> Timestamp {
 /// delete the Secret, and so jump ahead of every other tenant. Only a request that was never
 /// given a URL is as urgent as can be.
 fn mint_urgency(current: &EmbedUrlRequestStatus, usable: Option<&StoredUrl>) -> Timestamp {
+    let now = Timestamp::now();
+    // Before the first status write, the Secret's time; never earlier than now, so a Secret's
+    // edited `expiresAt` cannot put a request ahead of one never given a URL.
     schedule::parse_time(current.url_expires_at.as_deref())
-        .or(usable.map(|url| url.expires_at))
-        .unwrap_or_else(Timestamp::now)
+        .or(usable.map(|url| url.expires_at.max(now)))
+        .unwrap_or(now)
 }
 
 /// When to reconcile a request again if nothing changes first (`None`: only on a change).
@@ -1245,10 +1248,17 @@ mod tests {
         assert_eq!(mint_urgency(&status, Some(&edited)), written);
         // Nor does a deleted Secret.
         assert_eq!(mint_urgency(&status, None), written);
-        // Before the first status write, the Secret's time; never minted: now.
+        // Before the first status write, the Secret's time, but never earlier than now (as
+        // urgent as a request never given a URL).
         let empty = EmbedUrlRequestStatus::default();
-        assert_eq!(mint_urgency(&empty, Some(&edited)), Timestamp::UNIX_EPOCH);
         let before = Timestamp::now();
+        assert!(mint_urgency(&empty, Some(&edited)) >= before);
+        let in_an_hour = schedule::add(before, Duration::from_secs(3600));
+        let later = StoredUrl {
+            expires_at: in_an_hour,
+            ..edited
+        };
+        assert_eq!(mint_urgency(&empty, Some(&later)), in_an_hour);
         assert!(mint_urgency(&empty, None) >= before);
     }
 
