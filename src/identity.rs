@@ -9,12 +9,12 @@
 
 use crate::policy::RoleToAssume;
 use crate::providers::{AwsCallError, Providers};
+use crate::recent::RecentlyUsed;
 use aws_config::identity::IdentityCache;
 use aws_config::{Region, SdkConfig};
 use aws_credential_types::Credentials;
 use aws_credential_types::provider::error::CredentialsError;
 use aws_credential_types::provider::{ProvideCredentials, SharedCredentialsProvider, future};
-use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
@@ -44,11 +44,8 @@ pub struct Identity {
 pub struct AwsClients {
     base: SdkConfig,
     own: Identity,
-    roles: Mutex<AssumedIdentities>,
+    roles: Mutex<RecentlyUsed<RoleKey, Identity>>,
 }
-
-/// Assumed-role identities, each with when it was last used (a use counter), and the counter.
-type AssumedIdentities = (HashMap<RoleKey, (Identity, u64)>, u64);
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 struct RoleKey {
@@ -68,7 +65,7 @@ impl AwsClients {
         AwsClients {
             base,
             own,
-            roles: Mutex::new((HashMap::new(), 0)),
+            roles: Mutex::new(RecentlyUsed::default()),
         }
     }
 
@@ -91,38 +88,20 @@ impl AwsClients {
             namespace: namespace.to_string(),
             policy: policy.to_string(),
         };
-        let mut guard = self
+        let mut roles = self
             .roles
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
-        let (roles, uses) = &mut *guard;
-        *uses += 1;
-        let now = *uses;
-        if let Some((identity, used)) = roles.get_mut(&key) {
-            *used = now;
+        if let Some(identity) = roles.get(&key) {
             return identity.clone();
         }
         let same_tenant = |other: &RoleKey| {
             other.role == key.role && other.namespace == key.namespace && other.policy == key.policy
         };
-        let tenants_regions = roles.keys().filter(|other| same_tenant(other)).count();
-        let evict_among: Option<&dyn Fn(&RoleKey) -> bool> =
-            if tenants_regions >= MAX_REGIONS_PER_TENANT {
-                Some(&same_tenant)
-            } else if roles.len() >= MAX_ASSUMED_IDENTITIES {
-                Some(&|_| true)
-            } else {
-                None
-            };
-        if let Some(candidate) = evict_among {
-            let least_recent = roles
-                .iter()
-                .filter(|(other, _)| candidate(other))
-                .min_by_key(|(_, (_, used))| *used)
-                .map(|(key, _)| key.clone());
-            if let Some(key) = least_recent {
-                roles.remove(&key);
-            }
+        if roles.keys().filter(|other| same_tenant(other)).count() >= MAX_REGIONS_PER_TENANT {
+            roles.evict_least_recent(same_tenant);
+        } else if roles.len() >= MAX_ASSUMED_IDENTITIES {
+            roles.evict_least_recent(|_| true);
         }
         let assumed = Arc::new(AssumedRole::new(
             &self.base, role, region, namespace, policy,
@@ -139,13 +118,13 @@ impl AwsClients {
             providers: Providers::from_sdk_config(&config),
             assumed: Some(assumed),
         };
-        roles.insert(key, (identity.clone(), now));
+        roles.insert(key, identity.clone());
         identity
     }
 
     /// How many assumed-role identities exist (for tests and diagnostics).
     pub fn assumed_count(&self) -> usize {
-        self.roles.lock().map(|r| r.0.len()).unwrap_or_default()
+        self.roles.lock().map(|r| r.len()).unwrap_or_default()
     }
 }
 

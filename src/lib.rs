@@ -16,6 +16,7 @@ pub mod leader;
 pub mod policy;
 pub mod providers;
 pub mod ratelimit;
+pub mod recent;
 pub mod reconciler;
 pub mod schedule;
 pub mod secret;

@@ -1,6 +1,6 @@
 //! One AWS SDK client per (service, region), built on first use and reused afterwards.
 
-use std::collections::HashMap;
+use crate::recent::RecentlyUsed;
 use std::sync::Mutex;
 
 /// How many regions' clients one cache keeps. AWS has fewer than 40 regions, so a real workload
@@ -13,13 +13,8 @@ pub const MAX_REGIONS: usize = 64;
 pub struct ClientCache<C> {
     base: aws_config::SdkConfig,
     build: fn(&aws_config::SdkConfig, &str) -> C,
-    clients: Mutex<Clients<C>>,
-}
-
-struct Clients<C> {
-    /// Region -> client and when it was last handed out (a use counter).
-    by_region: HashMap<String, (C, u64)>,
-    uses: u64,
+    /// Region -> client.
+    clients: Mutex<RecentlyUsed<String, C>>,
 }
 
 impl<C: Clone> ClientCache<C> {
@@ -27,10 +22,7 @@ impl<C: Clone> ClientCache<C> {
         ClientCache {
             base,
             build,
-            clients: Mutex::new(Clients {
-                by_region: HashMap::new(),
-                uses: 0,
-            }),
+            clients: Mutex::new(RecentlyUsed::default()),
         }
     }
 
@@ -42,35 +34,20 @@ impl<C: Clone> ClientCache<C> {
             .clients
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
-        clients.uses += 1;
-        let now = clients.uses;
-        if let Some((client, used)) = clients.by_region.get_mut(region) {
-            *used = now;
+        if let Some(client) = clients.get(region) {
             return client.clone();
         }
-        if clients.by_region.len() >= MAX_REGIONS {
-            let least_recent = clients
-                .by_region
-                .iter()
-                .min_by_key(|(_, (_, used))| *used)
-                .map(|(region, _)| region.clone());
-            if let Some(region) = least_recent {
-                clients.by_region.remove(&region);
-            }
+        if clients.len() >= MAX_REGIONS {
+            clients.evict_least_recent(|_| true);
         }
         let client = (self.build)(&self.base, region);
-        clients
-            .by_region
-            .insert(region.to_string(), (client.clone(), now));
+        clients.insert(region.to_string(), client.clone());
         client
     }
 
     /// How many regional clients exist (for tests and diagnostics).
     pub fn len(&self) -> usize {
-        self.clients
-            .lock()
-            .map(|c| c.by_region.len())
-            .unwrap_or_default()
+        self.clients.lock().map(|c| c.len()).unwrap_or_default()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -99,8 +76,8 @@ mod tests {
         cache.get(&region(MAX_REGIONS));
         assert_eq!(cache.len(), MAX_REGIONS);
         let clients = cache.clients.lock().unwrap();
-        assert!(clients.by_region.contains_key(&region(0)));
-        assert!(!clients.by_region.contains_key(&region(1)));
-        assert!(clients.by_region.contains_key(&region(MAX_REGIONS)));
+        assert!(clients.contains_key(&region(0)));
+        assert!(!clients.contains_key(&region(1)));
+        assert!(clients.contains_key(&region(MAX_REGIONS)));
     }
 }
