@@ -1,6 +1,7 @@
 //! Wires the kube-runtime controller(s): watches, caches, concurrency and shutdown.
 
 use crate::crd::{CachedRequest, OWN_ANNOTATION_PREFIX};
+use crate::events::Reporter;
 use crate::identity::AwsClients;
 use crate::policy::EmbedUrlPolicy;
 use crate::providers::Service;
@@ -15,7 +16,6 @@ use futures::{StreamExt, future, stream};
 use jiff::Timestamp;
 use k8s_openapi::api::core::v1::{Namespace, Secret};
 use kube::core::PartialObjectMeta;
-use kube::runtime::events::Reporter;
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{Controller, WatchStreamExt, controller, watcher};
 use kube::{Api, Client, Resource, ResourceExt};

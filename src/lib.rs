@@ -3,12 +3,14 @@
 //!
 //! Module map: [`crd`] is the API; [`validation`] checks a spec; [`providers`] calls AWS;
 //! [`schedule`] decides when; [`secret`] renders and reads the Secret; [`reconciler`] ties them
-//! together for one object; [`work_queue`] decides what is reconciled next; [`controller`] runs
-//! the watches; [`telemetry`] and [`http`] are the operator's logs, metrics and probes.
+//! together for one object, and [`events`] reports its transitions; [`work_queue`] decides what
+//! is reconciled next; [`controller`] runs the watches; [`telemetry`] and [`http`] are the
+//! operator's logs, metrics and probes.
 
 pub mod controller;
 pub mod crd;
 pub mod error;
+pub mod events;
 pub mod guard;
 pub mod http;
 pub mod identity;

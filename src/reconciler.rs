@@ -8,6 +8,7 @@ use crate::crd::{
     CachedRequest, EmbedUrlRequest, EmbedUrlRequestSpec, EmbedUrlRequestStatus, READY_CONDITION,
 };
 use crate::error::{Error, Result};
+use crate::events::{self, EventType, Reporter, Transition};
 use crate::identity::{AwsClients, Identity};
 use crate::policy::{self, Ask, Decision, EmbedUrlPolicy, PolicyMode};
 use crate::providers::{AwsErrorKind, EmbedUrl, Service};
@@ -29,7 +30,6 @@ use k8s_openapi::api::core::v1::{Namespace, Secret};
 use kube::api::{Api, DynamicObject, Patch, PatchParams};
 use kube::core::{ApiResource, PartialObjectMeta, error_boundary::InvalidObject};
 use kube::runtime::controller::Action;
-use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Resource, ResourceExt};
 use std::borrow::Cow;
@@ -1039,22 +1039,20 @@ async fn publish_transition(
     if before == Some((after.status.as_str(), after.reason.as_str())) {
         return;
     }
-    let event = Event {
+    let transition = Transition {
         type_: if after.status == "True" && after.reason == reasons::URL_READY {
             EventType::Normal
         } else {
             EventType::Warning
         },
         reason: after.reason.to_string(),
-        note: Some(status::event_note(&after.message)),
-        action: "Reconcile".to_string(),
-        secondary: None,
+        note: status::event_note(&after.message),
+        action: "Reconcile",
     };
-    // A recorder per event: a shared one keeps every event it published for six minutes (to
-    // count repeats into a series), about 2 KiB per request after a burst of new requests, and
-    // scans them all on each publish. Events here mark transitions, so repeats are rare.
-    let recorder = Recorder::new(ctx.client.clone(), ctx.reporter.clone());
-    if let Err(error) = recorder.publish(&event, &request.object_ref(&())).await {
+    let regarding = request.object_ref(&());
+    if let Err(error) =
+        events::publish(ctx.client.clone(), &ctx.reporter, transition, regarding).await
+    {
         // An event is a courtesy; failing to publish one must not fail the reconcile.
         warn!(
             namespace = request.namespace().as_deref().unwrap_or_default(),

@@ -230,6 +230,21 @@ async fn urls_are_replaced_before_their_use_by_time() {
 }
 
 #[tokio::test]
+async fn a_request_with_the_longest_name_gets_its_secret_and_event() {
+    // 253 characters, the most the API server allows; the Secret takes the same name. kube's own
+    // event recorder appends a 17-character suffix to it, which the API server refuses.
+    let name = format!("{}.{}", "a".repeat(200), "b".repeat(52));
+    assert_eq!(name.len(), 253);
+    let h = Harness::start(LONG_WINDOW).await;
+    h.create(&name, quick_sight()).await;
+    minted_url(&h, &name).await;
+    let events = h.kube.list("events.k8s.io/v1", "events");
+    assert_eq!(events.len(), 1, "{events:?}");
+    assert_eq!(events[0]["regarding"]["name"], json!(name));
+    assert_eq!(events[0]["reason"], json!("UrlReady"));
+}
+
+#[tokio::test]
 async fn spec_change_mints_a_new_url() {
     let h = Harness::start(LONG_WINDOW).await;
     h.create("console", quick_sight()).await;

@@ -1085,6 +1085,7 @@ impl Store {
             }
             _ => return Err(ApiError::invalid("name or generateName is required")),
         };
+        check_object_name(&name)?;
         for field in PRESERVED_METADATA {
             metadata.remove(*field);
         }
@@ -1890,6 +1891,33 @@ fn new_uid() -> String {
 }
 
 /// Five characters from the alphabet the real API server uses for generateName.
+/// Object names are DNS subdomains, as the API server checks for Secrets, Events, Leases and
+/// custom resources: at most 253 characters of lower-case letters, digits, `-` and `.`, each
+/// dot-separated label starting and ending with a letter or digit.
+fn check_object_name(name: &str) -> Result<(), ApiError> {
+    let label_ok = |label: &str| {
+        !label.is_empty()
+            && label
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+            && !label.starts_with('-')
+            && !label.ends_with('-')
+    };
+    if name.len() > 253 {
+        return Err(ApiError::invalid(format!(
+            "metadata.name: Invalid value: {name:?}: must be no more than 253 characters"
+        )));
+    }
+    if !name.split('.').all(label_ok) {
+        return Err(ApiError::invalid(format!(
+            "metadata.name: Invalid value: {name:?}: a lowercase RFC 1123 subdomain must consist \
+             of lower case alphanumeric characters, '-' or '.', and must start and end with an \
+             alphanumeric character"
+        )));
+    }
+    Ok(())
+}
+
 fn generated_name_suffix() -> String {
     const ALPHABET: &[u8] = b"bcdfghjklmnpqrstvwxz2456789";
     let mut n = NEXT_ID
@@ -2844,6 +2872,48 @@ mod tests {
             .await
             .unwrap_err();
         assert_eq!(api_error(error).0, 409);
+    }
+
+    #[tokio::test]
+    async fn names_must_be_dns_subdomains_of_at_most_253_characters() {
+        let server = FakeApiServer::new();
+        let secrets: Api<Secret> = Api::default_namespaced(server.client());
+        let named = |name: &str| Secret {
+            metadata: ObjectMeta {
+                name: Some(name.to_owned()),
+                ..ObjectMeta::default()
+            },
+            ..Secret::default()
+        };
+        let longest = format!("{}.{}", "a".repeat(200), "b".repeat(52));
+        for good in ["a", "x-1.y", longest.as_str()] {
+            secrets
+                .create(&PostParams::default(), &named(good))
+                .await
+                .unwrap();
+        }
+        for bad in [
+            format!("{longest}c"),
+            "Upper".into(),
+            "a-.b".into(),
+            "a..b".into(),
+        ] {
+            let error = secrets
+                .create(&PostParams::default(), &named(&bad))
+                .await
+                .unwrap_err();
+            assert_eq!(api_error(error).0, 422, "{bad}");
+            // Server-side apply of a new object is a create, and checked alike.
+            let error = secrets
+                .patch(
+                    &bad,
+                    &PatchParams::apply("test"),
+                    &Patch::Apply(named(&bad)),
+                )
+                .await
+                .unwrap_err();
+            assert_eq!(api_error(error).0, 422, "{bad}");
+        }
     }
 
     #[tokio::test]
