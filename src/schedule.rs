@@ -150,9 +150,13 @@ pub fn planned_refresh(expires_at: Timestamp, refresh_before: Duration, jitter: 
 /// When to try again after the `failures`-th consecutive failure of kind `kind`.
 ///
 /// Retryable errors back off exponentially from [`RETRY_BASE`], with up to 20% of jitter taken
-/// off, and never past the moment the current URL stops being usable (minus a margin of a tenth
-/// of the window), so a transient AWS hiccup does not let a Secret lapse. Rejected requests back
-/// off from [`REJECTED_BASE`] up to [`REJECTED_CAP`]: retrying soon will not help them.
+/// off, and never past the current URL's last chance: the moment it stops being usable minus a
+/// margin of a tenth of the window (up to a fifth with jitter, so requests minted together do not
+/// retry together), so a transient AWS hiccup does not let a Secret lapse. Once the last chance
+/// has been tried, the backoff goes on as usual: pulling every retry to "now" from then on would
+/// call AWS every second until the URL lapses, in the middle of a throttling storm. Rejected
+/// requests back off from [`REJECTED_BASE`] up to [`REJECTED_CAP`]: retrying soon will not help
+/// them.
 pub fn retry_at(
     now: Timestamp,
     kind: AwsErrorKind,
@@ -176,8 +180,11 @@ pub fn retry_at(
     if kind.is_retryable()
         && let Some(expires) = url_expires_at
     {
-        let last_chance = floor_second(sub(expires, window / 10));
-        retry = retry.min(last_chance).max(earliest);
+        let margin = (window / 10).mul_f64(1.0 + jitter.clamp(0.0, 1.0));
+        let last_chance = floor_second(sub(expires, margin));
+        if last_chance >= earliest {
+            retry = retry.min(last_chance);
+        }
     }
     retry
 }
@@ -449,16 +456,45 @@ mod tests {
             retry_at(now, AwsErrorKind::Throttled, 10, soon, WINDOW, 0.0),
             t("2026-11-22T10:00:10Z")
         );
-        // Already lapsed: still no hot loop.
+        // Already past its last chance: the usual backoff, no hot loop.
         let lapsed = Some(t("2026-11-22T09:00:00Z"));
         assert_eq!(
             retry_at(now, AwsErrorKind::Throttled, 3, lapsed, WINDOW, 0.0),
-            t("2026-11-22T10:00:01Z"),
-            "the minimum retry delay, rounded up to the stored second"
+            t("2026-11-22T10:00:04Z"),
         );
         // Jitter shortens by at most 20% (8 s becomes 6.4 s, stored as 7 s).
         let jittered = retry_at(now, AwsErrorKind::Throttled, 4, far, WINDOW, 1.0);
         assert_eq!(jittered, t("2026-11-22T10:00:07Z"));
+    }
+
+    #[test]
+    fn a_throttling_storm_costs_a_handful_of_attempts_per_url_not_one_a_second() {
+        // The planned refresh, half a window before the use-by time, fails, and so does every
+        // retry. Count the attempts until the URL lapses.
+        let expires = t("2026-11-22T10:05:00Z");
+        let mut now = t("2026-11-22T10:02:30Z");
+        let mut attempts = 0;
+        let mut last_chance_tried = false;
+        while now < expires {
+            attempts += 1;
+            let next = retry_at(
+                now,
+                AwsErrorKind::Throttled,
+                attempts,
+                Some(expires),
+                WINDOW,
+                0.0,
+            );
+            assert!(next > now);
+            last_chance_tried |= now == t("2026-11-22T10:04:30Z");
+            now = next;
+        }
+        assert!(last_chance_tried, "the last chance was tried");
+        assert!(attempts <= 9, "{attempts} attempts");
+        // With jitter, the last chance comes up to a fifth of the window early.
+        let now = t("2026-11-22T10:03:00Z");
+        let jittered = retry_at(now, AwsErrorKind::Throttled, 9, Some(expires), WINDOW, 1.0);
+        assert_eq!(jittered, t("2026-11-22T10:04:00Z"));
     }
 
     #[test]

@@ -170,7 +170,7 @@ impl Metrics {
             });
         registry.register(
             "aws_call_duration_seconds",
-            "Duration of AWS calls that mint a URL (SDK retries included)",
+            "Duration of AWS calls that mint a URL",
             aws_call_duration.clone(),
         );
         let requests = Arc::new(RequestSeries::default());

@@ -1,7 +1,17 @@
 //! One AWS SDK client per (service, region), built on first use and reused afterwards.
 
 use crate::recent::RecentlyUsed;
+use aws_config::retry::RetryConfig;
 use std::sync::Mutex;
+
+/// One HTTP attempt per mint. The operator retries throttling and errors itself, with backoff
+/// capped at the current URL's last chance, and each of its attempts takes a token of the
+/// client-side rate limit. The SDK's standard mode would add up to two attempts of its own,
+/// without a token: a throttled account would be called at up to three times the configured
+/// rate, just when it asked for less.
+pub fn mint_retry_config() -> RetryConfig {
+    RetryConfig::standard().with_max_attempts(1)
+}
 
 /// How many regions' clients one cache keeps. AWS has fewer than 40 regions, so a real workload
 /// never reaches it; requests naming made-up regions (each a valid-looking name) cannot grow the

@@ -21,6 +21,7 @@ impl FlinkProvider {
             clients: ClientCache::new(base, |config, region| {
                 let conf = aws_sdk_kinesisanalyticsv2::config::Builder::from(config)
                     .region(Region::new(region.to_string()))
+                    .retry_config(super::clients::mint_retry_config())
                     .build();
                 Client::from_conf(conf)
             }),

@@ -170,7 +170,7 @@ impl fmt::Debug for EmbedUrl {
 
 /// Mints URLs for one AWS service.
 pub trait UrlProvider: Send + Sync {
-    /// Calls AWS once (the SDK may retry throttling and 5xx internally) in `region`.
+    /// Calls AWS once in `region` (one HTTP attempt: see [`clients::mint_retry_config`]).
     fn mint<'a>(
         &'a self,
         target: &'a Target,

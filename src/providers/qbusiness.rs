@@ -20,6 +20,7 @@ impl QBusinessProvider {
             clients: ClientCache::new(base, |config, region| {
                 let conf = aws_sdk_qbusiness::config::Builder::from(config)
                     .region(Region::new(region.to_string()))
+                    .retry_config(super::clients::mint_retry_config())
                     .build();
                 Client::from_conf(conf)
             }),

@@ -466,11 +466,13 @@ async fn throttling_keeps_the_old_url_then_recovers() {
     assert!(message.contains("ThrottlingException"), "{message}");
     assert!(message.contains(&first_expiry), "{message}");
 
-    // Throttled for longer than the window: backoff, not a hot loop.
+    // Throttled for longer than the window: backoff, not a hot loop. About 7 s in: the first
+    // mint, then one HTTP call per attempt (the SDK does not retry on its own, outside the rate
+    // limit) at 3 s, ~4 s and the last chance: 4, and 5 if the seconds round against us.
     tokio::time::sleep(Duration::from_secs(4)).await;
     let throttled_calls = h.aws.call_count(Service::QBusiness);
     assert!(
-        throttled_calls <= 16,
+        throttled_calls <= 6,
         "{throttled_calls} calls while throttled"
     );
     // The old URL has lapsed: the next retry after its use-by time marks the request not ready.

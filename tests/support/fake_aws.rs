@@ -181,7 +181,8 @@ impl FakeAws {
     }
 
     /// An SDK config pointing every service at this fake, with static credentials, a default
-    /// region and quick SDK retries (so tests do not wait for production backoff), and no
+    /// region and quick SDK retries for STS (the mint clients make one attempt, as in production:
+    /// `providers::clients::mint_retry_config`), and no
     /// stalled-stream protection, like the operator's.
     pub fn sdk_config(&self) -> aws_config::SdkConfig {
         aws_config::SdkConfig::builder()
@@ -216,7 +217,7 @@ impl FakeAws {
         self.state.calls.lock().unwrap().clone()
     }
 
-    /// Calls received for one service (SDK retries count separately).
+    /// Calls received for one service (each HTTP attempt counts).
     pub fn call_count(&self, service: Service) -> usize {
         self.calls().iter().filter(|c| c.service == service).count()
     }
