@@ -112,7 +112,9 @@ pub struct EmbedUrlRequestSpec {
     /// How long before the URL's use-by time the operator replaces it, as a duration such as
     /// `150s` or `2m`. Default: half the service's use-by window (150s for QuickSight and Q Business,
     /// 90s for Flink), which leaves pods time to see the new Secret content (the kubelet syncs
-    /// mounted Secrets with a delay of up to a minute or more). Must be shorter than the window.
+    /// mounted Secrets with a delay of up to a minute or more). Must be shorter than the window;
+    /// above 90% of the window it counts as 90%, so refreshes are never closer than a tenth of
+    /// the window.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(pattern(DURATION_PATTERN), length(max = 32))]
     pub refresh_before: Option<String>,

@@ -29,7 +29,13 @@ use tracing::{error, info};
 /// Keeps short-lived AWS sign-in URLs (QuickSight, Amazon Q Business, Managed Flink) fresh in
 /// Kubernetes Secrets.
 #[derive(Parser, Debug)]
-#[command(version, args_conflicts_with_subcommands = true)]
+// A flag given twice takes its last value: the chart sets several flags itself and appends
+// `extraArgs`, so `extraArgs: ["--aws-qps=50"]` overrides rather than stopping the pod.
+#[command(
+    version,
+    args_conflicts_with_subcommands = true,
+    args_override_self = true
+)]
 struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
@@ -42,6 +48,7 @@ struct Cli {
 #[allow(clippy::large_enum_variant)]
 enum Command {
     /// Run the operator against the in-cluster config or the current kubeconfig (the default).
+    #[command(args_override_self = true)]
     Run(RunArgs),
     /// Print the CustomResourceDefinitions (what `crds/` holds), or write one file per kind.
     Crd {
@@ -80,7 +87,7 @@ struct RunArgs {
 
     /// Client-side limit on mint calls per second, per (service, region, identity); 0 disables it.
     /// When calls queue, the URL that expires first goes first.
-    #[arg(long, env = "EMBEDURL_AWS_QPS", default_value_t = 10.0)]
+    #[arg(long, env = "EMBEDURL_AWS_QPS", default_value_t = 10.0, value_parser = aws_qps_arg)]
     aws_qps: f64,
 
     /// Mint calls allowed at once above --aws-qps.
@@ -162,6 +169,21 @@ fn lease_duration_arg(text: &str) -> Result<Duration, String> {
         return Err(format!("{text:?} is shorter than a second; use e.g. 15s"));
     }
     Ok(duration)
+}
+
+/// 0 turns the limit off; anything else must be a rate a token bucket can keep (a token every
+/// 1,000 s at the slowest), not NaN, infinity or a negative number.
+fn aws_qps_arg(text: &str) -> Result<f64, String> {
+    let qps: f64 = text
+        .parse()
+        .map_err(|_| format!("{text:?} is not a number; use e.g. 10 or 0.5"))?;
+    if qps == 0.0 || (0.001..=1_000_000.0).contains(&qps) {
+        Ok(qps)
+    } else {
+        Err(format!(
+            "{text:?} is out of range: use 0 (no limit) or a rate from 0.001 to 1000000 calls per second"
+        ))
+    }
 }
 
 fn main() -> ExitCode {

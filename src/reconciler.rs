@@ -280,6 +280,7 @@ async fn reconcile_request(request: &EmbedUrlRequest, ctx: &Context) -> Result<N
         status: &current,
         stored: usable.as_ref(),
         refresh_before: spec.refresh_before,
+        window: ctx.settings.windows.for_service(spec.service()),
     };
     match schedule::plan(&facts) {
         Plan::Wait { until } => {
@@ -394,7 +395,8 @@ async fn mint(
     match result {
         Ok((url, minted_at)) => {
             let expires_at = schedule::url_expires_at(minted_at, window);
-            let next = schedule::planned_refresh(expires_at, spec.refresh_before, rand::random());
+            let next =
+                schedule::planned_refresh(expires_at, spec.refresh_before, window, rand::random());
             let written = match apply_secret_content(
                 ctx,
                 request,

@@ -13,8 +13,14 @@ use std::time::Duration;
 
 /// The largest share of `refreshBefore` by which a refresh is brought forward at random, so that
 /// many requests created together do not refresh in lockstep. Jitter only ever makes a refresh
-/// earlier, never later.
+/// earlier, never later; and never by more than this share of the time between two refreshes,
+/// or a `refreshBefore` close to the window would plan the next refresh before the mint itself.
 pub const MAX_JITTER_SHARE: f64 = 0.1;
+
+/// The shortest time between two planned refreshes, as a share of the use-by window: a
+/// `refreshBefore` above 90 % of the window counts as 90 % (27 s between QuickSight or Q Business
+/// refreshes, 18 s for Flink). Without it `refreshBefore: 299s` would mint every second.
+pub const MIN_INTERVAL_SHARE: f64 = 0.1;
 
 /// First retry delay after a retryable AWS error; doubled on every further failure.
 pub const RETRY_BASE: Duration = Duration::from_secs(1);
@@ -79,6 +85,8 @@ pub struct Facts<'a> {
     /// The usable URL record in the request's own Secret, if there is one.
     pub stored: Option<&'a StoredUrl>,
     pub refresh_before: Duration,
+    /// The service's use-by window.
+    pub window: Duration,
 }
 
 /// Decides whether to mint now or when to look again.
@@ -111,7 +119,7 @@ pub fn plan(facts: &Facts<'_>) -> Plan {
         return Plan::Mint(MintReason::RefreshRequested);
     }
 
-    let latest = planned_refresh(stored.expires_at, facts.refresh_before, 0.0);
+    let latest = planned_refresh(stored.expires_at, facts.refresh_before, facts.window, 0.0);
     // The status's nextRefreshTime carries the jitter chosen at mint time. It describes this URL
     // only if the status and the Secret agree on its use-by time; otherwise the status write after
     // the last mint was lost, and the plan falls back to the latest safe time.
@@ -139,12 +147,22 @@ pub fn url_expires_at(minted_at: Timestamp, window: Duration) -> Timestamp {
     floor_second(add(minted_at, window))
 }
 
-/// When to replace a URL that is usable until `expires_at`: `refresh_before` ahead of it, brought
-/// forward by `jitter` (0.0 to 1.0) times [`MAX_JITTER_SHARE`] of `refresh_before`.
-pub fn planned_refresh(expires_at: Timestamp, refresh_before: Duration, jitter: f64) -> Timestamp {
-    let jitter = jitter.clamp(0.0, 1.0) * MAX_JITTER_SHARE;
-    let lead = refresh_before.mul_f64(1.0 + jitter);
-    floor_second(sub(expires_at, lead))
+/// When to replace a URL that is usable until `expires_at` (minted a `window` before it):
+/// `refresh_before` ahead of it, at most 90 % of the window ([`MIN_INTERVAL_SHARE`]), brought
+/// forward by `jitter` (0.0 to 1.0) times [`MAX_JITTER_SHARE`] of `refresh_before` or of the time
+/// between refreshes, whichever is shorter.
+pub fn planned_refresh(
+    expires_at: Timestamp,
+    refresh_before: Duration,
+    window: Duration,
+    jitter: f64,
+) -> Timestamp {
+    let refresh_before = refresh_before.min(window.mul_f64(1.0 - MIN_INTERVAL_SHARE));
+    let interval = window.saturating_sub(refresh_before);
+    let jitter = refresh_before
+        .min(interval)
+        .mul_f64(jitter.clamp(0.0, 1.0) * MAX_JITTER_SHARE);
+    floor_second(sub(expires_at, refresh_before + jitter))
 }
 
 /// When to try again after the `failures`-th consecutive failure of kind `kind`.
@@ -284,6 +302,7 @@ mod tests {
             status,
             stored,
             refresh_before: RB,
+            window: WINDOW,
         }
     }
 
@@ -423,12 +442,12 @@ mod tests {
     #[test]
     fn jitter_only_brings_the_refresh_forward() {
         let expires = t("2026-11-22T10:05:00Z");
-        let latest = planned_refresh(expires, RB, 0.0);
+        let latest = planned_refresh(expires, RB, WINDOW, 0.0);
         assert_eq!(latest, t("2026-11-22T10:02:30Z"));
-        let earliest = planned_refresh(expires, RB, 1.0);
+        let earliest = planned_refresh(expires, RB, WINDOW, 1.0);
         assert_eq!(earliest, t("2026-11-22T10:02:15Z"));
         for j in [0.1, 0.5, 0.9, 2.0, -1.0] {
-            let r = planned_refresh(expires, RB, j);
+            let r = planned_refresh(expires, RB, WINDOW, j);
             assert!(r <= latest && r >= earliest, "{j}: {}", rfc3339(r));
         }
     }
@@ -465,6 +484,32 @@ mod tests {
         // Jitter shortens by at most 20% (8 s becomes 6.4 s, stored as 7 s).
         let jittered = retry_at(now, AwsErrorKind::Throttled, 4, far, WINDOW, 1.0);
         assert_eq!(jittered, t("2026-11-22T10:00:07Z"));
+    }
+
+    #[test]
+    fn a_refresh_before_close_to_the_window_never_plans_a_refresh_before_the_mint() {
+        let minted = t("2026-11-22T10:00:00.400Z");
+        let expires = url_expires_at(minted, WINDOW);
+        for refresh_before in [150, 270, 280, 299] {
+            for jitter in [0.0, 0.5, 1.0] {
+                let next =
+                    planned_refresh(expires, Duration::from_secs(refresh_before), WINDOW, jitter);
+                let interval = next.duration_since(minted).as_secs_f64();
+                // At most 10 % of the time between refreshes taken off, rounded to the second
+                // before; and at least 90 % of 30 s between refreshes, whatever refreshBefore.
+                let asked = (300 - refresh_before.min(270)) as f64;
+                assert!(
+                    interval >= asked * 0.9 - 1.0,
+                    "{refresh_before}s, {jitter}: {interval}"
+                );
+                assert!(interval >= 26.0, "{refresh_before}s, {jitter}: {interval}");
+            }
+        }
+        // The default, half the window, is unchanged: up to 15 s of jitter.
+        assert_eq!(
+            planned_refresh(expires, RB, WINDOW, 1.0),
+            t("2026-11-22T10:02:15Z")
+        );
     }
 
     #[test]
@@ -520,7 +565,7 @@ mod tests {
         let lapsed = Some(t("2026-11-22T10:00:00.700Z"));
         let retry = retry_at(now, AwsErrorKind::Throttled, 9, lapsed, WINDOW, 0.0);
         assert!(retry >= add(now, MIN_RETRY), "{}", rfc3339(retry));
-        for time in [expires, retry, planned_refresh(expires, RB, 0.37)] {
+        for time in [expires, retry, planned_refresh(expires, RB, WINDOW, 0.37)] {
             assert_eq!(floor_second(time), time);
         }
     }

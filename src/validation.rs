@@ -13,7 +13,6 @@ use crate::providers::{Service, Target};
 use crate::secret::MANAGED_BY_LABEL;
 use regex::Regex;
 use std::collections::BTreeMap;
-use std::str::FromStr;
 use std::sync::LazyLock;
 use std::time::Duration;
 
@@ -412,16 +411,34 @@ fn check_annotations(annotations: &BTreeMap<String, String>) -> Result<(), Inval
     Ok(())
 }
 
+/// The longest duration [`parse_duration`] accepts: far beyond any use-by window or flag, and far
+/// below what `std::time::Duration` can hold.
+const MAX_DURATION_SECS: f64 = 100.0 * 365.0 * 24.0 * 3600.0;
+
 /// Parses a Go-style duration (`150s`, `2m30s`, `1.5m`, `500ms`), the format of `refreshBefore`.
+/// A value too large to mean anything (`99999999999999999h`) is refused, not a panic: kube's
+/// parser multiplies without a bound, and its panic would take the whole operator down on
+/// every restart for one object written around the schema.
 pub fn parse_duration(text: &str) -> Option<Duration> {
-    if !DURATION.is_match(text) {
+    static PART: LazyLock<Regex> = LazyLock::new(|| pattern(r"([0-9]+(?:\.[0-9]+)?)(ms|s|m|h)"));
+    if text.len() > 64 || !DURATION.is_match(text) {
         return None;
     }
-    let parsed = kube::core::Duration::from_str(text).ok()?;
-    if parsed.is_negative() {
+    let mut seconds = 0.0_f64;
+    for part in PART.captures_iter(text) {
+        let number: f64 = part[1].parse().ok()?;
+        let unit = match &part[2] {
+            "ms" => 0.001,
+            "s" => 1.0,
+            "m" => 60.0,
+            _ => 3600.0,
+        };
+        seconds += number * unit;
+    }
+    if !seconds.is_finite() || seconds > MAX_DURATION_SECS {
         return None;
     }
-    Some(parsed.into())
+    Duration::try_from_secs_f64(seconds).ok()
 }
 
 #[cfg(test)]
@@ -697,6 +714,8 @@ mod tests {
             ("-1s", None),
             ("10", None),
             ("1d", None),
+            // 18 characters that match the CRD's pattern; kube's parser panics on them.
+            ("99999999999999999h", None),
         ] {
             let mut spec = qs();
             spec.refresh_before = Some(text.into());
@@ -727,5 +746,14 @@ mod tests {
         assert_eq!(parse_duration("1h"), Some(Duration::from_secs(3600)));
         assert_eq!(parse_duration(""), None);
         assert_eq!(parse_duration("s"), None);
+        assert_eq!(parse_duration("2m30s"), Some(Duration::from_secs(150)));
+        assert_eq!(
+            parse_duration("1h0.5s"),
+            Some(Duration::from_millis(3_600_500))
+        );
+        // Too large for a Duration, and matching the CRD's pattern and length: refused, where
+        // kube's parser panics.
+        assert_eq!(parse_duration("99999999999999999h"), None);
+        assert_eq!(parse_duration(&"9".repeat(400)), None);
     }
 }

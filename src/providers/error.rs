@@ -43,8 +43,9 @@ pub struct AwsCallError {
     pub message: String,
 }
 
-/// Error codes AWS uses for throttling across services (the SDK's own list, plus Q Business's
-/// quota exception which is also a "slow down").
+/// Error codes AWS uses for throttling across services (the SDK's own list). A service quota
+/// exceeded (`ServiceQuotaExceededException`) is not among them: it lasts until someone raises
+/// the quota.
 const THROTTLING_CODES: &[&str] = &[
     "Throttling",
     "ThrottlingException",
@@ -62,13 +63,16 @@ const THROTTLING_CODES: &[&str] = &[
     "EC2ThrottledException",
 ];
 
-/// Codes that mean AWS failed internally, whatever the HTTP status says.
+/// Codes that mean AWS failed internally or the request timed out on its way, whatever the
+/// HTTP status says (the timeouts are among the SDK's transient errors, sent with a 400).
 const SERVER_FAULT_CODES: &[&str] = &[
     "InternalFailureException",
     "InternalServerException",
     "InternalFailure",
     "ServiceUnavailable",
     "ServiceUnavailableException",
+    "RequestTimeout",
+    "RequestTimeoutException",
 ];
 
 /// Classifies an AWS error from its code and HTTP status.
@@ -83,6 +87,8 @@ pub fn classify(code: Option<&str>, http_status: Option<u16>) -> AwsErrorKind {
     }
     match http_status {
         Some(429) => AwsErrorKind::Throttled,
+        // 408 Request Timeout: the request did not arrive in time; sending it again may work.
+        Some(408) => AwsErrorKind::Unavailable,
         Some(s) if s >= 500 => AwsErrorKind::Unavailable,
         _ => AwsErrorKind::Rejected,
     }
@@ -205,6 +211,16 @@ mod tests {
             AwsErrorKind::Unavailable
         );
         assert_eq!(classify(None, Some(503)), AwsErrorKind::Unavailable);
+        // Timeouts on the way in are transient too, as the SDK counts them.
+        assert_eq!(
+            classify(Some("RequestTimeoutException"), Some(400)),
+            AwsErrorKind::Unavailable
+        );
+        assert_eq!(
+            classify(Some("RequestTimeout"), Some(400)),
+            AwsErrorKind::Unavailable
+        );
+        assert_eq!(classify(None, Some(408)), AwsErrorKind::Unavailable);
     }
 
     #[test]

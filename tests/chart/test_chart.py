@@ -418,7 +418,10 @@ def test_leader_election(chart, values, on):
     }
     lease_perms = {scope: perms for scope, perms in lease_perms.items() if perms}
     lease_rules = [r for r in all_rules(docs) if "leases" in r["resources"]]
+    strategy = one(docs, "Deployment")["spec"].get("strategy")
     if on:
+        # The new pod stands by until the old one hands the Lease over.
+        assert strategy is None
         assert "--leader-election" in argv
         assert f"--lease-name={FULLNAME}" in argv
         assert "--lease-duration=15s" in argv
@@ -429,9 +432,18 @@ def test_leader_election(chart, values, on):
             if set(rule["verbs"]) & {"get", "update"}:
                 assert rule["resourceNames"] == [FULLNAME]
     else:
+        # A rolling update would run two active pods, both minting every URL.
+        assert strategy == {"type": "Recreate"}
         assert not [a for a in argv if a.startswith("--lease") or a == "--leader-election"]
         assert lease_perms == {}
         assert lease_rules == []
+
+
+def test_an_explicit_strategy_is_kept(chart):
+    rolling = {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 0, "maxUnavailable": 1}}
+    for values in [{}, {"replicas": 2}]:
+        docs = render(chart, {**values, "strategy": rolling})
+        assert one(docs, "Deployment")["spec"]["strategy"] == rolling
 
 
 def test_leader_election_lease_values(chart):
@@ -622,6 +634,14 @@ def test_service_monitor(chart):
     assert endpoint["port"] == "http-metrics"
     assert endpoint["path"] == "/metrics"
     assert endpoint["interval"] == "30s"
+    # No timeout unless one is given: a fixed one longer than a short interval is refused.
+    assert "scrapeTimeout" not in endpoint
+    docs = render(chart, {"serviceMonitor": {"enabled": True, "interval": "15s", "scrapeTimeout": "10s"}})
+    [endpoint] = one(docs, "ServiceMonitor")["spec"]["endpoints"]
+    assert (endpoint["interval"], endpoint["scrapeTimeout"]) == ("15s", "10s")
+    docs = render(chart, {"serviceMonitor": {"enabled": True, "labels": {"release": "prom"}}})
+    monitor = one(docs, "ServiceMonitor")
+    [endpoint] = monitor["spec"]["endpoints"]
     # The per-request series' `namespace` and `service` are the operator's, not the target's.
     assert endpoint["honorLabels"] is True
     service = one(docs, "Service")

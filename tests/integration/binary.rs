@@ -457,19 +457,49 @@ async fn the_binary_gives_up_on_an_unanswered_api_call_and_bounds_its_drain() {
     );
 }
 
-#[test]
-fn the_binary_refuses_a_lease_shorter_than_a_second() {
+fn refused_arguments(args: &[&str]) -> String {
     let output = Command::new(env!("CARGO_BIN_EXE_embed-url-operator"))
-        .args(["run", "--leader-election", "--lease-duration", "500ms"])
+        .args(args)
         .env_clear()
         .output()
         .expect("run the operator binary");
-    assert!(!output.status.success());
-    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "{args:?} accepted");
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+#[test]
+fn the_binary_refuses_a_lease_shorter_than_a_second() {
+    let stderr = refused_arguments(&["run", "--leader-election", "--lease-duration", "500ms"]);
     assert!(
         stderr.contains("--lease-duration") && stderr.contains("shorter than a second"),
         "{stderr}"
     );
+    // A flag given twice takes its last value (the chart's `extraArgs` come after the flags it
+    // sets itself), with or without the `run` subcommand.
+    for prefix in [&["run"][..], &[][..]] {
+        let args = [
+            prefix,
+            &["--leader-election", "--lease-duration", "15s"],
+            &["--leader-election", "--lease-duration", "500ms"],
+        ]
+        .concat();
+        let stderr = refused_arguments(&args);
+        assert!(stderr.contains("shorter than a second"), "{stderr}");
+    }
+}
+
+#[test]
+fn the_binary_refuses_a_rate_limit_it_cannot_keep() {
+    for qps in ["1e-20", "NaN", "inf", "-1"] {
+        let stderr = refused_arguments(&["run", &format!("--aws-qps={qps}")]);
+        assert!(
+            stderr.contains("--aws-qps") && stderr.contains("0 (no limit)"),
+            "{qps}: {stderr}"
+        );
+    }
+    // Too large to mean anything, though the CRD's pattern allows it: refused, not a panic.
+    let stderr = refused_arguments(&["run", "--drain-timeout", "99999999999999999h"]);
+    assert!(stderr.contains("--drain-timeout"), "{stderr}");
 }
 
 #[tokio::test]
