@@ -1,6 +1,6 @@
 //! The real controller against the fake API server and the fake AWS endpoint.
 
-use crate::support::fake_aws::{Fault, TEST_ACCESS_KEY};
+use crate::support::fake_aws::{FakeAws, Fault, TEST_ACCESS_KEY};
 use crate::support::{Harness, NS, eventually};
 use crate::{flink, q_business, quick_sight};
 use embed_url_operator::crd::EmbedUrlRequest;
@@ -501,8 +501,8 @@ async fn throttling_keeps_the_old_url_then_recovers() {
 #[tokio::test]
 async fn server_errors_are_retried() {
     let h = Harness::start(LONG_WINDOW).await;
-    // Two 500s: the SDK retries once (2 attempts in the test config), the operator retries
-    // after its own backoff, and the third call succeeds.
+    // Two 500s: the operator retries after its own backoff (the SDK makes one attempt per mint),
+    // and the third call succeeds.
     h.aws.fail_next(Service::Flink, Fault::ServerError, 2);
     h.create("dashboard", flink()).await;
     eventually("AwsUnavailable", WAIT, || {
@@ -512,6 +512,54 @@ async fn server_errors_are_retried() {
     .await;
     minted_url(&h, "dashboard").await;
     assert_eq!(h.aws.call_count(Service::Flink), 3);
+}
+
+#[tokio::test]
+async fn an_aws_call_that_times_out_is_retried_and_the_old_url_kept() {
+    // An 8 s window: the refresh comes about 4 s after the mint.
+    let h = Harness::start(Duration::from_secs(8)).await;
+    h.create("chat", q_business()).await;
+    let first = minted_url(&h, "chat").await;
+    let calls = h.aws.call_count(Service::QBusiness);
+    // AWS answers later than the SDK waits.
+    h.aws
+        .set_latency(FakeAws::ATTEMPT_TIMEOUT + Duration::from_secs(1));
+    let (ready, _) = eventually("AwsUnavailable", WAIT, || {
+        h.ready_reason("chat")
+            .filter(|(_, r)| r == "AwsUnavailable")
+    })
+    .await;
+    assert_eq!(ready, "True", "the old URL is still usable");
+    let message = h.status("chat").ready().unwrap().message.clone();
+    assert!(message.contains("Timeout"), "{message}");
+    assert_eq!(h.secret_value("chat", "url"), Some(first.clone()));
+    assert_eq!(
+        h.aws.call_count(Service::QBusiness),
+        calls + 1,
+        "one attempt"
+    );
+
+    // AWS answers in time again: the retry, before the old URL's use-by time, replaces it.
+    h.aws.set_latency(Duration::ZERO);
+    let expiry: jiff::Timestamp = h
+        .secret_value("chat", "expiresAt")
+        .unwrap()
+        .parse()
+        .unwrap();
+    eventually("a new URL", WAIT, || {
+        h.secret_value("chat", "url").filter(|url| *url != first)
+    })
+    .await;
+    assert!(
+        jiff::Timestamp::now() < expiry,
+        "replaced before the old URL lapsed"
+    );
+    eventually("UrlReady", WAIT, || {
+        h.ready_reason("chat")
+            .filter(|(s, r)| s == "True" && r == "UrlReady")
+    })
+    .await;
+    assert!(h.metrics().encode().contains(r#"outcome="Unavailable""#));
 }
 
 #[tokio::test]

@@ -434,6 +434,64 @@ async fn an_operator_killed_mid_mint_mints_again_exactly_once() {
     assert_no_more_calls(&h, 2, "converged").await;
 }
 
+#[tokio::test]
+async fn an_operator_killed_after_the_aws_answer_and_before_the_secret_write_mints_again_once() {
+    let mut h = Harness::start(LONG_WINDOW).await;
+    let secret_patches = |h: &Harness| h.kube.request_count("patch", "secrets");
+
+    // A new request: AWS answers, the Secret write is on its way and never answered.
+    h.kube.inject_stall("patch", "secrets", 1);
+    h.create("console", quick_sight()).await;
+    eventually("the URL minted and its Secret write sent", WAIT, || {
+        (h.aws.success_count(Service::QuickSight) == 1 && secret_patches(&h) == 1).then_some(())
+    })
+    .await;
+    h.kill_operator();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(h.secret("console").is_none(), "nothing half-written");
+    assert_eq!(h.status("console"), EmbedUrlRequestStatus::default());
+
+    h.start_operator().await;
+    converged(&h, "console", "console", WAIT).await;
+    assert_eq!(h.aws.calls().len(), 2, "minted again, once");
+    assert_eq!(h.kube.effective_write_count("secrets"), 1);
+    let first = h.secret_value("console", "url").unwrap();
+    assert_no_more_calls(&h, 2, "converged").await;
+
+    // A refresh: the same, with a usable URL in the Secret that must stay as it is.
+    h.kube.inject_stall("patch", "secrets", 1);
+    let patches = secret_patches(&h);
+    h.request_refresh("console", "again").await;
+    eventually("the new URL minted and its Secret write sent", WAIT, || {
+        (h.aws.success_count(Service::QuickSight) == 3 && secret_patches(&h) == patches + 1)
+            .then_some(())
+    })
+    .await;
+    h.kill_operator();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(h.secret_value("console", "url"), Some(first.clone()));
+    assert_eq!(h.kube.effective_write_count("secrets"), 1);
+    assert_ne!(
+        h.status("console").last_handled_refresh_request.as_deref(),
+        Some("again")
+    );
+
+    h.start_operator().await;
+    let replaced = eventually("the refresh done after the restart", WAIT, || {
+        h.secret_value("console", "url").filter(|url| *url != first)
+    })
+    .await;
+    let status = converged(&h, "console", "console", WAIT).await;
+    assert_eq!(
+        status.last_handled_refresh_request.as_deref(),
+        Some("again")
+    );
+    assert_eq!(h.secret_value("console", "url"), Some(replaced));
+    assert_eq!(h.aws.calls().len(), 4, "{:?}", h.aws.calls());
+    assert_eq!(h.kube.effective_write_count("secrets"), 2);
+    assert_no_more_calls(&h, 4, "converged").await;
+}
+
 // ---- 5. AWS throttling storm -----------------------------------------------------------------
 
 #[tokio::test]

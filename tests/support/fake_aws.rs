@@ -27,6 +27,8 @@ use std::time::Duration;
 use wiremock::matchers::{body_string_contains, header, method, path, path_regex};
 use wiremock::{Mock, MockServer, Request, Respond, ResponseTemplate};
 
+const AWS_ATTEMPT_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// Access key the default test credentials sign with.
 pub const TEST_ACCESS_KEY: &str = "AKIDFAKEOPERATOR";
 
@@ -180,6 +182,9 @@ impl FakeAws {
         self.server.uri()
     }
 
+    /// How long the SDK waits for one answer of this fake before giving up (see [`Self::sdk_config`]).
+    pub const ATTEMPT_TIMEOUT: Duration = AWS_ATTEMPT_TIMEOUT;
+
     /// An SDK config pointing every service at this fake, with static credentials, a default
     /// region and quick SDK retries for STS (the mint clients make one attempt, as in production:
     /// `providers::clients::mint_retry_config`), and no
@@ -202,6 +207,13 @@ impl FakeAws {
                 RetryConfig::standard()
                     .with_max_attempts(2)
                     .with_initial_backoff(Duration::from_millis(20)),
+            )
+            // The operator sets 10 s per attempt (src/main.rs); 2 s here lets a test time a
+            // call out with `set_latency` quickly.
+            .timeout_config(
+                aws_config::timeout::TimeoutConfig::builder()
+                    .operation_attempt_timeout(AWS_ATTEMPT_TIMEOUT)
+                    .build(),
             )
             .sleep_impl(aws_smithy_async::rt::sleep::default_async_sleep().expect("tokio sleep"))
             .time_source(aws_smithy_async::time::SystemTimeSource::new())
