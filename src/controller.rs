@@ -116,7 +116,13 @@ pub fn run(
     metrics: Arc<Metrics>,
     shutdown: watch::Receiver<bool>,
 ) -> (Readiness, impl Future<Output = ()>) {
-    let rate_limits = Arc::new(RateLimits::new(config.aws_rate, config.aws_burst));
+    // A rate-limit line per bucket as long as the slots, and lines for 16 busy buckets at once:
+    // each waiter is a suspended reconcile, without a slot (see `ratelimit`).
+    let slots = usize::from(config.concurrency.max(1));
+    let rate_limits =
+        Arc::new(RateLimits::new(config.aws_rate, config.aws_burst).with_lines(slots, 16 * slots));
+    let controller_concurrency =
+        u16::try_from(slots + rate_limits.parked_capacity()).unwrap_or(u16::MAX);
     let failures = Arc::new(FailureCounts::default());
     let reporter = Reporter {
         controller: CONTROLLER_NAME.to_string(),
@@ -282,13 +288,15 @@ pub fn run(
         });
         let mut stop = shutdown.clone();
         // The controller runs only what the queue hands it (see work_queue); the watches feed
-        // the queue. Its own bound is the same as the queue's, so its scheduler stays empty.
+        // the queue. Its own bound is above the queue's, so its scheduler stays empty.
         let controller = Controller::for_stream(request_events, request_store)
             .reconcile_on(stream::select(
                 to_reconcile,
                 stream::select(secret_changes, reconcile_all),
             ))
-            .with_config(controller::Config::default().concurrency(config.concurrency.max(1)))
+            // The work queue bounds what runs; this only has to let through the reconciles in
+            // slots and those waiting in rate-limit lines without one.
+            .with_config(controller::Config::default().concurrency(controller_concurrency))
             .graceful_shutdown_on(async move {
                 let _ = stop.wait_for(|stop| *stop).await;
             })

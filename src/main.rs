@@ -66,7 +66,7 @@ struct RunArgs {
     namespaces: Vec<String>,
 
     /// Most reconciles, and AWS calls, in flight at once; the others wait, the request whose URL
-    /// stops working first going first.
+    /// stops working first going first. A request waiting for the AWS rate limit does not count.
     #[arg(long, env = "EMBEDURL_CONCURRENCY", default_value_t = 16, value_parser = clap::value_parser!(u16).range(1..))]
     concurrency: u16,
 

@@ -4,11 +4,22 @@
 //! the operator paces itself: one token bucket per (service, region, identity), and when calls
 //! queue up, the most urgent one (the URL that stops working first) goes first, not the one that
 //! arrived first.
+//!
+//! A caller that has to wait for a token joins its bucket's line and gives its reconcile slot
+//! back meanwhile (the `park` guard of [`RateLimits::acquire`]): a bucket whose demand is above
+//! the rate would otherwise hold every slot with its waiters, and requests of other buckets,
+//! with tokens to spare, would wait behind them until their own URLs lapsed. A line holds at
+//! most `line` callers, and all lines together at most `parked` (each waiter is a suspended
+//! reconcile, a few KiB): beyond that a caller is turned away ([`TurnedAway`]) and waits in the
+//! work queue instead, until the line has room ([`crate::work_queue::WorkQueue::block`]). A
+//! caller more urgent than the last in a full line takes that one's place, and the one it
+//! replaced is turned away: the line always holds the most urgent callers.
 
 use crate::providers::Service;
 use jiff::Timestamp;
-use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap};
+use std::collections::hash_map::DefaultHasher;
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::hash::{Hash, Hasher};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::Notify;
@@ -26,11 +37,42 @@ pub struct BucketKey {
     pub identity: String,
 }
 
+impl BucketKey {
+    /// A short name for the bucket, for the work queue's lists of requests turned away (two
+    /// buckets that happen to share one only share that list).
+    pub fn id(&self) -> u64 {
+        let mut hasher = DefaultHasher::new();
+        self.hash(&mut hasher);
+        hasher.finish()
+    }
+}
+
+/// A token, taken at once or after waiting in line.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Granted {
+    pub waited: Duration,
+    /// The caller waited in line: leaving it made room for one that was turned away.
+    pub from_line: bool,
+}
+
+/// The bucket's line was full of more urgent callers: try again when it has room.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TurnedAway {
+    /// When the line will have had room for this caller if every caller ahead of it takes its
+    /// token in turn: the work queue's fallback in case nobody says so earlier.
+    pub retry_after: Duration,
+}
+
 /// Token buckets for every (service, region, identity).
 pub struct RateLimits {
     /// Tokens added per second; zero or less disables limiting.
     rate: f64,
     burst: f64,
+    /// Callers one bucket's line holds.
+    line: usize,
+    /// Callers all lines hold together.
+    parked_cap: usize,
+    parked: Mutex<usize>,
     buckets: Mutex<HashMap<BucketKey, Arc<Bucket>>>,
 }
 
@@ -42,19 +84,32 @@ struct Bucket {
 struct BucketState {
     tokens: f64,
     refilled: Instant,
-    /// Waiting callers, most urgent (earliest use-by) first; ties by arrival.
-    waiting: BinaryHeap<Reverse<(i64, u64)>>,
+    /// Callers in line, most urgent (earliest use-by) first; ties by arrival.
+    waiting: BTreeSet<(i64, u64)>,
+    /// Callers whose place a more urgent one took; they leave the line turned away.
+    displaced: HashSet<(i64, u64)>,
     next_ticket: u64,
 }
 
 impl RateLimits {
-    /// `rate` calls per second on average, bursts of up to `burst` calls.
+    /// `rate` calls per second on average, bursts of up to `burst` calls; lines of up to 16
+    /// callers, 256 in all (see [`Self::with_lines`]).
     pub fn new(rate: f64, burst: u32) -> Self {
         RateLimits {
             rate,
             burst: f64::from(burst.max(1)),
+            line: 16,
+            parked_cap: 256,
+            parked: Mutex::new(0),
             buckets: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Lines of up to `line` callers per bucket and `total` callers in all (each at least one).
+    pub fn with_lines(mut self, line: usize, total: usize) -> Self {
+        self.line = line.max(1);
+        self.parked_cap = total.max(1);
+        self
     }
 
     /// No limit at all (tests that are not about pacing).
@@ -71,27 +126,84 @@ impl RateLimits {
         self.burst as u32
     }
 
-    /// Waits for a token of `key`'s bucket. `urgency` is when the current URL stops working
-    /// (now, if there is none): earlier goes first. Returns how long the caller waited.
-    /// Dropping the future gives up the place in the queue.
-    pub async fn acquire(&self, key: &BucketKey, urgency: Timestamp) -> Duration {
+    /// Callers that can wait in lines at once, in all: what reconciles may be suspended in
+    /// lines beyond the reconcile slots.
+    pub fn parked_capacity(&self) -> usize {
+        self.parked_cap
+    }
+
+    /// The time between two tokens of one bucket once its burst is spent (zero: no limit).
+    pub fn token_interval(&self) -> Duration {
+        if self.rate > 0.0 {
+            Duration::from_secs_f64(1.0 / self.rate)
+        } else {
+            Duration::ZERO
+        }
+    }
+
+    /// Takes a token of `key`'s bucket. `urgency` is when the current URL stops working (now, if
+    /// there is none): earlier goes first. If there is no token for the caller at once, it joins
+    /// the line, holding what `park` returns while it waits (the reconcile's slot given back),
+    /// or it is turned away if the line is full of more urgent callers. Dropping the future
+    /// gives up the place in the line.
+    pub async fn acquire<P>(
+        &self,
+        key: &BucketKey,
+        urgency: Timestamp,
+        park: impl FnOnce() -> P,
+    ) -> Result<Granted, TurnedAway> {
+        let at_once = Granted {
+            waited: Duration::ZERO,
+            from_line: false,
+        };
         if self.rate <= 0.0 {
-            return Duration::ZERO;
+            return Ok(at_once);
         }
         let started = Instant::now();
         let bucket = self.bucket(key);
         let ticket = {
             let mut state = lock(&bucket.state);
+            state.refill(Instant::now(), self.rate, self.burst);
+            if state.waiting.is_empty() && state.tokens >= 1.0 {
+                state.tokens -= 1.0;
+                return Ok(at_once);
+            }
             let ticket = (urgency.as_millisecond(), state.next_ticket);
             state.next_ticket += 1;
-            state.waiting.push(Reverse(ticket));
+            let turned_away = TurnedAway {
+                retry_after: Duration::from_secs_f64(
+                    (state.waiting.len() as f64 + 1.0 - state.tokens).max(1.0) / self.rate,
+                ),
+            };
+            if state.waiting.len() >= self.line {
+                // Full: take the last one's place if more urgent than it.
+                match state.waiting.last().copied() {
+                    Some(last) if ticket < last => {
+                        state.waiting.remove(&last);
+                        state.displaced.insert(last);
+                        bucket.changed.notify_waiters();
+                        // Counted until the displaced caller notices and leaves.
+                        *lock(&self.parked) += 1;
+                    }
+                    _ => return Err(turned_away),
+                }
+            } else {
+                let mut parked = lock(&self.parked);
+                if *parked >= self.parked_cap {
+                    return Err(turned_away);
+                }
+                *parked += 1;
+            }
+            state.waiting.insert(ticket);
             ticket
         };
         let mut place = Place {
+            limits: self,
             bucket: &bucket,
             ticket,
-            granted: false,
+            left: false,
         };
+        let _parked = park();
         loop {
             let changed = bucket.changed.notified();
             tokio::pin!(changed);
@@ -99,16 +211,26 @@ impl RateLimits {
             changed.as_mut().enable();
             let wait_for_token = {
                 let mut state = lock(&bucket.state);
+                if state.displaced.remove(&ticket) {
+                    place.leave();
+                    let retry_after = Duration::from_secs_f64(
+                        (state.waiting.len() as f64 + 1.0).max(1.0) / self.rate,
+                    );
+                    return Err(TurnedAway { retry_after });
+                }
                 state.refill(Instant::now(), self.rate, self.burst);
-                let first = state.waiting.peek() == Some(&Reverse(ticket));
+                let first = state.waiting.first() == Some(&ticket);
                 if first && state.tokens >= 1.0 {
                     state.tokens -= 1.0;
-                    state.waiting.pop();
-                    place.granted = true;
+                    state.waiting.pop_first();
+                    place.leave();
                     drop(state);
                     // The next in line may have a token too.
                     bucket.changed.notify_waiters();
-                    return started.elapsed();
+                    return Ok(Granted {
+                        waited: started.elapsed(),
+                        from_line: true,
+                    });
                 }
                 first.then(|| Duration::from_secs_f64((1.0 - state.tokens) / self.rate))
             };
@@ -146,7 +268,8 @@ impl RateLimits {
                     state: Mutex::new(BucketState {
                         tokens: self.burst,
                         refilled: Instant::now(),
-                        waiting: BinaryHeap::new(),
+                        waiting: BTreeSet::new(),
+                        displaced: HashSet::new(),
                         next_ticket: 0,
                     }),
                     changed: Notify::new(),
@@ -164,20 +287,34 @@ impl BucketState {
     }
 }
 
-/// A caller's place in a bucket's queue; leaving without a token (the reconcile was cancelled)
-/// frees the place for the next one.
+/// A caller's place in a bucket's line, and in the count of parked callers. Leaving without a
+/// token (the reconcile was cancelled) frees the place for the next one.
 struct Place<'a> {
+    limits: &'a RateLimits,
     bucket: &'a Bucket,
     ticket: (i64, u64),
-    granted: bool,
+    left: bool,
+}
+
+impl Place<'_> {
+    /// Out of the parked count; the line itself was already left (token taken, or displaced).
+    fn leave(&mut self) {
+        if !self.left {
+            self.left = true;
+            let mut parked = lock(&self.limits.parked);
+            *parked = parked.saturating_sub(1);
+        }
+    }
 }
 
 impl Drop for Place<'_> {
     fn drop(&mut self) {
-        if !self.granted {
-            lock(&self.bucket.state)
-                .waiting
-                .retain(|Reverse(t)| *t != self.ticket);
+        if !self.left {
+            self.leave();
+            let mut state = lock(&self.bucket.state);
+            state.waiting.remove(&self.ticket);
+            state.displaced.remove(&self.ticket);
+            drop(state);
             self.bucket.changed.notify_waiters();
         }
     }
@@ -190,15 +327,18 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
         .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-/// Whether waiting `waited` for a token means demand is above the configured rate, as far as
-/// one request can tell: the wait delayed its refresh by more than the random lead its schedule
-/// allows for (the jitter share of `refresh_before`), and by at least a second. Shorter waits are
-/// the limiter doing its job: spreading a burst of refreshes that fall due together.
-pub fn delayed_refresh(waited: Duration, refresh_before: Duration) -> bool {
+/// Whether a refresh that started `late_by` after its planned time means demand is above the
+/// configured rate, as far as one request can tell: it had to wait in its bucket's line (no
+/// token was free), and it started later than the random lead its schedule allows for (the
+/// jitter share of `refresh_before`), and by at least a second. Shorter delays are the limiter
+/// doing its job: spreading a burst of refreshes that fall due together. (Lateness counts the
+/// time turned away by a full line and waiting for a slot, which the wait in line alone, at most
+/// a line's length of tokens, does not.)
+pub fn delayed_refresh(waited_in_line: bool, late_by: Duration, refresh_before: Duration) -> bool {
     let tolerated = refresh_before
         .mul_f64(crate::schedule::MAX_JITTER_SHARE)
         .max(Duration::from_secs(1));
-    waited >= tolerated
+    waited_in_line && late_by >= tolerated
 }
 
 /// Calls per second needed to refresh `requests` URLs of one bucket every `refresh_period`.
@@ -213,6 +353,17 @@ pub fn required_rate(requests: usize, refresh_period: Duration) -> f64 {
 mod tests {
     use super::*;
     use std::sync::atomic::{AtomicUsize, Ordering};
+
+    /// Decrements `count` when dropped: tells a test when a park guard is let go.
+    fn scopeguard(count: Arc<AtomicUsize>) -> impl Drop {
+        struct Guard(Arc<AtomicUsize>);
+        impl Drop for Guard {
+            fn drop(&mut self) {
+                self.0.fetch_sub(1, Ordering::SeqCst);
+            }
+        }
+        Guard(count)
+    }
 
     fn key() -> BucketKey {
         BucketKey {
@@ -232,23 +383,26 @@ mod tests {
         };
         // One bucket drained first, then more made-up ones than the threshold (no pruning
         // yet: each has spent a token, so none is idle).
-        limits.acquire(&key(), now).await;
-        limits.acquire(&key(), now).await;
+        limits.acquire(&key(), now, || ()).await.unwrap();
+        limits.acquire(&key(), now, || ()).await.unwrap();
         for i in 0..BUCKETS_BEFORE_PRUNING {
-            limits.acquire(&region(i), now).await;
+            limits.acquire(&region(i), now, || ()).await.unwrap();
         }
         assert_eq!(lock(&limits.buckets).len(), BUCKETS_BEFORE_PRUNING + 1);
         // A second later the made-up ones are full again, the drained one is not (1 of 2).
         tokio::time::advance(Duration::from_secs(1)).await;
         // A new bucket past the threshold drops every idle one, not the drained one.
-        limits.acquire(&region(BUCKETS_BEFORE_PRUNING), now).await;
+        limits
+            .acquire(&region(BUCKETS_BEFORE_PRUNING), now, || ())
+            .await
+            .unwrap();
         assert_eq!(lock(&limits.buckets).len(), 2);
         assert!(lock(&limits.buckets).contains_key(&key()));
         // The drained bucket kept its pace: one token back after that second, then the next
         // only a second later.
-        limits.acquire(&key(), now).await;
+        limits.acquire(&key(), now, || ()).await.unwrap();
         let started = Instant::now();
-        limits.acquire(&key(), now).await;
+        limits.acquire(&key(), now, || ()).await.unwrap();
         assert!(
             started.elapsed() >= Duration::from_millis(900),
             "the drained bucket kept its pace"
@@ -261,11 +415,14 @@ mod tests {
         let now = Timestamp::now();
         let started = Instant::now();
         for _ in 0..3 {
-            assert_eq!(limits.acquire(&key(), now).await, Duration::ZERO);
+            assert_eq!(
+                limits.acquire(&key(), now, || ()).await.unwrap().waited,
+                Duration::ZERO
+            );
         }
         // The burst is spent: one more token every half second.
-        limits.acquire(&key(), now).await;
-        limits.acquire(&key(), now).await;
+        limits.acquire(&key(), now, || ()).await.unwrap();
+        limits.acquire(&key(), now, || ()).await.unwrap();
         let elapsed = started.elapsed();
         assert!(
             elapsed >= Duration::from_millis(1000) && elapsed < Duration::from_millis(1100),
@@ -276,7 +433,10 @@ mod tests {
             region: "eu-west-1".into(),
             ..key()
         };
-        assert_eq!(limits.acquire(&other, now).await, Duration::ZERO);
+        assert_eq!(
+            limits.acquire(&other, now, || ()).await.unwrap().waited,
+            Duration::ZERO
+        );
     }
 
     #[tokio::test(start_paused = true)]
@@ -284,7 +444,7 @@ mod tests {
         let limits = Arc::new(RateLimits::new(1.0, 1));
         let base = Timestamp::now();
         // Spend the burst so the next callers queue.
-        limits.acquire(&key(), base).await;
+        limits.acquire(&key(), base, || ()).await.unwrap();
         let order = Arc::new(Mutex::new(Vec::new()));
         let served = Arc::new(AtomicUsize::new(0));
         let mut tasks = Vec::new();
@@ -293,7 +453,7 @@ mod tests {
             let (limits, order, served) = (limits.clone(), order.clone(), served.clone());
             tasks.push(tokio::spawn(async move {
                 let urgency = base + jiff::SignedDuration::from_secs(secs);
-                limits.acquire(&key(), urgency).await;
+                limits.acquire(&key(), urgency, || ()).await.unwrap();
                 lock(&order).push(secs);
                 served.fetch_add(1, Ordering::SeqCst);
             }));
@@ -310,19 +470,91 @@ mod tests {
     async fn a_cancelled_caller_frees_its_place() {
         let limits = Arc::new(RateLimits::new(1.0, 1));
         let now = Timestamp::now();
-        limits.acquire(&key(), now).await;
+        limits.acquire(&key(), now, || ()).await.unwrap();
         let urgent = {
             let limits = limits.clone();
-            tokio::spawn(async move { limits.acquire(&key(), now).await })
+            tokio::spawn(async move { limits.acquire(&key(), now, || ()).await.unwrap().waited })
         };
         tokio::time::sleep(Duration::from_millis(10)).await;
         urgent.abort();
         let later = now + jiff::SignedDuration::from_secs(60);
-        let waited = limits.acquire(&key(), later).await;
+        let waited = limits.acquire(&key(), later, || ()).await.unwrap().waited;
         assert!(
             waited <= Duration::from_secs(1),
             "blocked by a cancelled caller: {waited:?}"
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_waiting_caller_is_parked_and_a_full_line_turns_the_least_urgent_away() {
+        let limits = Arc::new(RateLimits::new(1.0, 1).with_lines(2, 100));
+        let base = Timestamp::now();
+        let at = move |secs: i64| base + jiff::SignedDuration::from_secs(secs);
+        let parked = Arc::new(AtomicUsize::new(0));
+        // A token at once: never parked.
+        let park = |parked: &Arc<AtomicUsize>| {
+            let parked = parked.clone();
+            move || {
+                parked.fetch_add(1, Ordering::SeqCst);
+                scopeguard(parked)
+            }
+        };
+        let granted = limits.acquire(&key(), at(0), park(&parked)).await;
+        assert_eq!(granted.map(|g| g.from_line), Ok(false));
+        assert_eq!(parked.load(Ordering::SeqCst), 0);
+        // Two callers fill the line, parked while they wait.
+        let mut line = Vec::new();
+        for secs in [200, 300] {
+            let (limits, park) = (limits.clone(), park(&parked));
+            line.push(tokio::spawn(async move {
+                limits.acquire(&key(), at(secs), park).await
+            }));
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        assert_eq!(parked.load(Ordering::SeqCst), 2);
+        assert_eq!(*lock(&limits.parked), 2);
+        // Less urgent than everyone in the full line: turned away at once, never parked.
+        let turned = limits.acquire(&key(), at(400), park(&parked)).await;
+        assert!(matches!(turned, Err(TurnedAway { .. })), "{turned:?}");
+        assert_eq!(parked.load(Ordering::SeqCst), 2);
+        // More urgent than the last in line: takes its place; the last is turned away.
+        let urgent = {
+            let (limits, park) = (limits.clone(), park(&parked));
+            tokio::spawn(async move { limits.acquire(&key(), at(100), park).await })
+        };
+        let last = line.pop().unwrap().await.unwrap();
+        assert!(matches!(last, Err(TurnedAway { .. })), "{last:?}");
+        // The two left take their tokens, most urgent first, a second apart.
+        let started = Instant::now();
+        assert_eq!(urgent.await.unwrap().map(|g| g.from_line), Ok(true));
+        assert!(started.elapsed() <= Duration::from_millis(1100));
+        assert!(line.pop().unwrap().await.unwrap().is_ok());
+        assert!(started.elapsed() >= Duration::from_millis(1900));
+        assert_eq!(*lock(&limits.parked), 0, "every parked caller counted out");
+        // Each park guard was dropped when its caller left the line.
+        assert_eq!(parked.load(Ordering::SeqCst), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn all_lines_together_hold_at_most_the_parked_capacity() {
+        let limits = Arc::new(RateLimits::new(1.0, 1).with_lines(10, 1));
+        let now = Timestamp::now();
+        let other = BucketKey {
+            region: "eu-west-1".into(),
+            ..key()
+        };
+        limits.acquire(&key(), now, || ()).await.unwrap();
+        limits.acquire(&other, now, || ()).await.unwrap();
+        let waiting = {
+            let limits = limits.clone();
+            tokio::spawn(async move { limits.acquire(&key(), now, || ()).await })
+        };
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        // The other bucket's line is empty, but no one else may park.
+        let turned = limits.acquire(&other, now, || ()).await;
+        assert!(matches!(turned, Err(TurnedAway { .. })), "{turned:?}");
+        assert!(waiting.await.unwrap().is_ok());
+        assert!(limits.acquire(&other, now, || ()).await.is_ok());
     }
 
     #[tokio::test]
@@ -330,8 +562,11 @@ mod tests {
         let limits = RateLimits::unlimited();
         for _ in 0..1000 {
             assert_eq!(
-                limits.acquire(&key(), Timestamp::now()).await,
-                Duration::ZERO
+                limits
+                    .acquire(&key(), Timestamp::now(), || ())
+                    .await
+                    .map(|g| g.waited),
+                Ok(Duration::ZERO)
             );
         }
     }
@@ -339,12 +574,26 @@ mod tests {
     #[test]
     fn only_waits_longer_than_the_jitter_lead_count_as_delays() {
         let refresh_before = Duration::from_secs(150);
-        assert!(!delayed_refresh(Duration::from_secs(14), refresh_before));
-        assert!(delayed_refresh(Duration::from_secs(15), refresh_before));
+        assert!(!delayed_refresh(
+            true,
+            Duration::from_secs(14),
+            refresh_before
+        ));
+        assert!(delayed_refresh(
+            true,
+            Duration::from_secs(15),
+            refresh_before
+        ));
+        // Late for another reason (slots, not tokens): not the rate limit's doing.
+        assert!(!delayed_refresh(
+            false,
+            Duration::from_secs(60),
+            refresh_before
+        ));
         // Short refreshBefore: at least a second.
         let short = Duration::from_secs(3);
-        assert!(!delayed_refresh(Duration::from_millis(900), short));
-        assert!(delayed_refresh(Duration::from_secs(1), short));
+        assert!(!delayed_refresh(true, Duration::from_millis(900), short));
+        assert!(delayed_refresh(true, Duration::from_secs(1), short));
     }
 
     #[test]

@@ -362,14 +362,57 @@ async fn mint(
                 .unwrap_or_default(),
         };
         let urgency = mint_urgency(current, usable);
-        let waited = ctx.rate_limits.acquire(&bucket, urgency).await;
-        ctx.metrics.observe_rate_limit_wait(service, waited);
+        let granted = match ctx
+            .rate_limits
+            .acquire(&bucket, urgency, || ctx.queue.park())
+            .await
+        {
+            Ok(granted) => granted,
+            Err(turned_away) => {
+                // The line is full of more urgent requests: wait in the work queue, without a
+                // slot, until it has room. Nothing was called or written.
+                debug!(
+                    namespace = request.namespace().as_deref().unwrap_or_default(),
+                    name = request.name_any(),
+                    "turned away by a full rate-limit line"
+                );
+                ctx.queue.block(
+                    &RequestKey::of(request),
+                    bucket.id(),
+                    urgency.as_millisecond(),
+                    turned_away.retry_after,
+                    ctx.rate_limits.token_interval(),
+                );
+                return Ok(Next::await_change());
+            }
+        };
+        if granted.from_line {
+            ctx.queue.release_blocked(bucket.id());
+        }
+        ctx.metrics.observe_rate_limit_wait(service, granted.waited);
+        let started = Timestamp::now();
         rate_limit_wait = RateLimitWait {
-            waited,
+            waited: granted.waited,
+            waited_in_line: granted.from_line,
+            // From the planned refresh (or the retry) on; for a first URL, from the request's
+            // creation.
+            late_by: planned
+                .or_else(|| {
+                    current.url_expires_at.is_none().then(|| {
+                        request
+                            .meta()
+                            .creation_timestamp
+                            .as_ref()
+                            .map(|created| created.0)
+                    })?
+                })
+                .filter(|planned| *planned < started)
+                .map(|planned| started.duration_since(planned).unsigned_abs())
+                .unwrap_or(granted.waited)
+                .max(granted.waited),
             rate: ctx.rate_limits.rate(),
             burst: ctx.rate_limits.burst(),
         };
-        let started = Timestamp::now();
         let timer = ctx.metrics.aws_call_started(service);
         let result = match &served.identity.assumed {
             // Resolve an assumed role first, so that an STS failure is reported as one.

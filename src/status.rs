@@ -116,7 +116,13 @@ fn with_condition(
 /// How long a mint waited for the operator's AWS rate limit, and the limit it waited for.
 #[derive(Clone, Copy, Debug)]
 pub struct RateLimitWait {
+    /// In the bucket's line, this time.
     pub waited: std::time::Duration,
+    /// Whether the mint had to wait in line at all (no token was free for it).
+    pub waited_in_line: bool,
+    /// How far past its planned time the mint started: turned away by a full line, waiting for
+    /// a reconcile slot, then in line.
+    pub late_by: std::time::Duration,
     /// Calls per second and burst of the limit (per service, region and identity).
     pub rate: f64,
     pub burst: u32,
@@ -134,7 +140,8 @@ pub fn with_rate_limit(
     generation: Option<i64>,
     now: Timestamp,
 ) -> EmbedUrlRequestStatus {
-    let delayed = crate::ratelimit::delayed_refresh(wait.waited, refresh_before);
+    let delayed =
+        crate::ratelimit::delayed_refresh(wait.waited_in_line, wait.late_by, refresh_before);
     let new_condition = if delayed {
         condition(
             RATE_LIMITED_CONDITION,
@@ -142,12 +149,13 @@ pub fn with_rate_limit(
             true,
             reasons::DEMAND_EXCEEDS_RATE_LIMIT,
             format!(
-                "The last refresh waited {:.1}s for the operator's AWS rate limit ({} calls/s, \
-                 burst {}, shared by all requests of one service, region and identity): more URLs \
-                 fall due than that rate allows, and if demand stays this high URLs will lapse. \
-                 Raise --aws-qps (chart value awsRateLimit.qps) as far as the AWS account's quota \
-                 allows, or spread requests over more roles or regions",
-                wait.waited.as_secs_f64(),
+                "The last refresh started {:.1}s after its planned time, waiting its turn for \
+                 the operator's AWS rate limit ({} calls/s, burst {}, shared by all requests of \
+                 one service, region and identity): more URLs fall due than that rate allows, and \
+                 if demand stays this high URLs will lapse. Raise --aws-qps (chart value \
+                 awsRateLimit.qps) as far as the AWS account's quota allows, or spread requests \
+                 over more roles or regions",
+                wait.late_by.as_secs_f64(),
                 wait.rate,
                 wait.burst
             ),
@@ -513,8 +521,11 @@ mod tests {
         let t0: Timestamp = "2026-11-22T10:00:00Z".parse().unwrap();
         let t1: Timestamp = "2026-11-22T10:05:00Z".parse().unwrap();
         let refresh_before = std::time::Duration::from_secs(150);
-        let wait = |secs| RateLimitWait {
-            waited: std::time::Duration::from_secs(secs),
+        // Late by `secs`, having waited in line for a token (at most a second of it).
+        let wait = |secs: u64| RateLimitWait {
+            waited: std::time::Duration::from_secs(secs.min(1)),
+            waited_in_line: secs > 0,
+            late_by: std::time::Duration::from_secs(secs),
             rate: 10.0,
             burst: 20,
         };

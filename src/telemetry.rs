@@ -206,7 +206,7 @@ impl Metrics {
         let reconciles_due = Gauge::default();
         registry.register(
             "reconciles_due",
-            "Requests due for a reconcile that wait for one of the --concurrency slots",
+            "Requests due for a reconcile that wait for one of the --concurrency slots, or for room in a full AWS rate-limit line",
             reconciles_due.clone(),
         );
         Metrics {

@@ -2,8 +2,10 @@
 //!
 //! Every reason to reconcile a request (a change a user made, a change to its Secret, a policy
 //! change, the planned refresh, a retry) is an entry here with a due time. Entries that are due
-//! are handed to the controller at most `slots` at a time (a reconcile in flight holds a slot),
-//! the request whose URL stops working first going first, ties by arrival.
+//! are handed to the controller at most `slots` at a time (a reconcile in flight holds a slot,
+//! except while it waits in an AWS rate-limit line: [`WorkQueue::park`]), the request whose URL
+//! stops working first going first, ties by arrival. Requests turned away by a full rate-limit
+//! line wait here, without a slot, until it has room ([`WorkQueue::block`]).
 //!
 //! kube-runtime's controller could schedule and bound reconciles itself, but at its bound it
 //! moves the due ones into a hash set and takes them out in hash order: under a backlog that
@@ -64,6 +66,13 @@ pub struct WorkQueue {
 #[derive(Default)]
 struct State {
     entries: HashMap<Arc<RequestKey>, Entry>,
+    /// Entries turned away by a full rate-limit line, by bucket ([`BucketKey::id`]), most
+    /// urgent first; each also waits in `waiting` until its fallback time.
+    ///
+    /// [`BucketKey::id`]: crate::ratelimit::BucketKey::id
+    blocked: HashMap<u64, BTreeMap<(i64, u64), Arc<RequestKey>>>,
+    /// How many entries `blocked` holds in all.
+    blocked_count: usize,
     /// Entries not due yet, by due time and arrival.
     waiting: BTreeMap<(Instant, u64), Arc<RequestKey>>,
     /// Entries that are due, most urgent first, then by arrival.
@@ -81,6 +90,8 @@ struct Entry {
     ticket: u64,
     /// Set once due: the key in `due`.
     urgency: Option<i64>,
+    /// Set while turned away by this rate-limit bucket: the key in `blocked`.
+    blocked_on: Option<(u64, i64)>,
 }
 
 impl WorkQueue {
@@ -113,11 +124,98 @@ impl WorkQueue {
                 at,
                 ticket,
                 urgency: None,
+                blocked_on: None,
             },
         );
         drop(state);
         // The dispatcher may be sleeping until a later entry.
         self.changed.notify_one();
+    }
+
+    /// `key` was turned away by the full line of rate-limit bucket `bucket` (with `urgency`, as
+    /// the line orders callers): reconcile it when [`Self::release_blocked`] says that line has
+    /// room, most urgent first, or at a fallback time at the latest. An entry due earlier (a
+    /// change since the reconcile began) stays as it is.
+    ///
+    /// The fallback is `first_turn` plus `per_turn` for every request of the bucket already
+    /// turned away: when its turn would come if the line served them all in order, so that a
+    /// large crowd turned away is not reconciled all at once, again and again.
+    pub fn block(
+        &self,
+        key: &RequestKey,
+        bucket: u64,
+        urgency: i64,
+        first_turn: Duration,
+        per_turn: Duration,
+    ) {
+        let mut state = self.lock();
+        let ahead = state.blocked.get(&bucket).map_or(0, BTreeMap::len);
+        let fallback = Instant::now()
+            + first_turn
+            + per_turn.saturating_mul(u32::try_from(ahead).unwrap_or(u32::MAX));
+        if let Some(entry) = state.entries.get(key).copied() {
+            if entry.at <= fallback {
+                return;
+            }
+            state.unlink(key, entry);
+        }
+        let ticket = state.next_ticket;
+        state.next_ticket += 1;
+        let key = Arc::new(key.clone());
+        state.waiting.insert((fallback, ticket), key.clone());
+        state
+            .blocked
+            .entry(bucket)
+            .or_default()
+            .insert((urgency, ticket), key.clone());
+        state.blocked_count += 1;
+        state.entries.insert(
+            key,
+            Entry {
+                at: fallback,
+                ticket,
+                urgency: None,
+                blocked_on: Some((bucket, urgency)),
+            },
+        );
+        drop(state);
+        self.changed.notify_one();
+    }
+
+    /// A caller left `bucket`'s line with its token: the most urgent request it turned away
+    /// may take the place, as soon as a slot allows.
+    pub fn release_blocked(&self, bucket: u64) {
+        let key = {
+            let mut state = self.lock();
+            let Some(blocked) = state.blocked.get_mut(&bucket) else {
+                return;
+            };
+            let Some((_, key)) = blocked.pop_first() else {
+                return;
+            };
+            if blocked.is_empty() {
+                state.blocked.remove(&bucket);
+            }
+            state.blocked_count -= 1;
+            if let Some(entry) = state.entries.get_mut(&*key) {
+                // Already out of `blocked`: unlinked below from `waiting` only.
+                entry.blocked_on = None;
+            }
+            key
+        };
+        self.schedule_now(&key);
+    }
+
+    /// Gives the caller's reconcile slot back while it waits in a rate-limit line; the slot is
+    /// taken again when the guard is dropped, even if that makes more reconciles run than there
+    /// are slots for a moment (the dispatcher then waits until enough have finished).
+    pub fn park(&self) -> Parked<'_> {
+        {
+            let mut state = self.lock();
+            state.running = state.running.saturating_sub(1);
+        }
+        self.changed.notify_one();
+        Parked { queue: self }
     }
 
     /// Reconcile `key` as soon as a slot allows.
@@ -163,7 +261,8 @@ impl WorkQueue {
     }
 
     /// Waits for the next request to reconcile: due, and a slot free for it. `backlog` is told
-    /// how many due requests wait for a slot each time that is looked at.
+    /// how many due requests wait for a slot, or for room in a rate-limit line, each time that
+    /// is looked at.
     pub async fn next(&self, backlog: impl Fn(usize)) -> RequestKey {
         loop {
             let changed = self.changed.notified();
@@ -183,10 +282,10 @@ impl WorkQueue {
                 {
                     state.entries.remove(&*key);
                     state.dispatched.insert(key.clone(), now);
-                    backlog(state.due.len());
+                    backlog(state.due.len() + state.blocked_count);
                     return RequestKey::clone(&key);
                 }
-                backlog(state.due.len());
+                backlog(state.due.len() + state.blocked_count);
                 // Full (a finished reconcile wakes us), or nothing due yet.
                 let next_due = state.waiting.keys().next().map(|(at, _)| *at);
                 let next_expiry = state
@@ -238,6 +337,16 @@ impl State {
             Some(urgency) => self.due.remove(&(urgency, entry.ticket)),
             None => self.waiting.remove(&(entry.at, entry.ticket)),
         };
+        if let Some((bucket, urgency)) = entry.blocked_on
+            && let Some(blocked) = self.blocked.get_mut(&bucket)
+        {
+            if blocked.remove(&(urgency, entry.ticket)).is_some() {
+                self.blocked_count -= 1;
+            }
+            if blocked.is_empty() {
+                self.blocked.remove(&bucket);
+            }
+        }
         self.entries.remove(key);
     }
 }
@@ -252,6 +361,19 @@ impl Drop for Running<'_> {
     fn drop(&mut self) {
         self.queue.lock().running -= 1;
         self.queue.changed.notify_one();
+    }
+}
+
+/// A reconcile waiting in a rate-limit line, its slot given back; dropping it takes the slot
+/// again.
+#[must_use = "the slot is taken again when this is dropped"]
+pub struct Parked<'a> {
+    queue: &'a WorkQueue,
+}
+
+impl Drop for Parked<'_> {
+    fn drop(&mut self) {
+        self.queue.lock().running += 1;
     }
 }
 
@@ -328,6 +450,91 @@ mod tests {
             Some("later")
         );
         assert!(q.is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn turned_away_entries_wait_for_room_in_their_line_most_urgent_first() {
+        let q = queue(4, &[("b", 2), ("c", 1)]);
+        let second = Duration::from_secs(1);
+        q.block(&key("a"), 7, 3, second, second);
+        q.block(&key("b"), 7, 2, second, second);
+        q.block(&key("c"), 7, 1, second, second);
+        q.block(&key("other-bucket"), 8, 0, second, second);
+        // Nothing is due until their line has room...
+        assert_eq!(next_within(&q, Duration::from_millis(900)).await, None);
+        // ...but all four wait their turn, as the backlog gauge says.
+        let backlog = Mutex::new(None);
+        let _ = tokio::time::timeout(
+            Duration::ZERO,
+            q.next(|n| *backlog.lock().unwrap() = Some(n)),
+        )
+        .await;
+        assert_eq!(*backlog.lock().unwrap(), Some(4));
+        // ...which lets the most urgent of that bucket through, no other.
+        q.release_blocked(7);
+        assert_eq!(next_within(&q, Duration::ZERO).await.as_deref(), Some("c"));
+        assert_eq!(next_within(&q, Duration::ZERO).await, None);
+        // A change (scheduled earlier) takes an entry out of the line's list.
+        q.schedule_now(&key("b"));
+        assert_eq!(next_within(&q, Duration::ZERO).await.as_deref(), Some("b"));
+        q.release_blocked(7);
+        assert_eq!(next_within(&q, Duration::ZERO).await.as_deref(), Some("a"));
+        q.release_blocked(7);
+        // The fallback: the first turned away of a bucket after a second, and each one more
+        // in that bucket's list a turn later.
+        assert_eq!(next_within(&q, Duration::ZERO).await, None);
+        assert_eq!(
+            next_within(&q, Duration::from_millis(200)).await.as_deref(),
+            Some("other-bucket")
+        );
+        let q = queue(4, &[]);
+        q.block(&key("first"), 7, 0, second, second);
+        q.block(&key("second"), 7, 0, second, second);
+        assert_eq!(
+            next_within(&q, Duration::from_millis(1100))
+                .await
+                .as_deref(),
+            Some("first")
+        );
+        assert_eq!(next_within(&q, Duration::from_millis(500)).await, None);
+        assert_eq!(
+            next_within(&q, Duration::from_millis(600)).await.as_deref(),
+            Some("second")
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_parked_reconcile_gives_its_slot_back_until_it_leaves_the_line() {
+        let q = queue(1, &[]);
+        q.schedule_now(&key("waiting"));
+        q.schedule_now(&key("other"));
+        assert_eq!(
+            next_within(&q, Duration::ZERO).await.as_deref(),
+            Some("waiting")
+        );
+        let running = q.start(&key("waiting"));
+        assert_eq!(
+            next_within(&q, Duration::ZERO).await,
+            None,
+            "the one slot is taken"
+        );
+        let parked = q.park();
+        assert_eq!(
+            next_within(&q, Duration::ZERO).await.as_deref(),
+            Some("other")
+        );
+        let other = q.start(&key("other"));
+        q.schedule_now(&key("third"));
+        // Back from the line: both run, one above the slots, and nothing more is handed out
+        // until both have finished.
+        drop(parked);
+        drop(other);
+        assert_eq!(next_within(&q, Duration::ZERO).await, None);
+        drop(running);
+        assert_eq!(
+            next_within(&q, Duration::ZERO).await.as_deref(),
+            Some("third")
+        );
     }
 
     #[tokio::test(start_paused = true)]

@@ -817,6 +817,65 @@ async fn the_client_side_rate_limit_paces_mints() {
 }
 
 #[tokio::test]
+async fn one_buckets_backlog_does_not_hold_up_another_bucket() {
+    let mut h = Harness::start(LONG_WINDOW).await;
+    h.stop_operator().await;
+    // One call a second per (service, region, identity), 4 reconcile slots.
+    h.aws_rate = 1.0;
+    h.start_operator().await;
+    // Twelve requests of one bucket: twelve seconds of tokens, three times the slots.
+    let east: Vec<String> = (0..12).map(|i| format!("east-{i}")).collect();
+    for name in &east {
+        h.create(name, quick_sight()).await;
+    }
+    eventually("the backlog under way", WAIT, || {
+        (h.aws.calls().len() >= 2).then_some(())
+    })
+    .await;
+    // A request of another bucket, whose tokens are all there: served at once, not after the
+    // backlog (whose waiters used to hold every slot).
+    let mut west = quick_sight();
+    west.region = Some("eu-west-1".into());
+    let created = std::time::Instant::now();
+    h.create("west", west).await;
+    eventually("the other bucket's URL", WAIT, || {
+        h.secret_value("west", "url")
+    })
+    .await;
+    assert!(
+        created.elapsed() < Duration::from_millis(1500),
+        "waited {:?} behind another bucket",
+        created.elapsed()
+    );
+    // The backlog is served in turn, every request once.
+    eventually("the whole backlog", Duration::from_secs(20), || {
+        east.iter()
+            .all(|name| h.secret_value(name, "url").is_some())
+            .then_some(())
+    })
+    .await;
+    assert_eq!(h.aws.calls().len(), 13, "{:?}", h.aws.calls());
+    let calls = h.aws.calls();
+    let east_calls: Vec<_> = calls
+        .iter()
+        .filter(|c| c.region.as_deref() == Some("us-east-1"))
+        .collect();
+    for pair in east_calls.windows(2) {
+        let gap = pair[1].at.duration_since(pair[0].at);
+        assert!(gap >= Duration::from_millis(900), "calls {gap:?} apart");
+    }
+    // Requests that waited well past their creation for a token say so.
+    assert!(
+        east.iter().any(|name| h
+            .status(name)
+            .condition("RateLimited")
+            .is_some_and(|c| c.status == "True")),
+        "no request reported RateLimited"
+    );
+    assert!(h.status("west").condition("RateLimited").is_none());
+}
+
+#[tokio::test]
 async fn refreshes_delayed_by_the_rate_limit_are_reported_on_the_request() {
     let mut h = Harness::start(LONG_WINDOW).await;
     h.stop_operator().await;
@@ -866,6 +925,12 @@ async fn refreshes_delayed_by_the_rate_limit_are_reported_on_the_request() {
                 .expect("delete");
         }
     }
+    // Those already waiting in line when deleted still take their turn; then a token is
+    // back before the next refresh.
+    eventually("the line drained", WAIT, || {
+        (h.aws.calls().len() == 4).then_some(())
+    })
+    .await;
     tokio::time::sleep(Duration::from_millis(1500)).await;
     h.request_refresh(&delayed, "once").await;
     eventually("RateLimited=False", WAIT, || {
