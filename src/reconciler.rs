@@ -120,6 +120,23 @@ fn api_retry_delay(retryable: bool, failures: u32) -> Duration {
     (Duration::from_secs(5) * (1 << doublings)).min(Duration::from_secs(60))
 }
 
+/// [`api_retry_delay`] with jitter (`jitter`, 0 to 1, adds up to 20 %), and for a retryable
+/// error never past half the time the current URL has left (`url_left`), at least a second: a
+/// refresh whose Secret write failed must be tried again before that URL lapses, and with a
+/// short `refreshBefore` a fixed 5 s would come too late. Halving leaves time for more tries.
+fn retry_delay_after_api_error(
+    retryable: bool,
+    failures: u32,
+    url_left: Option<Duration>,
+    jitter: f64,
+) -> Duration {
+    let delay = api_retry_delay(retryable, failures).mul_f64(1.0 + 0.2 * jitter.clamp(0.0, 1.0));
+    match url_left {
+        Some(left) if retryable => delay.min((left / 2).max(Duration::from_secs(1))),
+        _ => delay,
+    }
+}
+
 /// Entry point for the controller (which only ever runs what [`WorkQueue`] hands it):
 /// dispatches readable and unreadable objects, then puts the request back in the queue for
 /// its next refresh or check.
@@ -190,7 +207,22 @@ impl Next {
 pub fn error_policy(object: Arc<CachedRequest>, error: &Error, ctx: Arc<Context>) -> Action {
     let key = RequestKey::of(&*object);
     let failures = ctx.failures.record_failure(&key.namespace, &key.name);
-    let delay = api_retry_delay(error.is_retryable(), failures);
+    // What the status says the current URL has left (the Secret still holds it).
+    let now = Timestamp::now();
+    let url_left = object
+        .0
+        .as_ref()
+        .ok()
+        .and_then(|request| request.status.as_ref())
+        .and_then(|status| schedule::parse_time(status.url_expires_at.as_deref()))
+        .filter(|expires| *expires > now)
+        .map(|expires| expires.duration_since(now).unsigned_abs());
+    let delay = retry_delay_after_api_error(
+        error.is_retryable(),
+        failures,
+        url_left,
+        rand::random::<f64>(),
+    );
     warn!(
         namespace = &*key.namespace,
         name = &*key.name,
@@ -198,7 +230,6 @@ pub fn error_policy(object: Arc<CachedRequest>, error: &Error, ctx: Arc<Context>
         retry_in_secs = delay.as_secs(),
         "reconcile failed"
     );
-    let delay = delay.mul_f64(1.0 + 0.2 * rand::random::<f64>());
     ctx.queue.schedule(&key, Instant::now() + delay);
     Action::await_change()
 }
@@ -1312,6 +1343,30 @@ mod tests {
             .collect();
         assert_eq!(delays, vec![5, 5, 5, 10, 20, 40, 60, 60, 60]);
         assert_eq!(api_retry_delay(false, 1), Duration::from_secs(60));
+        // Never past half of what the current URL has left, at least a second; with jitter
+        // at most 20 % longer otherwise.
+        let left = |secs| Some(Duration::from_secs(secs));
+        assert_eq!(
+            retry_delay_after_api_error(true, 1, left(4), 1.0),
+            Duration::from_secs(2)
+        );
+        assert_eq!(
+            retry_delay_after_api_error(true, 1, left(1), 0.0),
+            Duration::from_secs(1)
+        );
+        assert_eq!(
+            retry_delay_after_api_error(true, 1, left(300), 1.0),
+            Duration::from_secs(6)
+        );
+        assert_eq!(
+            retry_delay_after_api_error(true, 1, None, 0.0),
+            Duration::from_secs(5)
+        );
+        // A refusal waits its minute: retrying soon would only mint and lose another URL.
+        assert_eq!(
+            retry_delay_after_api_error(false, 1, left(4), 0.0),
+            Duration::from_secs(60)
+        );
         assert_eq!(api_retry_delay(true, u32::MAX), Duration::from_secs(60));
     }
 

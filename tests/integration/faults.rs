@@ -143,6 +143,38 @@ async fn secret_write_conflicts_cost_one_mint_each_and_status_conflicts_none() {
 }
 
 #[tokio::test]
+async fn a_failed_refresh_write_is_retried_before_the_current_url_lapses() {
+    // A 12 s window with refreshBefore 4 s: a retry 5-6 s after a failed write would come after
+    // the current URL's use-by time.
+    let h = Harness::start(Duration::from_secs(12)).await;
+    let mut spec = quick_sight();
+    spec.refresh_before = Some("4s".into());
+    h.create("console", spec).await;
+    converged(&h, "console", "console", WAIT).await;
+    let first = h.secret_value("console", "url").unwrap();
+    // The refresh's Secret write fails with a 500 (retryable, not retried by the client).
+    h.kube.inject_failure("patch", "secrets", 500, 1);
+    let started = std::time::Instant::now();
+    let mut replaced = false;
+    while started.elapsed() < Duration::from_secs(14) && !replaced {
+        let expires: jiff::Timestamp = h
+            .secret_value("console", "expiresAt")
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert!(
+            expires > jiff::Timestamp::now(),
+            "the Secret holds a URL past its use-by time"
+        );
+        replaced = h.secret_value("console", "url").as_deref() != Some(first.as_str());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(replaced, "the refresh was never written");
+    // The failed write's URL was lost (it cannot be kept anywhere else): one more mint.
+    assert_eq!(h.aws.calls().len(), 3, "{:?}", h.aws.calls());
+}
+
+#[tokio::test]
 async fn a_refused_secret_write_is_reported_and_backs_off_instead_of_minting_again() {
     let h = Harness::start(LONG_WINDOW).await;
     // RBAC or an admission policy refuses the Secret: 403 is not worth retrying soon, and each
