@@ -244,6 +244,14 @@ async fn reconcile_request(request: &EmbedUrlRequest, ctx: &Context) -> Result<N
         ctx.metrics.forget_request(&key.namespace, &key.name);
         return Ok(Next::await_change());
     }
+    if namespace_terminating(request, ctx) {
+        // The namespace controller is deleting everything in it, Secrets possibly before this
+        // request; the API server refuses anything new there. A URL minted now could not be
+        // written, and would take a token that other requests of its bucket need.
+        let key = RequestKey::of(request);
+        ctx.metrics.forget_request(&key.namespace, &key.name);
+        return Ok(Next::await_change());
+    }
     let now = Timestamp::now();
     let current = request.status.clone().unwrap_or_default();
     let spec = match validation::validate(&request.spec, &request.name_any(), &ctx.settings.windows)
@@ -1175,6 +1183,14 @@ const PERMISSIVE_NOTE: &str = " (served with the operator's own AWS identity: --
 enum Refusal {
     NotPermitted(String),
     Invalid(InvalidSpec),
+}
+
+/// Whether the request's namespace is being deleted, as the namespace watch last saw it.
+fn namespace_terminating(request: &EmbedUrlRequest, ctx: &Context) -> bool {
+    let namespace = request.namespace().unwrap_or_default();
+    ctx.namespaces
+        .get(&ObjectRef::new(&namespace))
+        .is_some_and(|ns| ns.metadata.deletion_timestamp.is_some())
 }
 
 /// Checks the request against the policies and picks the region and AWS identity to use.

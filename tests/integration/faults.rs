@@ -17,7 +17,7 @@ use crate::support::{Harness, NS, eventually};
 use crate::{flink, q_business, quick_sight};
 use embed_url_operator::crd::{EmbedUrlRequest, EmbedUrlRequestSpec, EmbedUrlRequestStatus};
 use embed_url_operator::providers::Service;
-use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::api::core::v1::{Namespace, Secret};
 use kube::api::{Api, DeleteParams, DynamicObject, Patch, PatchParams, PostParams};
 use kube::core::ApiResource;
 use serde_json::{Value, json};
@@ -140,6 +140,47 @@ async fn secret_write_conflicts_cost_one_mint_each_and_status_conflicts_none() {
     assert_eq!(h.kube.request_count("patch", "secrets"), 3);
     assert_eq!(h.aws.calls().len(), 3, "{:?}", h.aws.calls());
     assert_no_more_calls(&h, 3, "converged").await;
+}
+
+#[tokio::test]
+async fn a_request_in_a_namespace_being_deleted_mints_nothing() {
+    let h = Harness::start(LONG_WINDOW).await;
+    let namespaces: Api<Namespace> = Api::all(h.client.clone());
+    // Held by a finalizer, as the namespace controller holds a namespace while it deletes its
+    // contents.
+    let namespace: Namespace = serde_json::from_value(
+        json!({"metadata": {"name": NS, "finalizers": ["example.com/hold"]}}),
+    )
+    .unwrap();
+    namespaces
+        .create(&PostParams::default(), &namespace)
+        .await
+        .unwrap();
+    h.create("console", quick_sight()).await;
+    converged(&h, "console", "console", WAIT).await;
+    namespaces
+        .delete(NS, &DeleteParams::default())
+        .await
+        .unwrap();
+    // The namespace's Secrets go before its requests (one resource type at a time).
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    h.secrets()
+        .delete("console", &DeleteParams::default())
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(
+        h.aws.calls().len(),
+        1,
+        "no URL minted into a namespace going away"
+    );
+    assert!(h.secret("console").is_none());
+    assert_ne!(
+        h.ready_reason("console")
+            .map(|(_, reason)| reason)
+            .as_deref(),
+        Some("SecretWriteFailed")
+    );
 }
 
 #[tokio::test]

@@ -160,10 +160,12 @@ impl ResourceKind {
     }
 }
 
+const NAMESPACES: ResourceKind = ResourceKind::cluster_scoped("v1", "namespaces", "Namespace");
+
 /// The kinds every [`FakeApiServer::new`] serves.
 pub const BUILTIN_KINDS: &[ResourceKind] = &[
     ResourceKind::namespaced("v1", "secrets", "Secret"),
-    ResourceKind::cluster_scoped("v1", "namespaces", "Namespace"),
+    NAMESPACES,
     ResourceKind::namespaced("v1", "events", "Event"),
     ResourceKind::namespaced("events.k8s.io/v1", "events", "Event"),
     ResourceKind::namespaced("coordination.k8s.io/v1", "leases", "Lease"),
@@ -1086,6 +1088,9 @@ impl Store {
             _ => return Err(ApiError::invalid("name or generateName is required")),
         };
         check_object_name(&name)?;
+        if kind.namespaced {
+            self.check_namespace_accepts_content(&namespace)?;
+        }
         for field in PRESERVED_METADATA {
             metadata.remove(*field);
         }
@@ -1891,6 +1896,32 @@ fn new_uid() -> String {
 }
 
 /// Five characters from the alphabet the real API server uses for generateName.
+impl Store {
+    /// The NamespaceLifecycle admission plugin, on in every cluster: nothing new is created in a
+    /// namespace being deleted (one with a deletionTimestamp; its finalizers still hold it).
+    fn check_namespace_accepts_content(&self, namespace: &str) -> Result<(), ApiError> {
+        let key = ObjectKey {
+            kind: NAMESPACES,
+            namespace: String::new(),
+            name: namespace.to_owned(),
+        };
+        let terminating = self
+            .objects
+            .get(&key)
+            .is_some_and(|object| object["metadata"]["deletionTimestamp"].is_string());
+        if terminating {
+            return Err(ApiError::new(
+                403,
+                "Forbidden",
+                format!(
+                    "unable to create new content in namespace {namespace} because it is being terminated"
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// Object names are DNS subdomains, as the API server checks for Secrets, Events, Leases and
 /// custom resources: at most 253 characters of lower-case letters, digits, `-` and `.`, each
 /// dot-separated label starting and ending with a letter or digit.
