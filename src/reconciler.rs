@@ -283,9 +283,14 @@ async fn reconcile_request(request: &EmbedUrlRequest, ctx: &Context) -> Result<N
     };
 
     let uid = request.uid().unwrap_or_default();
+    let request_name = request.name_any();
+    let owner = secret::Owner {
+        uid: &uid,
+        name: &request_name,
+    };
     let stored = match ctx.secrets.get(&namespace, &spec.secret_name) {
         Lookup::Known(snapshot) => {
-            let stored = secret::inspect(Some(&snapshot), &uid, &spec.secret_template);
+            let stored = secret::inspect(Some(&snapshot), owner, &spec.secret_template);
             // Another replica may have written since (the watch has not told yet): an older
             // URL than the status says was written means read it again before acting on it.
             let status_expiry = schedule::parse_time(current.url_expires_at.as_deref());
@@ -293,13 +298,13 @@ async fn reconcile_request(request: &EmbedUrlRequest, ctx: &Context) -> Result<N
                 StoredSecret::Owned { url: Some(url) }
                     if status_expiry.is_some_and(|s| s > url.expires_at) =>
                 {
-                    read_secret(ctx, &namespace, &spec.secret_name, &uid, &spec).await?
+                    read_secret(ctx, &namespace, &spec.secret_name, owner, &spec).await?
                 }
                 _ => stored,
             }
         }
         // Not cached (new, not labelled by the operator, or changed by someone else): read it.
-        Lookup::Unknown => read_secret(ctx, &namespace, &spec.secret_name, &uid, &spec).await?,
+        Lookup::Unknown => read_secret(ctx, &namespace, &spec.secret_name, owner, &spec).await?,
     };
 
     if spec.suspend {
@@ -327,7 +332,7 @@ async fn reconcile_request(request: &EmbedUrlRequest, ctx: &Context) -> Result<N
             if usable.as_ref().is_some_and(|url| !url.metadata_intact) {
                 // Labels or template metadata were edited by hand: restore them with the same
                 // URL, without asking AWS for a new one. The cache holds no URL: read it.
-                restored = restore_metadata(ctx, request, &spec, &uid).await?;
+                restored = restore_metadata(ctx, request, &spec, owner).await?;
             }
             let waiting =
                 waiting_status(request, &current, &spec, usable.as_ref(), until, ctx).await?;
@@ -815,14 +820,14 @@ async fn read_secret(
     ctx: &Context,
     namespace: &str,
     name: &str,
-    owner_uid: &str,
+    owner: secret::Owner<'_>,
     spec: &ValidSpec,
 ) -> Result<StoredSecret> {
     let secret = fetch_secret(ctx, namespace, name).await?;
     let snapshot = secret.as_ref().map(SecretSnapshot::of);
     Ok(secret::inspect(
         snapshot.as_ref(),
-        owner_uid,
+        owner,
         &spec.secret_template,
     ))
 }
@@ -845,7 +850,7 @@ async fn restore_metadata(
     ctx: &Context,
     request: &EmbedUrlRequest,
     spec: &ValidSpec,
-    owner_uid: &str,
+    owner: secret::Owner<'_>,
 ) -> Result<Option<SecretWritten>> {
     let Some(secret) = fetch_secret(
         ctx,
@@ -858,7 +863,7 @@ async fn restore_metadata(
     };
     let stored = secret::inspect(
         Some(&SecretSnapshot::of(&secret)),
-        owner_uid,
+        owner,
         &spec.secret_template,
     );
     // Only if it still holds this request's URL and still needs it (it may have changed since).

@@ -285,20 +285,39 @@ fn parse_hex(text: &str) -> Option<[u8; 32]> {
     Some(bytes)
 }
 
-/// Reads a stored Secret back for the request `owner_uid`. The snapshot must include its data
+/// The request a Secret is read back for.
+#[derive(Clone, Copy, Debug)]
+pub struct Owner<'a> {
+    pub uid: &'a str,
+    pub name: &'a str,
+}
+
+/// Reads a stored Secret back for the request `owner`. The snapshot must include its data
 /// facts (see [`SecretSnapshot::data`]); without them it counts as holding no URL.
+///
+/// A Secret controlled by an earlier request of the same name (deleted, then created again:
+/// `kubectl replace --force`, Argo CD's `Replace=true`) is this request's to take over, holding
+/// no usable URL: two requests of one name cannot exist at once in a namespace, so that owner
+/// is gone, and the garbage collector, which may take a while, would only delete the Secret.
+/// Reported as a conflict, it would be one until the collector caught up.
 pub fn inspect(
     secret: Option<&SecretSnapshot>,
-    owner_uid: &str,
+    owner: Owner<'_>,
     template: &SecretTemplate,
 ) -> StoredSecret {
     let Some(secret) = secret else {
         return StoredSecret::Missing;
     };
     match &secret.controller {
-        Some((_, uid)) if uid.as_ref() == owner_uid => StoredSecret::Owned {
+        Some((_, uid)) if uid.as_ref() == owner.uid => StoredSecret::Owned {
             url: read_url_record(secret, template),
         },
+        Some((controller, _))
+            if secret.controlled_by_request
+                && controller.split_once('/').map(|(_, name)| name) == Some(owner.name) =>
+        {
+            StoredSecret::Owned { url: None }
+        }
         controller => StoredSecret::Foreign {
             controller: controller.as_ref().map(|(name, _)| name.to_string()),
         },
@@ -427,12 +446,19 @@ mod tests {
         assert_eq!(secret.metadata.namespace.as_deref(), Some("analytics"));
     }
 
+    /// The request `rendered` writes for, with uid `uid`.
+    fn owner(uid: &str) -> Owner<'_> {
+        Owner { uid, name: "sales" }
+    }
+
     #[test]
     fn reads_back_what_it_wrote() {
         let secret = rendered("https://example.test/a");
-        let StoredSecret::Owned { url: Some(stored) } =
-            inspect(Some(&SecretSnapshot::of(&secret)), "uid-1", &template())
-        else {
+        let StoredSecret::Owned { url: Some(stored) } = inspect(
+            Some(&SecretSnapshot::of(&secret)),
+            owner("uid-1"),
+            &template(),
+        ) else {
             panic!("expected an owned Secret with a URL");
         };
         assert_eq!(
@@ -449,7 +475,10 @@ mod tests {
 
     #[test]
     fn notices_edits_and_foreign_secrets() {
-        assert_eq!(inspect(None, "uid-1", &template()), StoredSecret::Missing);
+        assert_eq!(
+            inspect(None, owner("uid-1"), &template()),
+            StoredSecret::Missing
+        );
 
         let mut edited = rendered("https://example.test/a");
         edited
@@ -458,27 +487,66 @@ mod tests {
             .unwrap()
             .insert(URL_KEY.into(), ByteString(b"https://evil.test".to_vec()));
         assert_eq!(
-            inspect(Some(&SecretSnapshot::of(&edited)), "uid-1", &template()),
+            inspect(
+                Some(&SecretSnapshot::of(&edited)),
+                owner("uid-1"),
+                &template()
+            ),
             StoredSecret::Owned { url: None }
         );
 
         let mut relabelled = rendered("https://example.test/a");
         relabelled.metadata.labels = None;
-        let StoredSecret::Owned { url: Some(stored) } =
-            inspect(Some(&SecretSnapshot::of(&relabelled)), "uid-1", &template())
-        else {
+        let StoredSecret::Owned { url: Some(stored) } = inspect(
+            Some(&SecretSnapshot::of(&relabelled)),
+            owner("uid-1"),
+            &template(),
+        ) else {
             panic!("a relabelled Secret still holds a good URL");
         };
         assert!(!stored.metadata_intact);
 
         let other_owner = rendered("https://example.test/a");
+        let another_request = Owner {
+            uid: "uid-2",
+            name: "console",
+        };
         assert!(matches!(
-            inspect(Some(&SecretSnapshot::of(&other_owner)), "uid-2", &template()),
+            inspect(Some(&SecretSnapshot::of(&other_owner)), another_request, &template()),
             StoredSecret::Foreign { controller: Some(c) } if c == "EmbedUrlRequest/sales"
+        ));
+        // The same name with another uid: an earlier request of that name, deleted; its
+        // Secret is taken over, with no URL to trust.
+        let successor = Owner {
+            uid: "uid-2",
+            name: "sales",
+        };
+        assert_eq!(
+            inspect(
+                Some(&SecretSnapshot::of(&other_owner)),
+                successor,
+                &template()
+            ),
+            StoredSecret::Owned { url: None }
+        );
+        // Not for a controller of another kind that happens to have the name.
+        let mut not_a_request = rendered("https://example.test/a");
+        not_a_request.metadata.owner_references.as_mut().unwrap()[0].kind = "Deployment".into();
+        assert!(matches!(
+            inspect(
+                Some(&SecretSnapshot::of(&not_a_request)),
+                successor,
+                &template()
+            ),
+            StoredSecret::Foreign { .. }
         ));
         let unowned = Secret::default();
         assert_eq!(
-            inspect(Some(&SecretSnapshot::of(&unowned)), "uid-1", &template()),
+            inspect(
+                Some(&SecretSnapshot::of(&unowned)),
+                owner("uid-1"),
+                &template()
+            ),
             StoredSecret::Foreign { controller: None }
         );
     }
@@ -511,7 +579,11 @@ mod tests {
         let upper = annotations[URL_DIGEST_ANNOTATION].to_uppercase();
         annotations.insert(URL_DIGEST_ANNOTATION.into(), upper);
         assert_eq!(
-            inspect(Some(&SecretSnapshot::of(&edited)), "uid-1", &template()),
+            inspect(
+                Some(&SecretSnapshot::of(&edited)),
+                owner("uid-1"),
+                &template()
+            ),
             StoredSecret::Owned { url: None }
         );
         assert_eq!(parse_hex("abc"), None);

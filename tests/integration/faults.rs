@@ -143,6 +143,49 @@ async fn secret_write_conflicts_cost_one_mint_each_and_status_conflicts_none() {
 }
 
 #[tokio::test]
+async fn a_request_deleted_and_created_again_takes_its_predecessors_secret_over() {
+    let h = Harness::start(LONG_WINDOW).await;
+    // A garbage collector with a backlog: the old Secret outlives its request by seconds.
+    h.kube.set_gc_delay(Duration::from_secs(2));
+    h.create("console", quick_sight()).await;
+    converged(&h, "console", "console", WAIT).await;
+    let first = h.secret_value("console", "url").unwrap();
+    // `kubectl replace --force`: delete, create again at once (a new uid).
+    h.requests()
+        .delete("console", &DeleteParams::default())
+        .await
+        .unwrap();
+    let again = h.create("console", quick_sight()).await;
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(3) {
+        let reason = h.ready_reason("console").map(|(_, reason)| reason);
+        assert_ne!(
+            reason.as_deref(),
+            Some("SecretConflict"),
+            "its own Secret, not another's"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // A new URL, written over the old Secret with the new request as owner, so the collector
+    // (past its delay now) left it alone.
+    let status = converged(&h, "console", "console", WAIT).await;
+    assert_eq!(status.ready().unwrap().reason, "UrlReady");
+    let secret = h
+        .secret("console")
+        .expect("the Secret survived the garbage collector");
+    let owners = secret.metadata.owner_references.unwrap();
+    assert_eq!(owners.len(), 1);
+    assert_eq!(Some(&owners[0].uid), again.metadata.uid.as_ref());
+    assert_ne!(h.secret_value("console", "url"), Some(first));
+    assert_eq!(h.aws.calls().len(), 2, "{:?}", h.aws.calls());
+    let events = h.kube.list("events.k8s.io/v1", "events");
+    assert!(
+        events.iter().all(|e| e["reason"] != "SecretConflict"),
+        "{events:?}"
+    );
+}
+
+#[tokio::test]
 async fn a_request_in_a_namespace_being_deleted_mints_nothing() {
     let h = Harness::start(LONG_WINDOW).await;
     let namespaces: Api<Namespace> = Api::all(h.client.clone());

@@ -449,6 +449,13 @@ impl FakeApiServer {
 
     /// How often watches opened from now on that asked for bookmarks get one (default a minute,
     /// as a real API server); the one 2 s before a watch times out is sent regardless.
+    /// How long after an owner is deleted the garbage collector deletes its dependents (5 ms
+    /// unless set). The real collector usually takes well under a second, and minutes when it
+    /// has a backlog.
+    pub fn set_gc_delay(&self, delay: Duration) {
+        self.lock().gc_delay = delay;
+    }
+
     pub fn set_bookmark_interval(&self, interval: Duration) {
         self.lock().bookmark_interval = interval.max(Duration::from_millis(10));
     }
@@ -569,11 +576,13 @@ impl FakeApiServer {
             .into_response())
     }
 
-    /// Deletes, after [`GARBAGE_COLLECTION_DELAY`], what `owner` owned, then what that owned.
+    /// Deletes, after the garbage collection delay, what `owner` owned, then what that owned:
+    /// what still names `owner` then, not what did when it went.
     fn collect_garbage_later(&self, owner: RemovedObject) {
         let server = self.clone();
+        let delay = self.lock().gc_delay;
         tokio::spawn(async move {
-            tokio::time::sleep(GARBAGE_COLLECTION_DELAY).await;
+            tokio::time::sleep(delay).await;
             let removed = server.lock().delete_dependents(&owner);
             for dependent in removed {
                 server.collect_garbage_later(dependent);
@@ -640,6 +649,8 @@ struct Store {
     history: VecDeque<Arc<Change>>,
     /// Most changes kept in `history` (see [`FakeApiServer::set_history_limit`]); `None`: all.
     history_limit: Option<usize>,
+    /// How long after an owner goes its dependents are deleted ([`FakeApiServer::set_gc_delay`]).
+    gc_delay: Duration,
     bookmark_interval: Duration,
     observers: Vec<Observer>,
     /// A watch may start from this resourceVersion or a later one; older ones get 410.
@@ -826,6 +837,7 @@ impl Store {
             resource_version: 1,
             history: VecDeque::new(),
             history_limit: None,
+            gc_delay: GARBAGE_COLLECTION_DELAY,
             bookmark_interval: DEFAULT_BOOKMARK_INTERVAL,
             observers: Vec::new(),
             oldest_resumable: 0,
