@@ -723,7 +723,7 @@ async fn reconcile_unreadable(invalid: &InvalidObject, ctx: &Context) -> Result<
         // The answer is read as metadata only: the object does not deserialize as an
         // EmbedUrlRequest. (Read whole, the write succeeded but the reconcile failed reading
         // the answer: no event was published, and it was retried 5 s later.)
-        apply_status_of(ctx, &namespace, &name, &desired).await?;
+        apply_status_of(ctx, &namespace, &name, &current, &desired).await?;
         publish_transition(ctx, &shell, &current, &desired).await;
     }
     Ok(Next::await_change())
@@ -1012,7 +1012,7 @@ async fn write_status(
         publish_schedule(ctx, request, &desired);
         return Ok(());
     }
-    if let Err(error) = apply_status(ctx, request, &desired).await {
+    if let Err(error) = apply_status(ctx, request, current, &desired).await {
         if error.is_not_found() {
             // Deleted meanwhile: its series went with the deletion and must not come back.
             let key = RequestKey::of(request);
@@ -1051,10 +1051,11 @@ fn publish_schedule(ctx: &Context, request: &EmbedUrlRequest, status: &EmbedUrlR
 async fn apply_status(
     ctx: &Context,
     request: &EmbedUrlRequest,
+    current: &EmbedUrlRequestStatus,
     status: &EmbedUrlRequestStatus,
 ) -> Result<()> {
     let namespace = request.namespace().unwrap_or_default();
-    apply_status_of(ctx, &namespace, &request.name_any(), status).await
+    apply_status_of(ctx, &namespace, &request.name_any(), current, status).await
 }
 
 /// The body of a status apply: serialized straight from the status, with no JSON value built
@@ -1067,11 +1068,17 @@ struct StatusApply<'a> {
     status: &'a EmbedUrlRequestStatus,
 }
 
-/// Writes the status of the request `namespace/name` with server-side apply.
+/// Writes the status of the request `namespace/name` (now `current`) with server-side apply.
+///
+/// A cluster whose EmbedUrlRequest CRD is older than the operator (Helm installs `crds/` but
+/// never upgrades them) refuses an apply that sets a field the CRD does not declare, every
+/// time: requests would never get a status. Then the status is written as a merge patch, from
+/// which the API server drops the undeclared fields, and the operator says once what to do.
 async fn apply_status_of(
     ctx: &Context,
     namespace: &str,
     name: &str,
+    current: &EmbedUrlRequestStatus,
     status: &EmbedUrlRequestStatus,
 ) -> Result<()> {
     let body = StatusApply {
@@ -1080,10 +1087,29 @@ async fn apply_status_of(
         status,
     };
     let params = PatchParams::apply(FIELD_MANAGER).force();
-    patch_status(ctx, namespace, name, &params, &Patch::Apply(&body))
-        .await
-        .map_err(Error::kube("writing the status"))
+    match patch_status(ctx, namespace, name, &params, &Patch::Apply(&body)).await {
+        Err(kube::Error::Api(refusal)) if refusal.message.contains(FIELD_NOT_DECLARED) => {
+            static SAID: std::sync::Once = std::sync::Once::new();
+            SAID.call_once(|| {
+                tracing::error!(
+                    error = %refusal.message,
+                    "the EmbedUrlRequest CRD in the cluster is older than this operator: status \
+                     fields it does not declare are dropped until it is upgraded with \
+                     `kubectl apply --server-side -f crds/` (from this operator's release)"
+                );
+            });
+            let stored = serde_json::to_value(current).map_err(|source| Error::Serialize {
+                what: "status",
+                source,
+            })?;
+            replace_status(ctx, namespace, name, Some(&stored), status).await
+        }
+        result => result.map_err(Error::kube("writing the status")),
+    }
 }
+
+/// What the API server says of an applied field that the installed CRD's schema lacks.
+const FIELD_NOT_DECLARED: &str = "field not declared in schema";
 
 /// Patches a request's status and reads only the metadata of the answer
 /// (`as=PartialObjectMetadata`). The operator needs nothing from the answer; parsing the whole

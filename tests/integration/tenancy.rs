@@ -72,6 +72,25 @@ async fn without_a_policy_nothing_is_minted() {
 }
 
 #[tokio::test]
+async fn an_older_crd_without_a_status_field_still_gets_statuses() {
+    let h = Harness::start_with(WINDOW, PolicyMode::Enforce).await;
+    // The CRD in the cluster predates `status.policy` (Helm never upgrades `crds/`): an apply
+    // that sets it is refused, as a real API server refuses it.
+    h.kube.undeclare_field("embedurlrequests", "/status/policy");
+    apply_policy(&h, &viewer_policy("analytics-team")).await;
+    h.create("console", quick_sight()).await;
+    eventually("minted", WAIT, || h.secret_value("console", "url")).await;
+    let (ready, reason) = eventually("Ready", WAIT, || h.ready_reason("console")).await;
+    assert_eq!((ready.as_str(), reason.as_str()), ("True", "UrlReady"));
+    let status = h.status("console");
+    assert!(status.url_expires_at.is_some() && status.next_refresh_time.is_some());
+    assert_eq!(status.policy, None, "what the old CRD lacks is dropped");
+    // One mint: the refused status write did not make the URL look lost.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(h.aws.calls().len(), 1);
+}
+
+#[tokio::test]
 async fn a_policy_allows_and_editing_it_flips_the_outcome() {
     let h = Harness::start_with(WINDOW, PolicyMode::Enforce).await;
     apply_policy(&h, &viewer_policy("analytics-team")).await;

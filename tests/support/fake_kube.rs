@@ -449,6 +449,14 @@ impl FakeApiServer {
 
     /// How often watches opened from now on that asked for bookmarks get one (default a minute,
     /// as a real API server); the one 2 s before a watch times out is sent regardless.
+    /// Serves `plural` as an older CRD would that lacks the field at `pointer` (a JSON pointer
+    /// such as `/status/policy`): a server-side apply that sets it fails as a real API server
+    /// fails it (500, "field not declared in schema"; structural schemas are enforced on apply),
+    /// and other writes have it pruned.
+    pub fn undeclare_field(&self, plural: &'static str, pointer: &str) {
+        self.lock().undeclared.push((plural, pointer.to_owned()));
+    }
+
     /// How long after an owner is deleted the garbage collector deletes its dependents (5 ms
     /// unless set). The real collector usually takes well under a second, and minutes when it
     /// has a backlog.
@@ -651,6 +659,9 @@ struct Store {
     history_limit: Option<usize>,
     /// How long after an owner goes its dependents are deleted ([`FakeApiServer::set_gc_delay`]).
     gc_delay: Duration,
+    /// Fields the installed CRD of a kind does not declare, by plural, as JSON pointers
+    /// ([`FakeApiServer::undeclare_field`]).
+    undeclared: Vec<(&'static str, String)>,
     bookmark_interval: Duration,
     observers: Vec<Observer>,
     /// A watch may start from this resourceVersion or a later one; older ones get 410.
@@ -838,6 +849,7 @@ impl Store {
             history: VecDeque::new(),
             history_limit: None,
             gc_delay: GARBAGE_COLLECTION_DELAY,
+            undeclared: Vec::new(),
             bookmark_interval: DEFAULT_BOOKMARK_INTERVAL,
             observers: Vec::new(),
             oldest_resumable: 0,
@@ -1187,6 +1199,20 @@ impl Store {
             Mutation::JsonPatch(operations) => (json_patch(stored.clone(), &operations)?, None),
             Mutation::Apply { mut patch, force } => {
                 check_type_meta(kind, &patch)?;
+                if let Some(pointer) = self.undeclared_in(kind, &patch) {
+                    return Err(ApiError::new(
+                        500,
+                        "InternalError",
+                        format!(
+                            "failed to create typed patch object ({}/{}; {}, Kind={}): {}: field not declared in schema",
+                            key.namespace,
+                            key.name,
+                            kind.api_version,
+                            kind.kind,
+                            pointer.replace('/', ".")
+                        ),
+                    ));
+                }
                 // Fold stringData first, so the manager owns the `data` keys that are stored.
                 normalize(kind, &mut patch);
                 let applied = tracked_leaves(&patch, kind, subresource);
@@ -1206,6 +1232,10 @@ impl Store {
             return Err(ApiError::invalid(
                 "the result of the patch is not a JSON object",
             ));
+        }
+        let mut candidate = candidate;
+        while let Some(pointer) = self.undeclared_in(kind, &candidate) {
+            remove_path_pointer(&mut candidate, &pointer);
         }
         check_name(&key, &candidate)?;
         let sent_version = candidate["metadata"]["resourceVersion"]
@@ -1908,7 +1938,25 @@ fn new_uid() -> String {
 }
 
 /// Five characters from the alphabet the real API server uses for generateName.
+/// Removes the member a JSON pointer names, if there is one.
+fn remove_path_pointer(document: &mut Value, pointer: &str) {
+    let Some((parent, last)) = pointer.rsplit_once('/') else {
+        return;
+    };
+    if let Some(Value::Object(members)) = document.pointer_mut(parent) {
+        members.remove(last);
+    }
+}
+
 impl Store {
+    /// The first field of `kind` that its CRD does not declare and `object` sets.
+    fn undeclared_in(&self, kind: ResourceKind, object: &Value) -> Option<String> {
+        self.undeclared
+            .iter()
+            .find(|(plural, pointer)| *plural == kind.plural && object.pointer(pointer).is_some())
+            .map(|(_, pointer)| pointer.clone())
+    }
+
     /// The NamespaceLifecycle admission plugin, on in every cluster: nothing new is created in a
     /// namespace being deleted (one with a deletionTimestamp; its finalizers still hold it).
     fn check_namespace_accepts_content(&self, namespace: &str) -> Result<(), ApiError> {
