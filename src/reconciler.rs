@@ -823,6 +823,25 @@ async fn read_secret(
     owner: secret::Owner<'_>,
     spec: &ValidSpec,
 ) -> Result<StoredSecret> {
+    // A Secret the watch has not shown as this request's may be anyone's: its metadata says
+    // whose, and only the operator's own Secrets are ever read whole (a Secret of that name
+    // that someone else owns is checked again every minute while the conflict lasts).
+    if !ctx.secrets.controlled_by(namespace, name, owner.uid) {
+        let api: Api<Secret> = Api::namespaced(ctx.client.clone(), namespace);
+        let Some(meta) = api
+            .get_metadata_opt(name)
+            .await
+            .map_err(Error::kube("reading the Secret's metadata"))?
+        else {
+            return Ok(StoredSecret::Missing);
+        };
+        let snapshot = SecretSnapshot::of_metadata(&meta.metadata, None);
+        if let foreign @ StoredSecret::Foreign { .. } =
+            secret::inspect(Some(&snapshot), owner, &spec.secret_template)
+        {
+            return Ok(foreign);
+        }
+    }
     let secret = fetch_secret(ctx, namespace, name).await?;
     let snapshot = secret.as_ref().map(SecretSnapshot::of);
     Ok(secret::inspect(

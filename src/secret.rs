@@ -161,6 +161,15 @@ pub fn is_request_controller(owner: &OwnerReference) -> bool {
 
 impl SecretSnapshot {
     /// The name of the `EmbedUrlRequest` whose controller reference the Secret carries.
+    /// Whether the request with uid `uid` controls this Secret.
+    pub fn controlled_by(&self, uid: &str) -> bool {
+        self.controlled_by_request
+            && self
+                .controller
+                .as_ref()
+                .is_some_and(|(_, controller)| controller.as_ref() == uid)
+    }
+
     pub fn controlling_request(&self) -> Option<&str> {
         let (kind_and_name, _uid) = self
             .controller

@@ -54,6 +54,15 @@ pub enum Lookup {
 }
 
 impl SecretCache {
+    /// Whether the Secret is known, from the watch or a write, to be controlled by the request
+    /// with uid `uid` (its data may be unknown).
+    pub fn controlled_by(&self, namespace: &str, name: &str, uid: &str) -> bool {
+        self.lock()
+            .entries
+            .get(&key(namespace, name))
+            .is_some_and(|snapshot| snapshot.controlled_by(uid))
+    }
+
     pub fn get(&self, namespace: &str, name: &str) -> Lookup {
         let state = self.lock();
         match state.entries.get(&key(namespace, name)) {
@@ -168,9 +177,11 @@ impl SecretCache {
 }
 
 impl State {
+    /// Keeps what the operator owns: labelled and controlled by an EmbedUrlRequest. A Secret
+    /// someone else labelled is not kept (a reconcile that needs it reads its metadata).
     fn record(&mut self, key: Key, secret: &Secret) {
         let snapshot = SecretSnapshot::of(secret);
-        if snapshot.is_labelled() {
+        if snapshot.is_labelled() && snapshot.controlling_request().is_some() {
             self.entries.insert(key, Box::new(snapshot));
         } else {
             self.entries.remove(&key);
@@ -201,10 +212,13 @@ impl State {
                 owners.push(former);
             }
         }
-        self.entries.insert(
-            key,
-            Box::new(SecretSnapshot::of_metadata(&meta.metadata, None)),
-        );
+        let snapshot = SecretSnapshot::of_metadata(&meta.metadata, None);
+        if snapshot.controlling_request().is_some() {
+            self.entries.insert(key, Box::new(snapshot));
+        } else {
+            // Labelled, but no request controls it: not the operator's, not kept.
+            self.entries.remove(&key);
+        }
         owners
     }
 }
@@ -276,6 +290,27 @@ mod tests {
             metadata: secret(version, true).metadata,
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn a_labelled_secret_no_request_controls_is_not_kept() {
+        let cache = SecretCache::default();
+        let mut copied = secret("5", true);
+        copied.metadata.owner_references = None;
+        cache.record(&copied);
+        assert_eq!(cache.get("team", "sales-url"), Lookup::Unknown);
+        assert!(cache.lock().entries.is_empty());
+        // Nor from the watch.
+        let meta = PartialObjectMeta::<Secret> {
+            metadata: copied.metadata.clone(),
+            ..Default::default()
+        };
+        cache.lock().apply(meta);
+        assert!(cache.lock().entries.is_empty());
+        // Its own Secrets are.
+        cache.record(&secret("6", true));
+        assert!(cache.controlled_by("team", "sales-url", "uid-1"));
+        assert!(!cache.controlled_by("team", "sales-url", "uid-2"));
     }
 
     #[test]

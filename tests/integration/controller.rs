@@ -342,6 +342,11 @@ async fn a_foreign_secret_is_never_overwritten() {
     let foreign = Secret {
         metadata: kube::api::ObjectMeta {
             name: Some("taken".into()),
+            // Copied from one of the operator's Secrets, label included: still not its own.
+            labels: Some(BTreeMap::from([(
+                embed_url_operator::secret::MANAGED_BY_LABEL.to_string(),
+                embed_url_operator::secret::MANAGED_BY_VALUE.to_string(),
+            )])),
             ..Default::default()
         },
         string_data: Some(BTreeMap::from([(
@@ -381,6 +386,34 @@ async fn a_foreign_secret_is_never_overwritten() {
         Some("hunter2")
     );
     assert_eq!(h.secret_value("taken", "url"), None);
+    // Someone else's Secret is never read whole: its metadata said whose it is. And the
+    // operator's watch of Secrets sees only the labelled ones, and only their metadata.
+    let reads = h.kube.reads();
+    let secret_reads: Vec<_> = reads.iter().filter(|r| r.resource == "secrets").collect();
+    assert!(
+        secret_reads.iter().all(|r| r.metadata_only),
+        "{secret_reads:?}"
+    );
+    assert!(
+        secret_reads.iter().any(|r| r.verb == "get"),
+        "{secret_reads:?}"
+    );
+    let selector = format!(
+        "{}={}",
+        embed_url_operator::secret::MANAGED_BY_LABEL,
+        embed_url_operator::secret::MANAGED_BY_VALUE
+    );
+    for read in secret_reads.iter().filter(|r| r.verb != "get") {
+        assert_eq!(
+            read.label_selector.as_deref(),
+            Some(selector.as_str()),
+            "{read:?}"
+        );
+    }
+    assert!(
+        secret_reads.iter().any(|r| r.verb == "watch"),
+        "{secret_reads:?}"
+    );
 }
 
 #[tokio::test]

@@ -336,6 +336,11 @@ impl FakeApiServer {
         self.lock().request_counts.get(&key).copied().unwrap_or(0)
     }
 
+    /// Every get, list and watch received so far, in order: what was read, and how.
+    pub fn reads(&self) -> Vec<Read> {
+        self.lock().reads.clone()
+    }
+
     /// Create, update, patch and delete requests on a plural (any subresource) that changed the
     /// stored state, i.e. bumped the resourceVersion. Garbage collection is not counted.
     pub fn effective_write_count(&self, plural: &str) -> usize {
@@ -498,6 +503,14 @@ impl FakeApiServer {
             ));
         }
         let metadata_only = wants_partial_metadata(headers);
+        if matches!(verb, Verb::Get | Verb::List | Verb::Watch) {
+            self.lock().reads.push(Read {
+                verb: verb.as_str(),
+                resource: route.resource_label(),
+                metadata_only,
+                label_selector: query.get("labelSelector").cloned(),
+            });
+        }
         let manager = query.get("fieldManager").map(String::as_str);
         let request = match verb {
             Verb::Get => {
@@ -648,6 +661,18 @@ pub struct ObservedChange<'a> {
 
 type Observer = Box<dyn Fn(&ObservedChange<'_>) + Send>;
 
+/// A get, list or watch the server received.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Read {
+    /// `get`, `list` or `watch`.
+    pub verb: &'static str,
+    /// The plural, with `/subresource` if any.
+    pub resource: String,
+    /// Whether the client asked for metadata only (`as=PartialObjectMetadata[List]`).
+    pub metadata_only: bool,
+    pub label_selector: Option<String>,
+}
+
 /// Everything the server knows, behind one mutex that is never held across an `.await`.
 struct Store {
     kinds: Vec<ResourceKind>,
@@ -670,6 +695,8 @@ struct Store {
     /// overlap nor leave a gap.
     watchers: broadcast::Sender<WatchSignal>,
     request_counts: HashMap<(String, String), usize>,
+    /// Every get, list and watch, as [`FakeApiServer::reads`] returns them.
+    reads: Vec<Read>,
     effective_writes: HashMap<String, usize>,
     failures: Vec<InjectedFailure>,
     /// Requests to receive and never answer (`status` unused).
@@ -855,6 +882,7 @@ impl Store {
             oldest_resumable: 0,
             watchers,
             request_counts: HashMap::new(),
+            reads: Vec::new(),
             effective_writes: HashMap::new(),
             failures: Vec::new(),
             stalls: Vec::new(),
