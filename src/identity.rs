@@ -135,7 +135,19 @@ pub struct AssumedRole {
     external_id: Option<String>,
     session_name: String,
     tags: Vec<(String, String)>,
-    cached: tokio::sync::Mutex<Option<CachedCredentials>>,
+    cached: tokio::sync::Mutex<CacheState>,
+}
+
+/// How long a failed AssumeRole answers for everyone who was waiting for it: the requests
+/// queued behind one STS call that timed out (30 s) would otherwise each make their own, one
+/// after the other, and hold their reconciles meanwhile. Short enough that a request's own
+/// retry (a second later at the soonest) asks STS again.
+const FAILURE_SHARED_FOR: Duration = Duration::from_millis(500);
+
+#[derive(Default)]
+struct CacheState {
+    credentials: Option<CachedCredentials>,
+    last_failure: Option<(AwsCallError, std::time::Instant)>,
 }
 
 struct CachedCredentials {
@@ -186,20 +198,50 @@ impl AssumedRole {
                 ("kubernetes-namespace".to_string(), namespace.to_string()),
                 ("embedurl-policy".to_string(), policy.to_string()),
             ],
-            cached: tokio::sync::Mutex::new(None),
+            cached: tokio::sync::Mutex::new(CacheState::default()),
         }
     }
 
     /// Cached credentials, or new ones from STS when they are missing or about to expire. The
-    /// lock makes concurrent requests wait for one STS call instead of each making its own.
+    /// lock makes concurrent requests wait for one STS call instead of each making its own, and
+    /// a failure answers those waiting for a few seconds ([`FAILURE_SHARED_FOR`]). A renewal
+    /// that fails while the cached credentials are still valid falls back to them.
     pub async fn credentials(&self) -> Result<Credentials, AwsCallError> {
-        let mut cached = self.cached.lock().await;
-        if let Some(entry) = cached.as_ref()
-            && SystemTime::now() < entry.renew_at
+        let mut state = self.cached.lock().await;
+        let now = SystemTime::now();
+        if let Some(entry) = state.credentials.as_ref()
+            && now < entry.renew_at
         {
             return Ok(entry.credentials.clone());
         }
-        let fetched_at = SystemTime::now();
+        let error = match &state.last_failure {
+            Some((error, at)) if at.elapsed() < FAILURE_SHARED_FOR => error.clone(),
+            _ => match self.assume_role().await {
+                Ok(credentials) => {
+                    state.credentials = Some(CachedCredentials::new(credentials.clone(), now));
+                    state.last_failure = None;
+                    return Ok(credentials);
+                }
+                Err(error) => {
+                    state.last_failure = Some((error.clone(), std::time::Instant::now()));
+                    error
+                }
+            },
+        };
+        match state.credentials.as_ref() {
+            Some(entry)
+                if entry
+                    .credentials
+                    .expiry()
+                    .is_some_and(|expiry| SystemTime::now() < expiry) =>
+            {
+                Ok(entry.credentials.clone())
+            }
+            _ => Err(error),
+        }
+    }
+
+    async fn assume_role(&self) -> Result<Credentials, AwsCallError> {
         let tags = self
             .tags
             .iter()
@@ -223,16 +265,14 @@ impl AssumedRole {
             .map_err(|e| AwsCallError::from_sdk("AssumeRole", e))?;
         let issued = output
             .credentials
-            .ok_or_else(|| AwsCallError::missing_url("AssumeRole"))?;
-        let credentials = Credentials::new(
+            .ok_or_else(|| AwsCallError::empty_answer("AssumeRole", "credentials"))?;
+        Ok(Credentials::new(
             issued.access_key_id,
             issued.secret_access_key,
             Some(issued.session_token),
             SystemTime::try_from(issued.expiration).ok(),
             "embed-url-operator-assume-role",
-        );
-        *cached = Some(CachedCredentials::new(credentials.clone(), fetched_at));
-        Ok(credentials)
+        ))
     }
 }
 

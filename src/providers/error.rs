@@ -163,11 +163,16 @@ impl AwsCallError {
 
     /// A successful response that carried no URL: AWS broke its contract, try again later.
     pub fn missing_url(operation: &'static str) -> Self {
+        Self::empty_answer(operation, "a URL")
+    }
+
+    /// AWS answered `operation` without `what` it answers with.
+    pub fn empty_answer(operation: &'static str, what: &str) -> Self {
         AwsCallError {
             operation,
             kind: AwsErrorKind::Unavailable,
             code: "EmptyResponse".to_string(),
-            message: "AWS answered without a URL".to_string(),
+            message: format!("AWS answered without {what}"),
         }
     }
 }

@@ -252,6 +252,42 @@ async fn an_sts_refusal_is_reported_as_assume_role_and_nothing_is_minted() {
 }
 
 #[tokio::test]
+async fn one_failed_assume_role_answers_everyone_waiting_for_it() {
+    let h = Harness::start_with(WINDOW, PolicyMode::Enforce).await;
+    // STS throttles (retryable): both HTTP attempts of one AssumeRole.
+    h.aws.throttle_sts_next(2);
+    let mut with_role = viewer_policy("analytics-team");
+    with_role.spec.aws = Some(PolicyAws {
+        role_arn: Some("arn:aws:iam::111122223333:role/embed-analytics".into()),
+        ..Default::default()
+    });
+    apply_policy(&h, &with_role).await;
+    // Four requests at once (the harness's four slots): they wait for one STS call, and its
+    // failure answers them all, rather than each asking STS in turn.
+    for i in 0..4 {
+        h.create(&format!("console-{i}"), quick_sight()).await;
+    }
+    for i in 0..4 {
+        let message = reason_of(&h, &format!("console-{i}"), "AssumeRoleFailed").await;
+        assert!(message.contains("Throttling"), "{message}");
+    }
+    assert_eq!(
+        h.aws.sts_calls().len(),
+        2,
+        "one AssumeRole (two attempts) for the four"
+    );
+    assert_eq!(h.aws.calls().len(), 0);
+    // Throttling is retryable: their retries, a second later, ask again, and STS answers.
+    for i in 0..4 {
+        eventually("minted after the retry", WAIT, || {
+            h.secret_value(&format!("console-{i}"), "url")
+        })
+        .await;
+    }
+    assert_eq!(h.aws.sts_calls().len(), 3, "credentials cached after that");
+}
+
+#[tokio::test]
 async fn permissive_mode_serves_unselected_namespaces_and_says_so() {
     let h = Harness::start_with(WINDOW, PolicyMode::Permissive).await;
     h.create("console", quick_sight()).await;
@@ -259,6 +295,38 @@ async fn permissive_mode_serves_unselected_namespaces_and_says_so() {
     let message = reason_of(&h, "console", "UrlReady").await;
     assert!(message.contains("permissive"), "{message}");
     assert_eq!(h.status("console").policy, None);
+}
+
+#[tokio::test]
+async fn a_failed_renewal_falls_back_to_credentials_still_valid() {
+    let h = Harness::start_with(WINDOW, PolicyMode::Enforce).await;
+    // Valid for six seconds, renewed after three.
+    h.aws.set_sts_lifetime(Duration::from_secs(6));
+    let mut with_role = viewer_policy("analytics-team");
+    with_role.spec.aws = Some(PolicyAws {
+        role_arn: Some("arn:aws:iam::111122223333:role/embed-analytics".into()),
+        ..Default::default()
+    });
+    apply_policy(&h, &with_role).await;
+    h.create("console", quick_sight()).await;
+    eventually("minted", WAIT, || h.secret_value("console", "url")).await;
+    tokio::time::sleep(Duration::from_millis(3500)).await;
+    // Time to renew, and STS throttles: the credentials in hand still work for a while.
+    h.aws.throttle_sts_next(2);
+    h.request_refresh("console", "again").await;
+    eventually("second mint", WAIT, || {
+        (h.aws.success_count(Service::QuickSight) == 2).then_some(())
+    })
+    .await;
+    assert_eq!(h.aws.sts_calls().len(), 3, "the renewal was tried");
+    let keys: Vec<String> = h
+        .aws
+        .calls()
+        .iter()
+        .filter_map(|c| c.access_key.clone())
+        .collect();
+    assert_eq!(keys[0], keys[1], "minted with the credentials still valid");
+    assert_eq!(h.ready_reason("console").unwrap().1, "UrlReady");
 }
 
 #[tokio::test]

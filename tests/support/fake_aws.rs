@@ -75,6 +75,8 @@ struct State {
     sts_calls: Mutex<Vec<HashMap<String, String>>>,
     /// STS calls still to refuse with AccessDenied.
     sts_failures: AtomicU64,
+    /// STS calls still to answer with Throttling (checked before `sts_failures`).
+    sts_throttles: AtomicU64,
     /// Lifetime of the credentials STS hands out, in seconds (0: one hour).
     sts_lifetime_secs: AtomicU64,
     /// Per-service call rate above which calls are throttled, if any.
@@ -176,6 +178,12 @@ impl FakeAws {
     /// Refuses the next `times` AssumeRole calls with `AccessDenied`.
     pub fn fail_sts_next(&self, times: u64) {
         self.state.sts_failures.store(times, Ordering::Relaxed);
+    }
+
+    /// Throttles the next `times` AssumeRole calls (HTTP 400, `Throttling`, as STS does). Each
+    /// HTTP attempt counts: the harness's SDK config tries twice.
+    pub fn throttle_sts_next(&self, times: u64) {
+        self.state.sts_throttles.store(times, Ordering::Relaxed);
     }
 
     pub fn uri(&self) -> String {
@@ -365,6 +373,21 @@ impl Respond for StsResponder {
             calls.push(form);
             calls.len()
         };
+        let throttle = self
+            .state
+            .sts_throttles
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |left| {
+                left.checked_sub(1)
+            })
+            .is_ok();
+        if throttle {
+            return ResponseTemplate::new(400).set_body_raw(
+                "<ErrorResponse xmlns=\"https://sts.amazonaws.com/doc/2011-06-15/\"><Error><Type>Sender</Type>\
+                 <Code>Throttling</Code><Message>Rate exceeded</Message>\
+                 </Error><RequestId>req-fake</RequestId></ErrorResponse>",
+                "text/xml",
+            );
+        }
         let refuse = self
             .state
             .sts_failures
