@@ -5,11 +5,12 @@ use crate::events::Reporter;
 use crate::identity::AwsClients;
 use crate::policy::EmbedUrlPolicy;
 use crate::providers::Service;
-use crate::ratelimit::{RateLimits, required_rate};
+use crate::ratelimit::{Demand, RateLimits, Refreshing};
 use crate::reconciler::{self, Context, FailureCounts, Settings};
 use crate::secret::MANAGED_SECRETS_SELECTOR;
 use crate::secret_cache::SecretCache;
 use crate::telemetry::Metrics;
+use crate::validation;
 use crate::work_queue::{RequestKey, Urgency, WorkQueue};
 use futures::channel::mpsc::UnboundedSender;
 use futures::{StreamExt, future, stream};
@@ -54,24 +55,46 @@ pub struct Readiness {
 }
 
 impl Readiness {
-    /// How many readable requests of `service` the caches hold.
-    fn count_requests(&self, service: Service) -> usize {
-        self.stores
-            .iter()
-            .map(|(requests, _)| {
-                requests
-                    .state()
-                    .iter()
-                    .filter(|r| {
-                        r.0.as_ref().is_ok_and(|r| match service {
-                            Service::QuickSight => r.spec.quick_sight.is_some(),
-                            Service::QBusiness => r.spec.q_business.is_some(),
-                            Service::Flink => r.spec.flink.is_some(),
-                        })
-                    })
-                    .count()
-            })
-            .sum()
+    /// What the readable, not suspended requests the caches hold ask of the AWS rate limit.
+    fn demand(&self, settings: &Settings) -> Demand {
+        let mut demand = Demand::default();
+        for (requests, _) in &self.stores {
+            for request in requests.state() {
+                let Ok(request) = request.0.as_ref() else {
+                    continue;
+                };
+                let spec = &request.spec;
+                let service = match (&spec.quick_sight, &spec.q_business, &spec.flink) {
+                    (Some(_), None, None) => Service::QuickSight,
+                    (None, Some(_), None) => Service::QBusiness,
+                    (None, None, Some(_)) => Service::Flink,
+                    _ => continue,
+                };
+                if spec.suspend == Some(true) {
+                    continue;
+                }
+                let window = settings.windows.for_service(service);
+                let refresh_before = match spec.refresh_before.as_deref() {
+                    None => window / 2,
+                    Some(text) => match validation::parse_duration(text) {
+                        Some(parsed) => parsed,
+                        None => continue,
+                    },
+                };
+                let region = spec
+                    .region
+                    .as_deref()
+                    .or(settings.default_region.as_deref())
+                    .unwrap_or_default();
+                demand.add(&Refreshing {
+                    service,
+                    region,
+                    refresh_before,
+                    window,
+                });
+            }
+        }
+        demand
     }
 
     /// Waits until every watch has listed once.
@@ -417,9 +440,9 @@ fn covers(scope: &Option<String>, namespace: &str) -> bool {
 
 /// Every 30 s, compares the AWS call rate the current requests need with the configured rate,
 /// exports both, and warns when the configuration cannot keep up (refreshes would queue behind
-/// the rate limit and URLs could lapse). The need is `requests / (window - refreshBefore)` per
-/// service, with the default refreshBefore (half the window), summed over regions: an upper
-/// bound for any one (service, region, identity) bucket.
+/// the rate limit and URLs could lapse). The need is each request's `1 / (window -
+/// refreshBefore)`, summed per (service, region), and the busiest region counts: an upper bound
+/// for each (service, region, identity) bucket in it, identities not being told apart here.
 async fn watch_capacity(
     readiness: Readiness,
     config: ControllerConfig,
@@ -429,16 +452,15 @@ async fn watch_capacity(
     readiness.wait_synced().await;
     let mut warned = std::collections::HashSet::new();
     loop {
+        let demand = readiness.demand(&config.settings);
         for service in [Service::QuickSight, Service::QBusiness, Service::Flink] {
-            let requests = readiness.count_requests(service);
-            let window = config.settings.windows.for_service(service);
-            let needed = required_rate(requests, window / 2);
+            let (needed, region) = demand.busiest(service);
             metrics.set_rate_capacity(service, needed, config.aws_rate);
             let short = config.aws_rate > 0.0 && needed > config.aws_rate;
             if short && warned.insert(service) {
                 warn!(
                     service = service.name(),
-                    requests,
+                    region = region.unwrap_or_default(),
                     needed_calls_per_second = needed,
                     configured_calls_per_second = config.aws_rate,
                     "the AWS rate limit cannot keep up with this many requests: raise --aws-qps or URLs may lapse"

@@ -341,12 +341,54 @@ pub fn delayed_refresh(waited_in_line: bool, late_by: Duration, refresh_before: 
     waited_in_line && late_by >= tolerated
 }
 
-/// Calls per second needed to refresh `requests` URLs of one bucket every `refresh_period`.
-pub fn required_rate(requests: usize, refresh_period: Duration) -> f64 {
-    if refresh_period.is_zero() {
-        return f64::INFINITY;
+/// What one request asks of the rate limit, for [`Demand`].
+pub struct Refreshing<'a> {
+    pub service: Service,
+    /// The region it is served in (its own, else the operator's default).
+    pub region: &'a str,
+    /// Its `refreshBefore` (the default when unset), and its service's use-by window.
+    pub refresh_before: Duration,
+    pub window: Duration,
+}
+
+/// Calls per second the requests need, per service and region: each refreshes every
+/// `window - refreshBefore` (with `refreshBefore` at most 90 % of the window, as the schedule
+/// counts it, and the jitter's 10 % on top). A bucket is per (service, region, identity), so
+/// a region's need is an upper bound for each of its buckets: all identities summed.
+#[derive(Default)]
+pub struct Demand(HashMap<(Service, String), f64>);
+
+impl Demand {
+    pub fn add(&mut self, request: &Refreshing<'_>) {
+        let refresh_before = request.refresh_before.min(
+            request
+                .window
+                .mul_f64(1.0 - crate::schedule::MIN_INTERVAL_SHARE),
+        );
+        let interval = request
+            .window
+            .saturating_sub(refresh_before.mul_f64(1.0 + crate::schedule::MAX_JITTER_SHARE));
+        let rate = if interval.is_zero() {
+            f64::INFINITY
+        } else {
+            1.0 / interval.as_secs_f64()
+        };
+        *self
+            .0
+            .entry((request.service, request.region.to_string()))
+            .or_default() += rate;
     }
-    requests as f64 / refresh_period.as_secs_f64()
+
+    /// The need of the busiest region of `service`, and that region.
+    pub fn busiest(&self, service: Service) -> (f64, Option<&str>) {
+        self.0
+            .iter()
+            .filter(|((s, _), _)| *s == service)
+            .max_by(|a, b| a.1.total_cmp(b.1))
+            .map_or((0.0, None), |((_, region), rate)| {
+                (*rate, Some(region.as_str()))
+            })
+    }
 }
 
 #[cfg(test)]
@@ -597,8 +639,32 @@ mod tests {
     }
 
     #[test]
-    fn required_rate_per_refresh_period() {
-        assert_eq!(required_rate(1500, Duration::from_secs(150)), 10.0);
-        assert!(required_rate(1, Duration::ZERO).is_infinite());
+    fn demand_counts_each_requests_refresh_interval_per_region() {
+        let window = Duration::from_secs(300);
+        let request = |region, refresh_before: u64| Refreshing {
+            service: Service::QuickSight,
+            region,
+            refresh_before: Duration::from_secs(refresh_before),
+            window,
+        };
+        let mut demand = Demand::default();
+        // 150 s ahead (plus up to 15 s of jitter): one call every 135 s at the most.
+        for _ in 0..27 {
+            demand.add(&request("us-east-1", 150));
+        }
+        let (rate, region) = demand.busiest(Service::QuickSight);
+        assert!((rate - 0.2).abs() < 1e-9, "{rate}");
+        assert_eq!(region, Some("us-east-1"));
+        // A request refreshing 4 min ahead needs more than twice as much.
+        let mut eager = Demand::default();
+        eager.add(&request("us-east-1", 240));
+        let (rate, _) = eager.busiest(Service::QuickSight);
+        assert!((rate - 1.0 / 36.0).abs() < 1e-9, "{rate}");
+        // Another region is another bucket: the busiest one counts.
+        for _ in 0..10 {
+            demand.add(&request("eu-west-1", 150));
+        }
+        assert_eq!(demand.busiest(Service::QuickSight).1, Some("us-east-1"));
+        assert_eq!(demand.busiest(Service::Flink), (0.0, None));
     }
 }

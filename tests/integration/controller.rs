@@ -850,6 +850,45 @@ async fn the_client_side_rate_limit_paces_mints() {
 }
 
 #[tokio::test]
+async fn the_need_for_aws_calls_is_exported_per_busiest_region() {
+    let mut h = Harness::start(Duration::from_secs(10)).await;
+    h.stop_operator().await;
+    h.aws_rate = 1.0;
+    // Nine requests in us-east-1 refreshing every 4.5 s at the most (10 s window, refreshBefore
+    // 5 s plus its 10 % of jitter): 2 calls/s; one in eu-west-1; one suspended, which needs none.
+    for i in 0..9 {
+        h.create(&format!("east-{i}"), quick_sight()).await;
+    }
+    let mut west = quick_sight();
+    west.region = Some("eu-west-1".into());
+    h.create("west", west).await;
+    let mut paused = quick_sight();
+    paused.suspend = Some(true);
+    h.create("paused", paused).await;
+    h.start_operator().await;
+    let exported = eventually("the need exported", WAIT, || {
+        h.metrics()
+            .encode()
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix("embedurl_aws_required_calls_per_second{service=\"QuickSight\"} ")
+                    .map(str::to_owned)
+            })
+            .filter(|v| v != "0.0")
+    })
+    .await;
+    let need: f64 = exported.parse().unwrap();
+    assert!((need - 2.0).abs() < 1e-6, "{need}");
+    assert!(
+        h.metrics()
+            .encode()
+            .contains("embedurl_aws_rate_limit_calls_per_second 1.0"),
+        "{}",
+        h.metrics().encode()
+    );
+}
+
+#[tokio::test]
 async fn one_buckets_backlog_does_not_hold_up_another_bucket() {
     let mut h = Harness::start(LONG_WINDOW).await;
     h.stop_operator().await;
