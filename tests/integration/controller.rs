@@ -850,6 +850,105 @@ async fn the_client_side_rate_limit_paces_mints() {
 }
 
 #[tokio::test]
+async fn when_calls_queue_the_url_that_stops_working_first_goes_first() {
+    let mut h = Harness::start(LONG_WINDOW).await;
+    h.stop_operator().await;
+    // One call a second: eight requests due at once queue in the rate limit, and beyond its
+    // line (as long as the four slots), in the work queue.
+    h.aws_rate = 1.0;
+    // The status of each says when its current URL stops working: created in another order.
+    let order = [5, 2, 7, 0, 3, 6, 1, 4];
+    let now = jiff::Timestamp::now();
+    for k in order {
+        let mut spec = quick_sight();
+        spec.quick_sight.as_mut().unwrap().user_arn = Some(format!(
+            "arn:aws:quicksight:us-east-1:111122223333:user/default/viewer-{k}"
+        ));
+        // Names in the reverse order of urgency: the API server lists by name.
+        let name = format!("console-{}", 7 - k);
+        h.create(&name, spec).await;
+        let expires = now + jiff::SignedDuration::from_secs(60 + 10 * k);
+        h.requests()
+            .patch_status(
+                &name,
+                &PatchParams::default(),
+                &Patch::Merge(json!({"status": {
+                    "urlExpiresAt": expires.strftime("%Y-%m-%dT%H:%M:%SZ").to_string(),
+                }})),
+            )
+            .await
+            .unwrap();
+    }
+    h.start_operator().await;
+    eventually("all minted", Duration::from_secs(15), || {
+        (h.aws.calls().len() == 8).then_some(())
+    })
+    .await;
+    let minted: Vec<String> = h
+        .aws
+        .calls()
+        .iter()
+        .map(|c| {
+            c.inputs["user-arn"]
+                .as_str()
+                .unwrap()
+                .rsplit('/')
+                .next()
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    // The first to arrive takes the one token there is, before the others are even known;
+    // every one after that waited, and went in order of urgency.
+    let mut waited = minted[1..].to_vec();
+    let in_order = {
+        let mut sorted = waited.clone();
+        sorted.sort();
+        sorted
+    };
+    assert_eq!(waited, in_order, "minted in order of urgency: {minted:?}");
+    waited.push(minted[0].clone());
+    waited.sort();
+    let everyone: Vec<String> = (0..8).map(|k| format!("viewer-{k}")).collect();
+    assert_eq!(waited, everyone);
+}
+
+#[tokio::test]
+async fn no_more_aws_calls_are_in_flight_than_the_concurrency() {
+    // The harness runs four reconcile slots, without a rate limit.
+    let h = Harness::start(LONG_WINDOW).await;
+    let latency = Duration::from_millis(300);
+    h.aws.set_latency(latency);
+    let names: Vec<String> = (0..20).map(|i| format!("console-{i}")).collect();
+    for name in &names {
+        h.create(name, quick_sight()).await;
+    }
+    eventually("all minted", Duration::from_secs(15), || {
+        names
+            .iter()
+            .all(|name| h.secret_value(name, "url").is_some())
+            .then_some(())
+    })
+    .await;
+    // Each call is answered `latency` after it arrived, and a slot is free only after that:
+    // no window shorter than the latency sees more than four arrivals, and some see four.
+    let arrivals: Vec<_> = h.aws.calls().iter().map(|c| c.at).collect();
+    assert_eq!(arrivals.len(), 20);
+    let window = latency - Duration::from_millis(30);
+    let most = arrivals
+        .iter()
+        .map(|start| {
+            arrivals
+                .iter()
+                .filter(|at| **at >= *start && at.duration_since(*start) < window)
+                .count()
+        })
+        .max()
+        .unwrap();
+    assert_eq!(most, 4, "calls in flight at once");
+}
+
+#[tokio::test]
 async fn the_need_for_aws_calls_is_exported_per_busiest_region() {
     let mut h = Harness::start(Duration::from_secs(10)).await;
     h.stop_operator().await;
