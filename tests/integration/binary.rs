@@ -457,6 +457,25 @@ async fn the_binary_gives_up_on_an_unanswered_api_call_and_bounds_its_drain() {
     );
 }
 
+#[tokio::test]
+async fn the_binarys_api_client_waits_out_throttling_instead_of_failing_the_write() {
+    let cluster = Cluster::start().await;
+    let operator = cluster.spawn("solo", "60s", &[]);
+    operator.wait_ready().await;
+    // The API server's priority and fairness answers two Secret writes with 429 and a
+    // Retry-After: the operator's client (kube's retry layer, as main.rs builds it) waits and
+    // sends them again. Failing the reconcile instead would lose the URL just minted.
+    cluster.kube.inject_failure("patch", "secrets", 429, 2);
+    cluster.create("console", quick_sight()).await;
+    eventually("URL in the Secret", WAIT, || {
+        cluster.secret_value("console", "url")
+    })
+    .await;
+    assert_eq!(cluster.kube.request_count("patch", "secrets"), 3);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(cluster.aws.calls().len(), 1, "{:?}", cluster.aws.calls());
+}
+
 fn refused_arguments(args: &[&str]) -> String {
     let output = Command::new(env!("CARGO_BIN_EXE_embed-url-operator"))
         .args(args)

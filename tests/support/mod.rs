@@ -202,8 +202,9 @@ impl Harness {
 }
 
 /// A client for the in-process fake API server with the retry layer the operator's production
-/// client has: `kube::Client::try_default()` (src/main.rs) builds its client from a `Config`
-/// whose `default_retry` is on, which retries 429, 503 and 504 answers honouring `Retry-After`.
+/// client has: `kube_client` (src/main.rs) builds its client from an inferred `Config`, whose
+/// `default_retry` is on, which retries 429, 503 and 504 answers honouring `Retry-After` (the
+/// binary tests check that of the real client).
 /// `FakeApiServer::client()` plugs the router in directly, without that layer, so injected 429s
 /// would reach the operator in tests but not in production.
 fn retrying_client(kube: &FakeApiServer) -> kube::Client {
