@@ -306,15 +306,35 @@ pub fn crd_files() -> Result<Vec<(&'static str, String)>, serde_yaml_ng::Error> 
             "embedurlrequest.yaml",
             format!(
                 "{header}{}",
-                serde_yaml_ng::to_string(&EmbedUrlRequest::crd())?
+                serde_yaml_ng::to_string(&kept(EmbedUrlRequest::crd()))?
             ),
         ),
         (
             "embedurlpolicy.yaml",
             format!(
                 "{header}{}",
-                serde_yaml_ng::to_string(&crate::policy::EmbedUrlPolicy::crd())?
+                serde_yaml_ng::to_string(&kept(crate::policy::EmbedUrlPolicy::crd()))?
             ),
         ),
     ])
+}
+
+/// Deleting a CRD deletes every object of its kind, and with every EmbedUrlRequest every Secret
+/// the operator wrote: pods lose their URLs. Helm never deletes the CRDs it installs from
+/// `crds/`, but a GitOps tool that renders the chart owns them like any other manifest, and
+/// would delete them with its application or prune them. These annotations ask Helm and Argo
+/// CD to leave them.
+fn kept(
+    mut crd: k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
+) -> k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition {
+    let annotations = crd
+        .metadata
+        .annotations
+        .get_or_insert_with(Default::default);
+    annotations.insert("helm.sh/resource-policy".into(), "keep".into());
+    annotations.insert(
+        "argocd.argoproj.io/sync-options".into(),
+        "Prune=false,Delete=false".into(),
+    );
+    crd
 }

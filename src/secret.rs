@@ -452,6 +452,9 @@ mod tests {
         assert_eq!(owner.uid, "uid-1");
         assert_eq!(owner.kind, "EmbedUrlRequest");
         assert_eq!(owner.controller, Some(true));
+        // Setting it would need `update` on embedurlrequests/finalizers, which the chart's
+        // RBAC does not grant (OwnerReferencesPermissionEnforcement, e.g. on OpenShift).
+        assert_eq!(owner.block_owner_deletion, None);
         assert_eq!(secret.metadata.namespace.as_deref(), Some("analytics"));
     }
 

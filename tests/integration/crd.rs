@@ -17,6 +17,20 @@ fn checked_in_crds_match_the_rust_types() {
                 file.display()
             );
         }
+        // Deleting a CRD deletes every request and, through them, every Secret: Helm and Argo
+        // CD are asked never to.
+        let crd: serde_json::Value = serde_yaml_ng::from_str(
+            generated
+                .split_once("---\n")
+                .map_or(generated.as_str(), |(_, yaml)| yaml),
+        )
+        .expect("CRD YAML");
+        let annotations = &crd["metadata"]["annotations"];
+        assert_eq!(annotations["helm.sh/resource-policy"], "keep", "{name}");
+        assert_eq!(
+            annotations["argocd.argoproj.io/sync-options"], "Prune=false,Delete=false",
+            "{name}"
+        );
     }
 }
 
