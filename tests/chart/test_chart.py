@@ -517,6 +517,8 @@ def test_default_args_and_env(chart):
     assert variables["POD_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
     assert variables["POD_NAMESPACE"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.namespace"
     assert "AWS_REGION" not in variables
+    # IRSA's session name, stable: the QuickSight identity of requests without userArn.
+    assert variables["AWS_ROLE_SESSION_NAME"]["value"] == FULLNAME
     assert one(docs, "Deployment")["spec"]["replicas"] == 1
 
 
@@ -711,6 +713,17 @@ def test_notes(chart):
 
 def test_notes_warn_about_replicas_without_leader_election(chart):
     assert "WARNING" in notes(chart, {"replicas": 2, "leaderElection": {"enabled": False}})
+
+
+def test_notes_warn_when_the_network_policy_blocks_scraping(chart):
+    closed = {"serviceMonitor": {"enabled": True}, "networkPolicy": {"enabled": True}}
+    assert "Prometheus\ncannot scrape" in notes(chart, closed)
+    prometheus = [{"namespaceSelector": {"matchLabels": {"name": "monitoring"}}}]
+    open_to_it = {
+        "serviceMonitor": {"enabled": True},
+        "networkPolicy": {"enabled": True, "metricsIngressFrom": prometheus},
+    }
+    assert "cannot scrape" not in notes(chart, open_to_it)
 
 
 # --------------------------------------------------------------------------
