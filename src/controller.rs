@@ -301,6 +301,7 @@ pub fn run(
             settings: config.settings.clone(),
             reporter: reporter.clone(),
             secrets: secret_cache,
+            requests: request_store.clone(),
             policies: policy_store,
             namespaces: namespace_store,
             policies_synced,

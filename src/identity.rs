@@ -135,7 +135,10 @@ pub struct AssumedRole {
     external_id: Option<String>,
     session_name: String,
     tags: Vec<(String, String)>,
-    cached: tokio::sync::Mutex<CacheState>,
+    /// What STS last handed out; read without waiting for a renewal in progress.
+    issued: std::sync::Mutex<Option<CachedCredentials>>,
+    /// Held while calling STS, so that concurrent callers wait for one call; the last failure.
+    renewal: tokio::sync::Mutex<Option<(AwsCallError, std::time::Instant)>>,
 }
 
 /// How long a failed AssumeRole answers for everyone who was waiting for it: the requests
@@ -144,11 +147,9 @@ pub struct AssumedRole {
 /// retry (a second later at the soonest) asks STS again.
 const FAILURE_SHARED_FOR: Duration = Duration::from_millis(500);
 
-#[derive(Default)]
-struct CacheState {
-    credentials: Option<CachedCredentials>,
-    last_failure: Option<(AwsCallError, std::time::Instant)>,
-}
+/// How long after a failed renewal the next is tried while the credentials in hand are still
+/// valid: each try may take an STS timeout (30 s), during which the mint that makes it waits.
+const RENEWAL_RETRY: Duration = Duration::from_secs(30);
 
 struct CachedCredentials {
     credentials: Credentials,
@@ -157,7 +158,21 @@ struct CachedCredentials {
     renew_at: SystemTime,
 }
 
+fn lock_issued(
+    issued: &std::sync::Mutex<Option<CachedCredentials>>,
+) -> std::sync::MutexGuard<'_, Option<CachedCredentials>> {
+    // Plain data: still usable after a panic elsewhere.
+    issued
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
 impl CachedCredentials {
+    /// Whether AWS still accepts them at `now` (credentials without an expiry always).
+    fn valid_at(&self, now: SystemTime) -> bool {
+        self.credentials.expiry().is_none_or(|expiry| now < expiry)
+    }
+
     fn new(credentials: Credentials, fetched_at: SystemTime) -> Self {
         let renew_at = match credentials.expiry() {
             None => SystemTime::UNIX_EPOCH + Duration::from_secs(u64::MAX / 4),
@@ -198,46 +213,61 @@ impl AssumedRole {
                 ("kubernetes-namespace".to_string(), namespace.to_string()),
                 ("embedurl-policy".to_string(), policy.to_string()),
             ],
-            cached: tokio::sync::Mutex::new(CacheState::default()),
+            issued: std::sync::Mutex::new(None),
+            renewal: tokio::sync::Mutex::new(None),
         }
     }
 
     /// Cached credentials, or new ones from STS when they are missing or about to expire. The
     /// lock makes concurrent requests wait for one STS call instead of each making its own, and
-    /// a failure answers those waiting for a few seconds ([`FAILURE_SHARED_FOR`]). A renewal
-    /// that fails while the cached credentials are still valid falls back to them.
+    /// a failure answers those waiting for a moment ([`FAILURE_SHARED_FOR`]). Credentials due
+    /// for renewal but still valid are used while someone else renews them, and after a failed
+    /// renewal until the next try ([`RENEWAL_RETRY`]): an STS outage then stalls no mint.
     pub async fn credentials(&self) -> Result<Credentials, AwsCallError> {
-        let mut state = self.cached.lock().await;
-        let now = SystemTime::now();
-        if let Some(entry) = state.credentials.as_ref()
-            && now < entry.renew_at
+        let still_valid = {
+            let issued = lock_issued(&self.issued);
+            let now = SystemTime::now();
+            match issued.as_ref() {
+                Some(entry) if now < entry.renew_at => return Ok(entry.credentials.clone()),
+                Some(entry) if entry.valid_at(now) => Some(entry.credentials.clone()),
+                _ => None,
+            }
+        };
+        let mut renewal = match self.renewal.try_lock() {
+            Ok(guard) => guard,
+            Err(_) => match &still_valid {
+                Some(valid) => return Ok(valid.clone()),
+                None => self.renewal.lock().await,
+            },
+        };
+        // The call this one waited for may have brought new credentials.
+        if let Some(entry) = lock_issued(&self.issued).as_ref()
+            && SystemTime::now() < entry.renew_at
         {
             return Ok(entry.credentials.clone());
         }
-        let error = match &state.last_failure {
-            Some((error, at)) if at.elapsed() < FAILURE_SHARED_FOR => error.clone(),
-            _ => match self.assume_role().await {
-                Ok(credentials) => {
-                    state.credentials = Some(CachedCredentials::new(credentials.clone(), now));
-                    state.last_failure = None;
-                    return Ok(credentials);
-                }
-                Err(error) => {
-                    state.last_failure = Some((error.clone(), std::time::Instant::now()));
-                    error
-                }
-            },
-        };
-        match state.credentials.as_ref() {
-            Some(entry)
-                if entry
-                    .credentials
-                    .expiry()
-                    .is_some_and(|expiry| SystemTime::now() < expiry) =>
-            {
-                Ok(entry.credentials.clone())
+        if let Some((error, at)) = renewal.as_ref() {
+            let retry_after = if still_valid.is_some() {
+                RENEWAL_RETRY
+            } else {
+                FAILURE_SHARED_FOR
+            };
+            if at.elapsed() < retry_after {
+                return still_valid.ok_or_else(|| error.clone());
             }
-            _ => Err(error),
+        }
+        let fetched_at = SystemTime::now();
+        match self.assume_role().await {
+            Ok(credentials) => {
+                *lock_issued(&self.issued) =
+                    Some(CachedCredentials::new(credentials.clone(), fetched_at));
+                *renewal = None;
+                Ok(credentials)
+            }
+            Err(error) => {
+                *renewal = Some((error.clone(), std::time::Instant::now()));
+                still_valid.ok_or(error)
+            }
         }
     }
 

@@ -132,6 +132,21 @@ impl RateLimits {
         self.parked_cap
     }
 
+    /// Gives back a token that was not used (its request went away while it waited): the next
+    /// in line takes it.
+    pub fn refund(&self, key: &BucketKey) {
+        if self.rate <= 0.0 {
+            return;
+        }
+        let bucket = self.bucket(key);
+        {
+            let mut state = lock(&bucket.state);
+            state.refill(Instant::now(), self.rate, self.burst);
+            state.tokens = (state.tokens + 1.0).min(self.burst);
+        }
+        bucket.changed.notify_waiters();
+    }
+
     /// The time between two tokens of one bucket once its burst is spent (zero: no limit).
     pub fn token_interval(&self) -> Duration {
         if self.rate > 0.0 {
@@ -597,6 +612,21 @@ mod tests {
         assert!(matches!(turned, Err(TurnedAway { .. })), "{turned:?}");
         assert!(waiting.await.unwrap().is_ok());
         assert!(limits.acquire(&other, now, || ()).await.is_ok());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_refunded_token_goes_to_the_next_in_line() {
+        let limits = Arc::new(RateLimits::new(1.0, 1));
+        let now = Timestamp::now();
+        limits.acquire(&key(), now, || ()).await.unwrap();
+        let next = {
+            let limits = limits.clone();
+            tokio::spawn(async move { limits.acquire(&key(), now, || ()).await })
+        };
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        limits.refund(&key());
+        let waited = next.await.unwrap().unwrap().waited;
+        assert!(waited < Duration::from_millis(200), "{waited:?}");
     }
 
     #[tokio::test]

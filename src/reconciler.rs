@@ -62,6 +62,8 @@ pub struct Context {
     /// What is known of the Secrets the operator owns (label-selected, no data), filled by the
     /// controller's watch and by the operator's own reads and writes.
     pub secrets: Arc<SecretCache>,
+    /// The requests this controller serves, as the watch last showed them.
+    pub requests: Store<CachedRequest>,
     /// Cache of every EmbedUrlPolicy.
     pub policies: Store<EmbedUrlPolicy>,
     /// Cache of the watched namespaces' metadata (their labels select policies).
@@ -244,14 +246,6 @@ async fn reconcile_request(request: &EmbedUrlRequest, ctx: &Context) -> Result<N
         ctx.metrics.forget_request(&key.namespace, &key.name);
         return Ok(Next::await_change());
     }
-    if namespace_terminating(request, ctx) {
-        // The namespace controller is deleting everything in it, Secrets possibly before this
-        // request; the API server refuses anything new there. A URL minted now could not be
-        // written, and would take a token that other requests of its bucket need.
-        let key = RequestKey::of(request);
-        ctx.metrics.forget_request(&key.namespace, &key.name);
-        return Ok(Next::await_change());
-    }
     let now = Timestamp::now();
     let current = request.status.clone().unwrap_or_default();
     let spec = match validation::validate(&request.spec, &request.name_any(), &ctx.settings.windows)
@@ -306,6 +300,16 @@ async fn reconcile_request(request: &EmbedUrlRequest, ctx: &Context) -> Result<N
         // Not cached (new, not labelled by the operator, or changed by someone else): read it.
         Lookup::Unknown => read_secret(ctx, &namespace, &spec.secret_name, owner, &spec).await?,
     };
+
+    if stored == StoredSecret::Missing && namespace_terminating(request, ctx) {
+        // The namespace controller is deleting everything in it, Secrets possibly before this
+        // request, and the API server creates nothing new there (an existing Secret can still
+        // be refreshed). A URL minted now could not be written, and would take a token that
+        // other requests of its bucket need.
+        let key = RequestKey::of(request);
+        ctx.metrics.forget_request(&key.namespace, &key.name);
+        return Ok(Next::await_change());
+    }
 
     if spec.suspend {
         let desired = served.stamp(suspended_status(&current, request, &spec, &stored, now));
@@ -432,6 +436,13 @@ async fn mint(
         };
         if granted.from_line {
             ctx.queue.release_blocked(bucket.id());
+            if !still_the_same_request(request, ctx) {
+                // Deleted while it waited its turn (perhaps created again under its name, with
+                // a Secret this reconcile would take for its predecessor's): nothing to mint,
+                // and the token goes to the next in line.
+                ctx.rate_limits.refund(&bucket);
+                return Ok(Next::await_change());
+            }
         }
         ctx.metrics.observe_rate_limit_wait(service, granted.waited);
         let started = Timestamp::now();
@@ -1233,6 +1244,14 @@ const PERMISSIVE_NOTE: &str = " (served with the operator's own AWS identity: --
 enum Refusal {
     NotPermitted(String),
     Invalid(InvalidSpec),
+}
+
+/// Whether the watch still shows `request` (by uid) under its name.
+fn still_the_same_request(request: &EmbedUrlRequest, ctx: &Context) -> bool {
+    let namespace = request.namespace().unwrap_or_default();
+    ctx.requests
+        .get(&ObjectRef::new(&request.name_any()).within(&namespace))
+        .is_some_and(|cached| cached.uid() == request.uid())
 }
 
 /// Whether the request's namespace is being deleted, as the namespace watch last saw it.

@@ -82,6 +82,10 @@ struct State {
     running: usize,
     /// Handed to the controller, reconcile not started yet: when.
     dispatched: HashMap<Arc<RequestKey>, Instant>,
+    /// Requests whose reconcile is running (or waiting in a rate-limit line), and whether they
+    /// came due again meanwhile: they are handed out again when it ends, not while it runs
+    /// (kube-runtime would hold the second until the first ended, and it would hold a slot).
+    in_flight: HashMap<Arc<RequestKey>, bool>,
 }
 
 #[derive(Clone, Copy)]
@@ -248,7 +252,9 @@ impl WorkQueue {
         let mut state = self.lock();
         state.dispatched.remove(key);
         state.running += 1;
-        Running { queue: self }
+        let key = Arc::new(key.clone());
+        state.in_flight.insert(key.clone(), false);
+        Running { queue: self, key }
     }
 
     /// Entries known, due or not (for tests and diagnostics).
@@ -277,10 +283,15 @@ impl WorkQueue {
                     .dispatched
                     .retain(|_, at| now.duration_since(*at) < DISPATCH_EXPIRY);
                 let busy = state.running + state.dispatched.len();
-                if busy < self.slots
+                while busy < self.slots
                     && let Some((_, key)) = state.due.pop_first()
                 {
                     state.entries.remove(&*key);
+                    if let Some(due_again) = state.in_flight.get_mut(&*key) {
+                        // Its reconcile is still running: once more when it ends.
+                        *due_again = true;
+                        continue;
+                    }
                     state.dispatched.insert(key.clone(), now);
                     backlog(state.due.len() + state.blocked_count);
                     return RequestKey::clone(&key);
@@ -315,8 +326,13 @@ impl WorkQueue {
             }
             let ((_, ticket), key) = entry.remove_entry();
             let urgency = (self.urgency)(&key);
-            if let Some(entry) = state.entries.get_mut(&*key) {
+            let blocked_on = state.entries.get_mut(&*key).and_then(|entry| {
                 entry.urgency = Some(urgency);
+                entry.blocked_on.take()
+            });
+            // Due at its fallback time: no longer waiting for its line to have room.
+            if let Some((bucket, blocked_urgency)) = blocked_on {
+                state.unblock(bucket, blocked_urgency, ticket);
             }
             state.due.insert((urgency, ticket), key);
         }
@@ -337,17 +353,22 @@ impl State {
             Some(urgency) => self.due.remove(&(urgency, entry.ticket)),
             None => self.waiting.remove(&(entry.at, entry.ticket)),
         };
-        if let Some((bucket, urgency)) = entry.blocked_on
-            && let Some(blocked) = self.blocked.get_mut(&bucket)
-        {
-            if blocked.remove(&(urgency, entry.ticket)).is_some() {
+        if let Some((bucket, urgency)) = entry.blocked_on {
+            self.unblock(bucket, urgency, entry.ticket);
+        }
+        self.entries.remove(key);
+    }
+
+    /// Takes an entry out of `bucket`'s list of requests turned away.
+    fn unblock(&mut self, bucket: u64, urgency: i64, ticket: u64) {
+        if let Some(blocked) = self.blocked.get_mut(&bucket) {
+            if blocked.remove(&(urgency, ticket)).is_some() {
                 self.blocked_count -= 1;
             }
             if blocked.is_empty() {
                 self.blocked.remove(&bucket);
             }
         }
-        self.entries.remove(key);
     }
 }
 
@@ -355,11 +376,19 @@ impl State {
 #[must_use = "the slot is freed when this is dropped"]
 pub struct Running<'a> {
     queue: &'a WorkQueue,
+    key: Arc<RequestKey>,
 }
 
 impl Drop for Running<'_> {
     fn drop(&mut self) {
-        self.queue.lock().running -= 1;
+        let due_again = {
+            let mut state = self.queue.lock();
+            state.running = state.running.saturating_sub(1);
+            state.in_flight.remove(&self.key) == Some(true)
+        };
+        if due_again {
+            self.queue.schedule_now(&self.key);
+        }
         self.queue.changed.notify_one();
     }
 }
@@ -496,11 +525,46 @@ mod tests {
                 .as_deref(),
             Some("first")
         );
+        // Handed out at its fallback time, it is out of the bucket's list too: room in the line
+        // goes to the one still waiting for it.
+        assert_eq!(q.lock().blocked_count, 1);
+        assert_eq!(q.lock().blocked[&7].len(), 1);
         assert_eq!(next_within(&q, Duration::from_millis(500)).await, None);
         assert_eq!(
             next_within(&q, Duration::from_millis(600)).await.as_deref(),
             Some("second")
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_request_due_while_its_reconcile_runs_is_handed_out_when_it_ends() {
+        let q = queue(2, &[]);
+        q.schedule_now(&key("busy"));
+        assert_eq!(
+            next_within(&q, Duration::ZERO).await.as_deref(),
+            Some("busy")
+        );
+        let running = q.start(&key("busy"));
+        let parked = q.park();
+        // Due again (its Secret changed, a policy changed) while it waits in a line: not
+        // handed out now, where it would only hold a slot until the first reconcile ends.
+        q.schedule_now(&key("busy"));
+        q.schedule_now(&key("other"));
+        assert_eq!(
+            next_within(&q, Duration::ZERO).await.as_deref(),
+            Some("other")
+        );
+        assert_eq!(next_within(&q, Duration::ZERO).await, None);
+        drop(parked);
+        drop(running);
+        assert_eq!(
+            next_within(&q, Duration::ZERO).await.as_deref(),
+            Some("busy")
+        );
+        // Not due again meanwhile: nothing more.
+        let running = q.start(&key("busy"));
+        drop(running);
+        assert_eq!(next_within(&q, Duration::from_secs(1)).await, None);
     }
 
     #[tokio::test(start_paused = true)]
