@@ -266,7 +266,10 @@ impl AssumedRole {
             }
             Err(error) => {
                 *renewal = Some((error.clone(), std::time::Instant::now()));
-                still_valid.ok_or(error)
+                // The call may have taken long: only credentials still valid now.
+                still_valid
+                    .filter(|c| c.expiry().is_none_or(|e| SystemTime::now() < e))
+                    .ok_or(error)
             }
         }
     }

@@ -8,31 +8,34 @@ use crate::crd::{
     CachedRequest, EmbedUrlRequest, EmbedUrlRequestSpec, EmbedUrlRequestStatus, READY_CONDITION,
 };
 use crate::error::{Error, Result};
-use crate::events::{self, EventType, Reporter, Transition};
+use crate::events::Reporter;
 use crate::identity::{AwsClients, Identity};
 use crate::policy::{self, Ask, Decision, EmbedUrlPolicy, PolicyMode};
-use crate::providers::{AwsErrorKind, EmbedUrl, Service};
+use crate::providers::AwsErrorKind;
 use crate::ratelimit::{BucketKey, RateLimits};
 use crate::schedule::{self, Facts, MintReason, Plan};
-use crate::secret::{self, FIELD_MANAGER, SecretContent, SecretSnapshot, StoredSecret, StoredUrl};
+use crate::secret::{self, StoredSecret, StoredUrl};
 use crate::secret_cache::{Lookup, SecretCache};
+use crate::secret_writer::{SecretWritten, apply_secret_content, read_secret, restore_metadata};
 use crate::status::{
-    self, RateLimitWait, conflict_status, failed_status, failure_reason, invalid_spec_status,
-    minted_status, not_permitted_status, ready_again, reasons, refresh_request,
-    secret_refused_status, suspended_status, with_rate_limit,
+    RateLimitWait, conflict_status, failed_status, failure_reason, invalid_spec_status,
+    minted_status, not_permitted_status, ready_again, refresh_request, secret_refused_status,
+    suspended_status, with_rate_limit,
+};
+use crate::status_writer::{
+    apply_status_of, publish_schedule, publish_transition, replace_status, write_status,
 };
 use crate::telemetry::Metrics;
 use crate::validation::{self, InvalidSpec, UseByWindows, ValidSpec};
 use crate::work_queue::{RequestKey, WorkQueue};
 use compact_str::CompactString;
 use jiff::Timestamp;
-use k8s_openapi::api::core::v1::{Namespace, Secret};
-use kube::api::{Api, DynamicObject, Patch, PatchParams};
+use k8s_openapi::api::core::v1::Namespace;
+use kube::api::{Api, DynamicObject};
 use kube::core::{ApiResource, PartialObjectMeta, error_boundary::InvalidObject};
 use kube::runtime::controller::Action;
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Resource, ResourceExt};
-use std::borrow::Cow;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -352,7 +355,7 @@ async fn reconcile_request(request: &EmbedUrlRequest, ctx: &Context) -> Result<N
             let desired = served.stamp(desired);
             write_status(request, &current, desired, ctx).await?;
             Ok(match restored {
-                Some(written) => written.requeue(now, until),
+                Some(written) => after_write(&written, now, until),
                 None => requeue_at(now, until),
             })
         }
@@ -554,7 +557,7 @@ async fn mint(
             } else {
                 log_minted!(info);
             }
-            Ok(written.requeue(Timestamp::now(), next))
+            Ok(after_write(&written, Timestamp::now(), next))
         }
         Err(error) => {
             let now = Timestamp::now();
@@ -740,39 +743,6 @@ async fn reconcile_unreadable(invalid: &InvalidObject, ctx: &Context) -> Result<
     Ok(Next::await_change())
 }
 
-/// Replaces the stored status (`stored`, which does not parse) with `status`, wholesale: a
-/// JSON merge patch that sets every field of `status` and removes every other stored one (a
-/// stored status that is not even an object is replaced by the patch's object).
-async fn replace_status(
-    ctx: &Context,
-    namespace: &str,
-    name: &str,
-    stored: Option<&serde_json::Value>,
-    status: &EmbedUrlRequestStatus,
-) -> Result<()> {
-    let mut fields = match serde_json::to_value(status).map_err(|source| Error::Serialize {
-        what: "status",
-        source,
-    })? {
-        serde_json::Value::Object(fields) => fields,
-        _ => serde_json::Map::new(),
-    };
-    if let Some(serde_json::Value::Object(stored)) = stored {
-        for key in stored.keys() {
-            fields.entry(key.clone()).or_insert(serde_json::Value::Null);
-        }
-    }
-    let params = PatchParams {
-        field_manager: Some(FIELD_MANAGER.to_string()),
-        ..PatchParams::default()
-    };
-    let patch = Patch::Merge(serde_json::json!({ "status": fields }));
-    patch_status(ctx, namespace, name, &params, &patch)
-        .await
-        .map_err(Error::kube("replacing an unreadable status"))?;
-    Ok(())
-}
-
 /// Names the first field of `object` that does not deserialize, e.g.
 /// `spec.quickSight.sessionLifetimeInMinutes: invalid type: string "ten", expected i64`.
 fn locate_deserialize_error(object: &serde_json::Value) -> Option<InvalidSpec> {
@@ -826,385 +796,12 @@ fn locate_deserialize_error(object: &serde_json::Value) -> Option<InvalidSpec> {
     None
 }
 
-/// Reads a Secret from the API server, records it in the cache, and says what it holds.
-async fn read_secret(
-    ctx: &Context,
-    namespace: &str,
-    name: &str,
-    owner: secret::Owner<'_>,
-    spec: &ValidSpec,
-) -> Result<StoredSecret> {
-    // A Secret the watch has not shown as this request's may be anyone's: its metadata says
-    // whose, and only the operator's own Secrets are ever read whole (a Secret of that name
-    // that someone else owns is checked again every minute while the conflict lasts).
-    if !ctx.secrets.controlled_by(namespace, name, owner.uid) {
-        let api: Api<Secret> = Api::namespaced(ctx.client.clone(), namespace);
-        let Some(meta) = api
-            .get_metadata_opt(name)
-            .await
-            .map_err(Error::kube("reading the Secret's metadata"))?
-        else {
-            return Ok(StoredSecret::Missing);
-        };
-        let snapshot = SecretSnapshot::of_metadata(&meta.metadata, None);
-        if let foreign @ StoredSecret::Foreign { .. } =
-            secret::inspect(Some(&snapshot), owner, &spec.secret_template)
-        {
-            return Ok(foreign);
-        }
-    }
-    let secret = fetch_secret(ctx, namespace, name).await?;
-    let snapshot = secret.as_ref().map(SecretSnapshot::of);
-    Ok(secret::inspect(
-        snapshot.as_ref(),
-        owner,
-        &spec.secret_template,
-    ))
-}
-
-async fn fetch_secret(ctx: &Context, namespace: &str, name: &str) -> Result<Option<Secret>> {
-    let api: Api<Secret> = Api::namespaced(ctx.client.clone(), namespace);
-    let secret = api
-        .get_opt(name)
-        .await
-        .map_err(Error::kube("reading the Secret"))?;
-    if let Some(secret) = &secret {
-        ctx.secrets.record(secret);
-    }
-    Ok(secret)
-}
-
-/// Re-applies the request's own Secret with the URL it holds, to restore labels and annotations
-/// edited by hand. Reads the Secret first: the cache never holds the URL.
-async fn restore_metadata(
-    ctx: &Context,
-    request: &EmbedUrlRequest,
-    spec: &ValidSpec,
-    owner: secret::Owner<'_>,
-) -> Result<Option<SecretWritten>> {
-    let Some(secret) = fetch_secret(
-        ctx,
-        &request.namespace().unwrap_or_default(),
-        &spec.secret_name,
-    )
-    .await?
-    else {
-        return Ok(None);
-    };
-    let stored = secret::inspect(
-        Some(&SecretSnapshot::of(&secret)),
-        owner,
-        &spec.secret_template,
-    );
-    // Only if it still holds this request's URL and still needs it (it may have changed since).
-    if let StoredSecret::Owned { url: Some(url) } = stored
-        && !url.metadata_intact
-        && let Some(url_text) = secret::stored_url(&secret)
-    {
-        return apply_secret(ctx, request, spec, &url_text, &url)
-            .await
-            .map(Some);
-    }
-    Ok(None)
-}
-
-async fn apply_secret(
-    ctx: &Context,
-    request: &EmbedUrlRequest,
-    spec: &ValidSpec,
-    url: &EmbedUrl,
-    stored: &StoredUrl,
-) -> Result<SecretWritten> {
-    // A `sessionExpiresAt` removed by hand is rebuilt: the URL was minted one use-by window
-    // before its use-by time, and the session lasts the spec's length from then.
-    let session_expires = stored.session_expires_at.unwrap_or_else(|| {
-        let window = ctx.settings.windows.for_service(spec.service());
-        let minted_at = schedule::sub(stored.expires_at, window);
-        schedule::add(minted_at, spec.target.session_length())
-    });
-    let content = SecretContent {
-        name: &spec.secret_name,
-        url,
-        url_expires_at: stored.expires_at,
-        session_expires_at: session_expires,
-        generation: stored.generation,
-        template: &spec.secret_template,
-    };
-    server_side_apply_secret(ctx, request, &content).await
-}
-
-async fn apply_secret_content(
-    ctx: &Context,
-    request: &EmbedUrlRequest,
-    spec: &ValidSpec,
-    url: &EmbedUrl,
-    url_expires_at: Timestamp,
-    session_expires_at: Timestamp,
-) -> Result<SecretWritten> {
-    let content = SecretContent {
-        name: &spec.secret_name,
-        url,
-        url_expires_at,
-        session_expires_at,
-        generation: request.meta().generation,
-        template: &spec.secret_template,
-    };
-    server_side_apply_secret(ctx, request, &content).await
-}
-
-async fn server_side_apply_secret(
-    ctx: &Context,
-    request: &EmbedUrlRequest,
-    content: &SecretContent<'_>,
-) -> Result<SecretWritten> {
-    let namespace = request.namespace().unwrap_or_default();
-    let api: Api<Secret> = Api::namespaced(ctx.client.clone(), &namespace);
-    let mut secret = secret::render(request, content);
-    secret.metadata.managed_fields = None;
-    // What is written becomes known: the watch's echo of this write, whether it arrives before
-    // or after the response, triggers no reconcile.
-    ctx.secrets.begin_write(&namespace, content.name);
-    // Only the metadata of the answer is read: the data is what was just sent (the operator
-    // owns those keys), and parsing the whole Secret, managedFields included, on every refresh
-    // costs CPU for nothing.
-    let written = api
-        .patch_metadata(
-            content.name,
-            &PatchParams::apply(FIELD_MANAGER).force(),
-            // k8s-openapi writes apiVersion and kind, which server-side apply needs.
-            &Patch::Apply(&secret),
-        )
-        .await
-        .map(|answer| Secret {
-            metadata: answer.metadata,
-            ..secret
-        });
-    let changed_meanwhile =
-        ctx.secrets
-            .finish_write(&namespace, content.name, written.as_ref().ok());
-    written
-        .map_err(|error| redact_url(error, content.url))
-        .map_err(Error::kube("writing the Secret"))?;
-    Ok(SecretWritten { changed_meanwhile })
-}
-
-/// `error` with `url` taken out of the API server's message: an admission webhook that refuses
-/// the Secret may quote it, and every error ends up in a log line or the status.
-fn redact_url(error: kube::Error, url: &EmbedUrl) -> kube::Error {
-    match error {
-        kube::Error::Api(mut status) => {
-            // Everything that can carry text from the refused object: the message and each
-            // cause (kube's Display of the error prints them all).
-            status.message = url.redact_in(&status.message);
-            status.reason = url.redact_in(&status.reason);
-            if let Some(details) = status.details.as_mut() {
-                for text in [&mut details.name, &mut details.group, &mut details.kind] {
-                    *text = url.redact_in(text);
-                }
-                for cause in &mut details.causes {
-                    cause.message = url.redact_in(&cause.message);
-                    cause.field = url.redact_in(&cause.field);
-                    cause.reason = url.redact_in(&cause.reason);
-                }
-            }
-            kube::Error::Api(status)
-        }
-        other => other,
-    }
-}
-
-/// The outcome of a Secret write.
-#[must_use]
-struct SecretWritten {
-    /// Someone else changed the Secret while it was being written: look at it again soon.
-    changed_meanwhile: bool,
-}
-
-impl SecretWritten {
-    /// `planned`, or a prompt second look if the Secret changed under the write.
-    fn requeue(&self, now: Timestamp, planned: Timestamp) -> Next {
-        if self.changed_meanwhile {
-            Next::requeue(Duration::from_millis(100))
-        } else {
-            requeue_at(now, planned)
-        }
-    }
-}
-
-/// Writes `desired` if it differs from `current`, and publishes an event if `Ready` changed.
-async fn write_status(
-    request: &EmbedUrlRequest,
-    current: &EmbedUrlRequestStatus,
-    desired: EmbedUrlRequestStatus,
-    ctx: &Context,
-) -> Result<()> {
-    if &desired == current {
-        publish_schedule(ctx, request, &desired);
-        return Ok(());
-    }
-    if let Err(error) = apply_status(ctx, request, current, &desired).await {
-        if error.is_not_found() {
-            // Deleted meanwhile: its series went with the deletion and must not come back.
-            let key = RequestKey::of(request);
-            ctx.metrics.forget_request(&key.namespace, &key.name);
-        }
-        return Err(error);
-    }
-    publish_schedule(ctx, request, &desired);
-    publish_transition(ctx, request, current, &desired).await;
-    Ok(())
-}
-
-/// The per-request metrics (use-by time, next refresh, ready) say what `status` says. They are
-/// set from every status a reconcile ends with, written or already in place, so that a restarted
-/// operator exports them for requests it has no reason to refresh yet, and a request that is
-/// halted (suspended, not permitted, in conflict, invalid) reports `ready` 0 and no next refresh.
-/// A status without a service (the spec was never valid) has no series.
-fn publish_schedule(ctx: &Context, request: &EmbedUrlRequest, status: &EmbedUrlRequestStatus) {
-    let namespace = request.meta().namespace.as_deref().unwrap_or_default();
-    let name = request.meta().name.as_deref().unwrap_or_default();
-    let Some(service) = status.service.as_deref().and_then(Service::from_name) else {
-        ctx.metrics.forget_request(namespace, name);
-        return;
-    };
-    let ready = status.ready().is_some_and(|c| c.status == "True");
-    ctx.metrics.set_schedule(
-        namespace,
-        name,
-        service,
-        schedule::parse_time(status.url_expires_at.as_deref()),
-        schedule::parse_time(status.next_refresh_time.as_deref()),
-        ready,
-    );
-}
-
-async fn apply_status(
-    ctx: &Context,
-    request: &EmbedUrlRequest,
-    current: &EmbedUrlRequestStatus,
-    status: &EmbedUrlRequestStatus,
-) -> Result<()> {
-    let namespace = request.namespace().unwrap_or_default();
-    apply_status_of(ctx, &namespace, &request.name_any(), current, status).await
-}
-
-/// The body of a status apply: serialized straight from the status, with no JSON value built
-/// in between (once per refresh).
-#[derive(serde::Serialize)]
-#[serde(rename_all = "camelCase")]
-struct StatusApply<'a> {
-    api_version: Cow<'static, str>,
-    kind: Cow<'static, str>,
-    status: &'a EmbedUrlRequestStatus,
-}
-
-/// Writes the status of the request `namespace/name` (now `current`) with server-side apply.
-///
-/// A cluster whose EmbedUrlRequest CRD is older than the operator (Helm installs `crds/` but
-/// never upgrades them) refuses an apply that sets a field the CRD does not declare, every
-/// time: requests would never get a status. Then the status is written as a merge patch, from
-/// which the API server drops the undeclared fields, and the operator says once what to do.
-async fn apply_status_of(
-    ctx: &Context,
-    namespace: &str,
-    name: &str,
-    current: &EmbedUrlRequestStatus,
-    status: &EmbedUrlRequestStatus,
-) -> Result<()> {
-    let body = StatusApply {
-        api_version: EmbedUrlRequest::api_version(&()),
-        kind: EmbedUrlRequest::kind(&()),
-        status,
-    };
-    let params = PatchParams::apply(FIELD_MANAGER).force();
-    match patch_status(ctx, namespace, name, &params, &Patch::Apply(&body)).await {
-        Err(kube::Error::Api(refusal)) if refusal.message.contains(FIELD_NOT_DECLARED) => {
-            static SAID: std::sync::Once = std::sync::Once::new();
-            SAID.call_once(|| {
-                tracing::error!(
-                    error = %refusal.message,
-                    "the EmbedUrlRequest CRD in the cluster is older than this operator: status \
-                     fields it does not declare are dropped until it is upgraded with \
-                     `kubectl apply --server-side -f crds/` (from this operator's release)"
-                );
-            });
-            let stored = serde_json::to_value(current).map_err(|source| Error::Serialize {
-                what: "status",
-                source,
-            })?;
-            replace_status(ctx, namespace, name, Some(&stored), status).await
-        }
-        result => result.map_err(Error::kube("writing the status")),
-    }
-}
-
-/// What the API server says of an applied field that the installed CRD's schema lacks.
-const FIELD_NOT_DECLARED: &str = "field not declared in schema";
-
-/// Patches a request's status and reads only the metadata of the answer
-/// (`as=PartialObjectMetadata`). The operator needs nothing from the answer; parsing the whole
-/// object, managedFields included, would cost CPU on every refresh, and the object of a request
-/// whose spec does not deserialize could not be parsed at all.
-async fn patch_status<P: serde::Serialize>(
-    ctx: &Context,
-    namespace: &str,
-    name: &str,
-    params: &PatchParams,
-    patch: &Patch<P>,
-) -> Result<(), kube::Error> {
-    let mut request = kube::core::Request::new(EmbedUrlRequest::url_path(&(), Some(namespace)))
-        .patch_subresource("status", name, params, patch)
-        .map_err(kube::Error::BuildRequest)?;
-    request.headers_mut().insert(
-        http::header::ACCEPT,
-        http::HeaderValue::from_static(METADATA_ONLY),
-    );
-    ctx.client
-        .request::<PartialObjectMeta<EmbedUrlRequest>>(request)
-        .await?;
-    Ok(())
-}
-
-/// The media type that asks the API server for an object's metadata only.
-const METADATA_ONLY: &str = "application/json;as=PartialObjectMetadata;g=meta.k8s.io;v=v1";
-
-/// Events mark transitions of `Ready` (status or reason), never every refresh.
-async fn publish_transition(
-    ctx: &Context,
-    request: &EmbedUrlRequest,
-    current: &EmbedUrlRequestStatus,
-    desired: &EmbedUrlRequestStatus,
-) {
-    let before = current
-        .ready()
-        .map(|c| (c.status.as_str(), c.reason.as_str()));
-    let Some(after) = desired.ready() else {
-        return;
-    };
-    if before == Some((after.status.as_str(), after.reason.as_str())) {
-        return;
-    }
-    let transition = Transition {
-        type_: if after.status == "True" && after.reason == reasons::URL_READY {
-            EventType::Normal
-        } else {
-            EventType::Warning
-        },
-        reason: after.reason.to_string(),
-        note: status::event_note(&after.message),
-        action: "Reconcile",
-    };
-    let regarding = request.object_ref(&());
-    if let Err(error) =
-        events::publish(ctx.client.clone(), &ctx.reporter, transition, regarding).await
-    {
-        // An event is a courtesy; failing to publish one must not fail the reconcile.
-        warn!(
-            namespace = request.namespace().as_deref().unwrap_or_default(),
-            name = request.name_any(),
-            error = %error,
-            "could not publish event"
-        );
+/// `planned`, or a prompt second look if the Secret changed under the write.
+fn after_write(written: &SecretWritten, now: Timestamp, planned: Timestamp) -> Next {
+    if written.changed_meanwhile {
+        Next::requeue(Duration::from_millis(100))
+    } else {
+        requeue_at(now, planned)
     }
 }
 
@@ -1246,12 +843,14 @@ enum Refusal {
     Invalid(InvalidSpec),
 }
 
-/// Whether the watch still shows `request` (by uid) under its name.
+/// Whether the watch still shows `request` (by uid) under its name, not being deleted.
 fn still_the_same_request(request: &EmbedUrlRequest, ctx: &Context) -> bool {
     let namespace = request.namespace().unwrap_or_default();
     ctx.requests
         .get(&ObjectRef::new(&request.name_any()).within(&namespace))
-        .is_some_and(|cached| cached.uid() == request.uid())
+        .is_some_and(|cached| {
+            cached.uid() == request.uid() && cached.meta().deletion_timestamp.is_none()
+        })
 }
 
 /// Whether the request's namespace is being deleted, as the namespace watch last saw it.
@@ -1368,27 +967,6 @@ async fn waiting_status(
 mod tests {
     use super::*;
     use serde_json::json;
-
-    #[test]
-    fn a_refusal_quoting_the_secret_loses_the_url_everywhere_it_is_shown() {
-        let url = EmbedUrl::new("https://x.example/embed?code=abc".to_string());
-        // base64 of the URL, as the refused Secret's data carries it.
-        let in_data = "aHR0cHM6Ly94LmV4YW1wbGUvZW1iZWQ/Y29kZT1hYmM=";
-        let status: kube::core::Status = serde_json::from_value(json!({
-            "code": 403,
-            "reason": "denied https://x.example/embed?code=abc",
-            "message": format!("denied: url is https://x.example/embed?code=abc"),
-            "details": {"causes": [
-                {"reason": "FieldValueForbidden", "message": format!("data.url={in_data}"), "field": "data.url"}
-            ]}
-        }))
-        .unwrap();
-        let redacted = redact_url(kube::Error::Api(Box::new(status)), &url);
-        let shown = format!("{redacted} {redacted:?}");
-        assert!(!shown.contains("code=abc"), "{shown}");
-        assert!(!shown.contains(in_data), "{shown}");
-        assert!(shown.contains("[URL]"), "{shown}");
-    }
 
     #[test]
     fn a_mint_is_as_urgent_as_the_status_says_not_as_the_secret_says() {

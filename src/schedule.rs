@@ -24,7 +24,7 @@ pub const MIN_INTERVAL_SHARE: f64 = 0.1;
 
 /// First retry delay after a retryable AWS error; doubled on every further failure.
 pub const RETRY_BASE: Duration = Duration::from_secs(1);
-/// Longest retry delay after retryable errors.
+/// Longest retry delay after retryable errors (and at most half the use-by window).
 pub const RETRY_CAP: Duration = Duration::from_secs(5 * 60);
 /// First retry delay after AWS rejected a request; doubled on every further failure.
 pub const REJECTED_BASE: Duration = Duration::from_secs(5 * 60);
@@ -185,7 +185,9 @@ pub fn retry_at(
 ) -> Timestamp {
     let exponent = failures.saturating_sub(1).min(16);
     let (base, cap) = if kind.is_retryable() {
-        (RETRY_BASE, RETRY_CAP)
+        // A URL that lapsed during an outage is retried at least every half window, so it
+        // comes back about as soon as a refresh would have.
+        (RETRY_BASE, RETRY_CAP.min(window / 2).max(RETRY_BASE))
     } else {
         (REJECTED_BASE, REJECTED_CAP)
     };
@@ -466,8 +468,8 @@ mod tests {
         assert_eq!(delays, vec![1, 2, 4, 8, 16]);
         assert_eq!(
             retry_at(now, AwsErrorKind::Unavailable, 30, far, WINDOW, 0.0),
-            t("2026-11-22T10:05:00Z"),
-            "capped at five minutes"
+            t("2026-11-22T10:02:30Z"),
+            "capped at half the window (and at five minutes)"
         );
         // URL usable until 10:00:40: retries must come before 10:00:10 (a tenth of the window).
         let soon = Some(t("2026-11-22T10:00:40Z"));

@@ -85,7 +85,15 @@ struct State {
     /// Requests whose reconcile is running (or waiting in a rate-limit line), and whether they
     /// came due again meanwhile: they are handed out again when it ends, not while it runs
     /// (kube-runtime would hold the second until the first ended, and it would hold a slot).
-    in_flight: HashMap<Arc<RequestKey>, bool>,
+    in_flight: HashMap<Arc<RequestKey>, InFlight>,
+}
+
+/// A request's reconciles in flight (one, as kube-runtime runs them), and whether it came due
+/// again meanwhile.
+#[derive(Default)]
+struct InFlight {
+    reconciles: u32,
+    due_again: bool,
 }
 
 #[derive(Clone, Copy)]
@@ -253,7 +261,7 @@ impl WorkQueue {
         state.dispatched.remove(key);
         state.running += 1;
         let key = Arc::new(key.clone());
-        state.in_flight.insert(key.clone(), false);
+        state.in_flight.entry(key.clone()).or_default().reconciles += 1;
         Running { queue: self, key }
     }
 
@@ -287,9 +295,9 @@ impl WorkQueue {
                     && let Some((_, key)) = state.due.pop_first()
                 {
                     state.entries.remove(&*key);
-                    if let Some(due_again) = state.in_flight.get_mut(&*key) {
+                    if let Some(in_flight) = state.in_flight.get_mut(&*key) {
                         // Its reconcile is still running: once more when it ends.
-                        *due_again = true;
+                        in_flight.due_again = true;
                         continue;
                     }
                     state.dispatched.insert(key.clone(), now);
@@ -384,7 +392,17 @@ impl Drop for Running<'_> {
         let due_again = {
             let mut state = self.queue.lock();
             state.running = state.running.saturating_sub(1);
-            state.in_flight.remove(&self.key) == Some(true)
+            match state.in_flight.get_mut(&self.key) {
+                Some(in_flight) if in_flight.reconciles > 1 => {
+                    in_flight.reconciles -= 1;
+                    false
+                }
+                Some(_) => state
+                    .in_flight
+                    .remove(&self.key)
+                    .is_some_and(|in_flight| in_flight.due_again),
+                None => false,
+            }
         };
         if due_again {
             self.queue.schedule_now(&self.key);
