@@ -126,19 +126,7 @@ impl WorkQueue {
             }
             state.unlink(key, entry);
         }
-        let ticket = state.next_ticket;
-        state.next_ticket += 1;
-        let key = Arc::new(key.clone());
-        state.waiting.insert((at, ticket), key.clone());
-        state.entries.insert(
-            key,
-            Entry {
-                at,
-                ticket,
-                urgency: None,
-                blocked_on: None,
-            },
-        );
+        state.insert(key, at, None);
         drop(state);
         // The dispatcher may be sleeping until a later entry.
         self.changed.notify_one();
@@ -171,25 +159,13 @@ impl WorkQueue {
             }
             state.unlink(key, entry);
         }
-        let ticket = state.next_ticket;
-        state.next_ticket += 1;
-        let key = Arc::new(key.clone());
-        state.waiting.insert((fallback, ticket), key.clone());
+        let (ticket, key) = state.insert(key, fallback, Some((bucket, urgency)));
         state
             .blocked
             .entry(bucket)
             .or_default()
-            .insert((urgency, ticket), key.clone());
+            .insert((urgency, ticket), key);
         state.blocked_count += 1;
-        state.entries.insert(
-            key,
-            Entry {
-                at: fallback,
-                ticket,
-                urgency: None,
-                blocked_on: Some((bucket, urgency)),
-            },
-        );
         drop(state);
         self.changed.notify_one();
     }
@@ -355,6 +331,29 @@ impl WorkQueue {
 }
 
 impl State {
+    /// A new entry for `key`, waiting until `at`; its ticket and shared key.
+    fn insert(
+        &mut self,
+        key: &RequestKey,
+        at: Instant,
+        blocked_on: Option<(u64, i64)>,
+    ) -> (u64, Arc<RequestKey>) {
+        let ticket = self.next_ticket;
+        self.next_ticket += 1;
+        let key = Arc::new(key.clone());
+        self.waiting.insert((at, ticket), key.clone());
+        self.entries.insert(
+            key.clone(),
+            Entry {
+                at,
+                ticket,
+                urgency: None,
+                blocked_on,
+            },
+        );
+        (ticket, key)
+    }
+
     /// Removes `key`'s entry from the maps it is in.
     fn unlink(&mut self, key: &RequestKey, entry: Entry) {
         match entry.urgency {

@@ -32,6 +32,16 @@ fn viewer_policy(name: &str) -> EmbedUrlPolicy {
     )
 }
 
+/// [`viewer_policy`] with a role to assume, and nothing else about the identity.
+fn policy_with_role() -> EmbedUrlPolicy {
+    let mut with_role = viewer_policy("analytics-team");
+    with_role.spec.aws = Some(PolicyAws {
+        role_arn: Some("arn:aws:iam::111122223333:role/embed-analytics".into()),
+        ..Default::default()
+    });
+    with_role
+}
+
 async fn apply_policy(h: &Harness, policy: &EmbedUrlPolicy) {
     let api: Api<EmbedUrlPolicy> = Api::all(h.client.clone());
     api.patch(
@@ -225,12 +235,7 @@ async fn a_policy_role_is_assumed_with_external_id_and_session_tags() {
 async fn an_sts_refusal_is_reported_as_assume_role_and_nothing_is_minted() {
     let h = Harness::start_with(WINDOW, PolicyMode::Enforce).await;
     h.aws.fail_sts_next(1);
-    let mut with_role = viewer_policy("analytics-team");
-    with_role.spec.aws = Some(PolicyAws {
-        role_arn: Some("arn:aws:iam::111122223333:role/embed-analytics".into()),
-        ..Default::default()
-    });
-    apply_policy(&h, &with_role).await;
+    apply_policy(&h, &policy_with_role()).await;
     h.create("console", quick_sight()).await;
     let message = reason_of(&h, "console", "AssumeRoleFailed").await;
     assert!(
@@ -256,12 +261,7 @@ async fn one_failed_assume_role_answers_everyone_waiting_for_it() {
     let h = Harness::start_with(WINDOW, PolicyMode::Enforce).await;
     // STS throttles (retryable): both HTTP attempts of one AssumeRole.
     h.aws.throttle_sts_next(2);
-    let mut with_role = viewer_policy("analytics-team");
-    with_role.spec.aws = Some(PolicyAws {
-        role_arn: Some("arn:aws:iam::111122223333:role/embed-analytics".into()),
-        ..Default::default()
-    });
-    apply_policy(&h, &with_role).await;
+    apply_policy(&h, &policy_with_role()).await;
     // Four requests at once (the harness's four slots): they wait for one STS call, and its
     // failure answers them all, rather than each asking STS in turn.
     for i in 0..4 {
@@ -302,12 +302,7 @@ async fn a_failed_renewal_falls_back_to_credentials_still_valid() {
     let h = Harness::start_with(WINDOW, PolicyMode::Enforce).await;
     // Valid for six seconds, renewed after three.
     h.aws.set_sts_lifetime(Duration::from_secs(6));
-    let mut with_role = viewer_policy("analytics-team");
-    with_role.spec.aws = Some(PolicyAws {
-        role_arn: Some("arn:aws:iam::111122223333:role/embed-analytics".into()),
-        ..Default::default()
-    });
-    apply_policy(&h, &with_role).await;
+    apply_policy(&h, &policy_with_role()).await;
     h.create("console", quick_sight()).await;
     eventually("minted", WAIT, || h.secret_value("console", "url")).await;
     tokio::time::sleep(Duration::from_millis(3500)).await;
@@ -334,12 +329,7 @@ async fn assumed_credentials_are_renewed_before_they_expire() {
     let h = Harness::start_with(WINDOW, PolicyMode::Enforce).await;
     // Credentials valid for two seconds are renewed after half their life.
     h.aws.set_sts_lifetime(Duration::from_secs(2));
-    let mut with_role = viewer_policy("analytics-team");
-    with_role.spec.aws = Some(PolicyAws {
-        role_arn: Some("arn:aws:iam::111122223333:role/embed-analytics".into()),
-        ..Default::default()
-    });
-    apply_policy(&h, &with_role).await;
+    apply_policy(&h, &policy_with_role()).await;
     h.create("console", quick_sight()).await;
     eventually("minted", WAIT, || h.secret_value("console", "url")).await;
     assert_eq!(
