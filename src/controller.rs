@@ -209,6 +209,8 @@ pub fn run(
 
         let forget_metrics = metrics.clone();
         let forget_failures = failures.clone();
+        let relisted = request_store.clone();
+        let relisted_scope = namespace.clone();
         let requests_changed = queue.clone();
         let mut intents = UserIntents::default();
         let request_events = watcher(requests, watcher::Config::default())
@@ -223,6 +225,16 @@ pub fn run(
                             forget_metrics.forget_request(&key.namespace, &key.name);
                             forget_failures.forget(&key.namespace, &key.name);
                             requests_changed.forget(&key);
+                        }
+                        if let watcher::Event::InitDone = &event {
+                            // A relist: requests deleted while the watch was down were never
+                            // reported deleted. The cache now holds what the list showed.
+                            let in_scope = |ns: &str| covers(&relisted_scope, ns);
+                            let exists = |ns: &str, name: &str| {
+                                relisted.get(&ObjectRef::new(name).within(ns)).is_some()
+                            };
+                            forget_metrics.retain_requests(in_scope, exists);
+                            forget_failures.retain(in_scope, exists);
                         }
                         // The operator's own status writes come back as events too;
                         // reconciling them again would find nothing to do, at the cost of a

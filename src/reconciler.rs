@@ -98,6 +98,13 @@ impl FailureCounts {
         *count
     }
 
+    /// Keeps the counts only of the requests `exists` says are still there, among those whose
+    /// namespace is `in_scope` (after a relist, for deletions its watch never reported).
+    pub fn retain(&self, in_scope: impl Fn(&str) -> bool, exists: impl Fn(&str, &str) -> bool) {
+        self.lock()
+            .retain(|(namespace, name), _| !in_scope(namespace) || exists(namespace, name));
+    }
+
     pub fn forget(&self, namespace: &str, name: &str) {
         let mut counts = self.lock();
         if !counts.is_empty() {

@@ -318,6 +318,22 @@ impl Metrics {
         }
     }
 
+    /// Keeps the per-request series only of the requests `exists` says are still there, among
+    /// those `in_scope` (a watch relisted: deletions during its gap were never reported).
+    pub fn retain_requests(
+        &self,
+        in_scope: impl Fn(&str) -> bool,
+        exists: impl Fn(&str, &str) -> bool,
+    ) {
+        let mut by_namespace = self.requests.lock();
+        by_namespace.retain(|namespace, names| {
+            if in_scope(namespace) {
+                names.retain(|name, _| exists(namespace, name));
+            }
+            !names.is_empty()
+        });
+    }
+
     /// Drops the per-request series of a request that no longer exists.
     pub fn forget_request(&self, namespace: &str, name: &str) {
         let mut by_namespace = self.requests.lock();

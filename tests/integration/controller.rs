@@ -476,6 +476,47 @@ async fn a_request_being_deleted_is_not_refreshed() {
 }
 
 #[tokio::test]
+async fn a_deletion_the_watch_missed_drops_the_requests_series_at_the_relist() {
+    let h = Harness::start(LONG_WINDOW).await;
+    h.create("console", quick_sight()).await;
+    h.create("chat", q_business()).await;
+    minted_url(&h, "console").await;
+    minted_url(&h, "chat").await;
+    eventually("series published", WAIT, || {
+        request_metric(&h, "ready", "console")
+            .filter(|_| request_metric(&h, "ready", "chat").is_some())
+    })
+    .await;
+    // Every watch down for a while (two failed re-watches each), a request deleted meanwhile,
+    // and the history compacted: the watches come back only through a relist, which never
+    // reports the deletion.
+    for plural in ["embedurlrequests", "secrets"] {
+        h.kube.inject_failure("watch", plural, 500, 2);
+    }
+    h.kube.end_all_watches();
+    h.requests()
+        .delete("console", &DeleteParams::default())
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    h.kube.compact_history();
+    eventually(
+        "the deleted request's series dropped",
+        Duration::from_secs(20),
+        || {
+            request_metric(&h, "ready", "console")
+                .is_none()
+                .then_some(())
+        },
+    )
+    .await;
+    assert!(
+        request_metric(&h, "ready", "chat").is_some(),
+        "the others stay"
+    );
+}
+
+#[tokio::test]
 async fn throttling_keeps_the_old_url_then_recovers() {
     let h = Harness::start(Duration::from_secs(6)).await;
     h.create("chat", q_business()).await;
