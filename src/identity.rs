@@ -8,7 +8,7 @@
 //! five minutes before they expire, so steady refreshing makes no STS calls.
 
 use crate::policy::RoleToAssume;
-use crate::providers::{AwsCallError, Providers};
+use crate::providers::{AwsCallError, AwsErrorKind, Providers};
 use crate::recent::RecentlyUsed;
 use aws_config::identity::IdentityCache;
 use aws_config::{Region, SdkConfig};
@@ -257,6 +257,18 @@ impl AssumedRole {
             }
         }
         let fetched_at = SystemTime::now();
+        // Counted as failed until it answers: if this caller goes away mid-call (its reconcile
+        // cancelled at shutdown, or the SDK's attempt timeout while it signs), the next callers
+        // do not each start another STS call at once.
+        *renewal = Some((
+            AwsCallError {
+                operation: "AssumeRole",
+                kind: AwsErrorKind::Unavailable,
+                code: "Abandoned".to_string(),
+                message: "an AssumeRole call was given up before STS answered".to_string(),
+            },
+            std::time::Instant::now(),
+        ));
         match self.assume_role().await {
             Ok(credentials) => {
                 *lock_issued(&self.issued) =
