@@ -234,9 +234,12 @@ impl WorkQueue {
     /// Marks the start of `key`'s reconcile; the slot is given back when the guard is dropped.
     pub fn start(&self, key: &RequestKey) -> Running<'_> {
         let mut state = self.lock();
-        state.dispatched.remove(key);
+        // The key the dispatcher handed out, shared rather than copied (this is every refresh).
+        let key = match state.dispatched.remove_entry(key) {
+            Some((shared, _)) => shared,
+            None => Arc::new(key.clone()),
+        };
         state.running += 1;
-        let key = Arc::new(key.clone());
         state.in_flight.entry(key.clone()).or_default().reconciles += 1;
         Running { queue: self, key }
     }

@@ -352,6 +352,24 @@ impl Responder {
     }
 }
 
+/// Takes one from a counter of calls still to fail; false when none are left.
+fn take_one(left: &AtomicU64) -> bool {
+    left.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
+        .is_ok()
+}
+
+/// An STS (awsQuery) error answer.
+fn sts_error(status: u16, code: &str, message: &str) -> ResponseTemplate {
+    ResponseTemplate::new(status).set_body_raw(
+        format!(
+            "<ErrorResponse xmlns=\"https://sts.amazonaws.com/doc/2011-06-15/\"><Error><Type>Sender</Type>\
+             <Code>{code}</Code><Message>{message}</Message>\
+             </Error><RequestId>req-fake</RequestId></ErrorResponse>"
+        ),
+        "text/xml",
+    )
+}
+
 /// Access key ids the fake STS hands out start with this.
 pub const ASSUMED_ACCESS_KEY_PREFIX: &str = "ASIAFAKEASSUMED";
 
@@ -373,34 +391,14 @@ impl Respond for StsResponder {
             calls.push(form);
             calls.len()
         };
-        let throttle = self
-            .state
-            .sts_throttles
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |left| {
-                left.checked_sub(1)
-            })
-            .is_ok();
-        if throttle {
-            return ResponseTemplate::new(400).set_body_raw(
-                "<ErrorResponse xmlns=\"https://sts.amazonaws.com/doc/2011-06-15/\"><Error><Type>Sender</Type>\
-                 <Code>Throttling</Code><Message>Rate exceeded</Message>\
-                 </Error><RequestId>req-fake</RequestId></ErrorResponse>",
-                "text/xml",
-            );
+        if take_one(&self.state.sts_throttles) {
+            return sts_error(400, "Throttling", "Rate exceeded");
         }
-        let refuse = self
-            .state
-            .sts_failures
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |left| {
-                left.checked_sub(1)
-            })
-            .is_ok();
-        if refuse {
-            return ResponseTemplate::new(403).set_body_raw(
-                "<ErrorResponse xmlns=\"https://sts.amazonaws.com/doc/2011-06-15/\"><Error><Type>Sender</Type>\
-                 <Code>AccessDenied</Code><Message>User is not authorized to perform: sts:AssumeRole</Message>\
-                 </Error><RequestId>req-fake</RequestId></ErrorResponse>",
-                "text/xml",
+        if take_one(&self.state.sts_failures) {
+            return sts_error(
+                403,
+                "AccessDenied",
+                "User is not authorized to perform: sts:AssumeRole",
             );
         }
         let lifetime = match self.state.sts_lifetime_secs.load(Ordering::Relaxed) {
