@@ -31,6 +31,12 @@ pub const REGION_PATTERN: &str = r"^[a-z]{2}(-[a-z]+)+-[0-9]+$";
 pub const SECRET_NAME_PATTERN: &str =
     r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$";
 /// Pattern of a QuickSight console entry point.
+/// A 12-digit AWS account ID.
+pub const ACCOUNT_ID_PATTERN: &str = r"^[0-9]{12}$";
+/// A Q Business application or web experience ID.
+pub const Q_BUSINESS_ID_PATTERN: &str = r"^[a-zA-Z0-9][a-zA-Z0-9-]{35}$";
+/// A Managed Flink application name.
+pub const FLINK_APP_NAME_PATTERN: &str = r"^[a-zA-Z0-9_.-]{1,128}$";
 pub const ENTRY_POINT_PATTERN: &str = r"^(/start|/start/analyses|/start/dashboards|/start/favorites|/dashboards/[^/]+|/analyses/[^/]+)$";
 
 /// A request as watched and cached: readable, or its metadata and why it is not (written
@@ -129,7 +135,7 @@ pub struct EmbedUrlRequestSpec {
 #[serde(rename_all = "camelCase")]
 pub struct QuickSightSpec {
     /// ID of the AWS account that holds the QuickSight subscription: 12 digits, quoted in YAML.
-    #[schemars(pattern(r"^[0-9]{12}$"))]
+    #[schemars(pattern(ACCOUNT_ID_PATTERN))]
     pub aws_account_id: String,
 
     /// Page the console opens on: `/start`, `/start/analyses`, `/start/dashboards`,
@@ -156,11 +162,11 @@ pub struct QuickSightSpec {
 #[serde(rename_all = "camelCase")]
 pub struct QBusinessSpec {
     /// ID of the Amazon Q Business application: 36 characters.
-    #[schemars(pattern(r"^[a-zA-Z0-9][a-zA-Z0-9-]{35}$"))]
+    #[schemars(pattern(Q_BUSINESS_ID_PATTERN))]
     pub application_id: String,
 
     /// ID of the anonymous web experience of that application: 36 characters.
-    #[schemars(pattern(r"^[a-zA-Z0-9][a-zA-Z0-9-]{35}$"))]
+    #[schemars(pattern(Q_BUSINESS_ID_PATTERN))]
     pub web_experience_id: String,
 
     /// How long the chat session opened by the URL lasts, 15 to 60 minutes. Default: 60.
@@ -175,7 +181,7 @@ pub struct QBusinessSpec {
 #[serde(rename_all = "camelCase")]
 pub struct FlinkSpec {
     /// Name of the Managed Flink application: 1 to 128 of `a-z A-Z 0-9 _ . -`.
-    #[schemars(pattern(r"^[a-zA-Z0-9_.-]{1,128}$"))]
+    #[schemars(pattern(FLINK_APP_NAME_PATTERN))]
     pub application_name: String,
 
     /// Which UI the URL opens: `FLINK_DASHBOARD_URL` (the Apache Flink dashboard) or

@@ -6,8 +6,9 @@
 
 use crate::crd::OWN_ANNOTATION_PREFIX;
 use crate::crd::{
-    DURATION_PATTERN, ENTRY_POINT_PATTERN, EmbedUrlRequestSpec, REGION_PATTERN,
-    SECRET_NAME_PATTERN, SecretTemplate,
+    ACCOUNT_ID_PATTERN, DURATION_PATTERN, ENTRY_POINT_PATTERN, EmbedUrlRequestSpec,
+    FLINK_APP_NAME_PATTERN, Q_BUSINESS_ID_PATTERN, REGION_PATTERN, SECRET_NAME_PATTERN,
+    SecretTemplate,
 };
 use crate::providers::{Service, Target};
 use crate::secret::MANAGED_BY_LABEL;
@@ -97,10 +98,10 @@ fn pattern(re: &str) -> Regex {
     Regex::new(re).unwrap_or_else(|e| panic!("invalid built-in pattern {re}: {e}"))
 }
 
-static ACCOUNT_ID: LazyLock<Regex> = LazyLock::new(|| pattern(r"^[0-9]{12}$"));
+static ACCOUNT_ID: LazyLock<Regex> = LazyLock::new(|| pattern(ACCOUNT_ID_PATTERN));
 static ENTRY_POINT: LazyLock<Regex> = LazyLock::new(|| pattern(ENTRY_POINT_PATTERN));
-static Q_BUSINESS_ID: LazyLock<Regex> = LazyLock::new(|| pattern(r"^[a-zA-Z0-9][a-zA-Z0-9-]{35}$"));
-static FLINK_APP_NAME: LazyLock<Regex> = LazyLock::new(|| pattern(r"^[a-zA-Z0-9_.-]{1,128}$"));
+static Q_BUSINESS_ID: LazyLock<Regex> = LazyLock::new(|| pattern(Q_BUSINESS_ID_PATTERN));
+static FLINK_APP_NAME: LazyLock<Regex> = LazyLock::new(|| pattern(FLINK_APP_NAME_PATTERN));
 static REGION: LazyLock<Regex> = LazyLock::new(|| pattern(REGION_PATTERN));
 /// The CRD's bound on `spec.region`, checked again for specs that bypassed the schema.
 const MAX_REGION_LENGTH: usize = 32;
