@@ -1,10 +1,11 @@
 //! EmbedUrlPolicy enforcement and per-tenant AWS identities, against the stand-ins.
 
 use crate::quick_sight;
-use crate::support::fake_aws::{ASSUMED_ACCESS_KEY_PREFIX, TEST_ACCESS_KEY};
+use crate::support::fake_aws::{ASSUMED_ACCESS_KEY_PREFIX, FakeAws, TEST_ACCESS_KEY};
 use crate::support::{Harness, NS, eventually};
+use embed_url_operator::identity::AwsClients;
 use embed_url_operator::policy::{
-    EmbedUrlPolicy, EmbedUrlPolicySpec, PolicyAws, PolicyMode, QuickSightRules,
+    EmbedUrlPolicy, EmbedUrlPolicySpec, PolicyAws, PolicyMode, QuickSightRules, RoleToAssume,
 };
 use embed_url_operator::providers::Service;
 use k8s_openapi::api::core::v1::Namespace;
@@ -285,6 +286,38 @@ async fn one_failed_assume_role_answers_everyone_waiting_for_it() {
         .await;
     }
     assert_eq!(h.aws.sts_calls().len(), 3, "credentials cached after that");
+}
+
+#[tokio::test]
+async fn an_assume_role_given_up_midway_counts_as_failed_for_a_moment() {
+    let aws = FakeAws::start().await;
+    let clients = AwsClients::new(aws.sdk_config());
+    let role = RoleToAssume {
+        role_arn: "arn:aws:iam::111122223333:role/embed-analytics".into(),
+        external_id: None,
+    };
+    let assumed = clients
+        .assumed(&role, "us-east-1", NS, "analytics-team")
+        .assumed
+        .expect("an assumed identity");
+    // STS is slow, and the caller gives up (its reconcile cancelled, say at shutdown).
+    aws.delay_sts(Duration::from_secs(5));
+    let given_up = tokio::time::timeout(Duration::from_millis(200), assumed.credentials()).await;
+    assert!(given_up.is_err(), "STS answered within 200 ms");
+    assert_eq!(aws.sts_calls().len(), 1);
+    aws.delay_sts(Duration::ZERO);
+    // The next caller right after does not start a second call at once: the one given up
+    // counts as failed, as a refusal would.
+    let error = assumed.credentials().await.unwrap_err();
+    assert_eq!(
+        (error.operation, error.code.as_str()),
+        ("AssumeRole", "Abandoned")
+    );
+    assert_eq!(aws.sts_calls().len(), 1);
+    // A moment later STS is asked again, and answers.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assumed.credentials().await.expect("credentials");
+    assert_eq!(aws.sts_calls().len(), 2);
 }
 
 #[tokio::test]

@@ -79,6 +79,8 @@ struct State {
     sts_throttles: AtomicU64,
     /// Lifetime of the credentials STS hands out, in seconds (0: one hour).
     sts_lifetime_secs: AtomicU64,
+    /// How long STS takes to answer, in milliseconds.
+    sts_delay_ms: AtomicU64,
     /// Per-service call rate above which calls are throttled, if any.
     rate_limit: Mutex<Option<RateLimit>>,
 }
@@ -178,6 +180,13 @@ impl FakeAws {
     /// Refuses the next `times` AssumeRole calls with `AccessDenied`.
     pub fn fail_sts_next(&self, times: u64) {
         self.state.sts_failures.store(times, Ordering::Relaxed);
+    }
+
+    /// STS answers after `delay` from now on (zero: at once).
+    pub fn delay_sts(&self, delay: Duration) {
+        self.state
+            .sts_delay_ms
+            .store(u64::try_from(delay.as_millis()).unwrap(), Ordering::Relaxed);
     }
 
     /// Throttles the next `times` AssumeRole calls (HTTP 400, `Throttling`, as STS does). Each
@@ -379,6 +388,13 @@ struct StsResponder {
 
 impl Respond for StsResponder {
     fn respond(&self, request: &Request) -> ResponseTemplate {
+        let delay = Duration::from_millis(self.state.sts_delay_ms.load(Ordering::Relaxed));
+        self.answer(request).set_delay(delay)
+    }
+}
+
+impl StsResponder {
+    fn answer(&self, request: &Request) -> ResponseTemplate {
         let body = String::from_utf8_lossy(&request.body);
         // Parse the form body with the URL parser wiremock already uses for query strings.
         let form: HashMap<String, String> = request
