@@ -39,14 +39,19 @@
 //! - background garbage collection: a few milliseconds after an object goes, the objects whose
 //!   `ownerReferences` name its uid are deleted too (in its namespace), transitively;
 //! - Secret `stringData` is folded into base64 `data`.
+//! - namespace deletion: a Namespace gets `spec.finalizers: [kubernetes]` and `status.phase`
+//!   on create; deleting it marks it `Terminating`, and a namespace controller deletes its
+//!   contents one resource type at a time (in the order kinds are served, Secrets first), then
+//!   the namespace; the NamespaceLifecycle admission plugin refuses creates in a terminating
+//!   namespace.
 //!
 //! What it does NOT do like a real API server (a real cluster may still surprise us here):
 //! - No authentication, authorization (RBAC) or admission (webhooks, admission policies); any
 //!   bearer token, or none, is accepted.
 //! - No validation: no OpenAPI or CRD structural schema, CEL rules, required fields, name format
 //!   or immutable-field checks, no pruning of unknown fields; any JSON object is stored as sent.
-//! - No defaulting: e.g. a Secret gets no `type: Opaque`, a Namespace no `spec.finalizers` or
-//!   `status.phase`. The only conversion is Secret `stringData` into `data`.
+//! - No defaulting: e.g. a Secret gets no `type: Opaque`; Namespaces are the only kind
+//!   defaulted (see above). The only conversion is Secret `stringData` into `data`.
 //! - `metadata.generation` is kept on every kind; on a real cluster Secrets, Namespaces, Leases
 //!   and Events have none.
 //! - Only registered kinds are served: no discovery (`/api`, `/apis`, `/version`), no OpenAPI, no
@@ -76,8 +81,9 @@
 //!   after `set_history_limit(n)` (a real etcd compacts every few minutes).
 //! - Garbage collection ignores `propagationPolicy` (always background, never orphans or
 //!   foreground) and grace periods; dependents whose owner never existed are not collected;
-//!   deleting a Namespace does not delete its contents, and objects can live in namespaces that
-//!   do not exist. A terminating object still accepts new finalizers.
+//!   objects can live in namespaces that do not exist (the real NamespaceLifecycle plugin
+//!   refuses them: 404), and a Namespace's finalizer is removed directly, not through the
+//!   `/finalize` subresource. A terminating object still accepts new finalizers.
 //! - uids are unique but sequential, and `generateName` suffixes are predictable.
 
 // Every integration-test binary that includes `tests/support` uses a different part of this API.
@@ -159,6 +165,9 @@ impl ResourceKind {
         }
     }
 }
+
+/// The finalizer the API server puts in every Namespace's `spec.finalizers`.
+const NAMESPACE_FINALIZER: &str = "kubernetes";
 
 const NAMESPACES: ResourceKind = ResourceKind::cluster_scoped("v1", "namespaces", "Namespace");
 
@@ -543,7 +552,12 @@ impl FakeApiServer {
             }
             (_, manager) => manager.unwrap_or(DEFAULT_FIELD_MANAGER),
         };
+        let deleting_namespace =
+            route.kind == NAMESPACES && matches!(request, WriteRequest::Delete(_));
         let outcome = self.lock().perform(&route, request, manager)?;
+        if deleting_namespace && outcome.removed.is_none() {
+            self.empty_namespace_later(&outcome.object);
+        }
         if let Some(owner) = outcome.removed {
             self.collect_garbage_later(owner);
         }
@@ -595,6 +609,78 @@ impl FakeApiServer {
             Body::from_stream(events),
         )
             .into_response())
+    }
+
+    /// The namespace controller: deletes the contents of `namespace` (being deleted), one
+    /// resource type at a time in the order the kinds are served, a garbage-collection delay
+    /// apart, each object as a client's delete would (so its finalizers hold it); once nothing
+    /// is left, removes the namespace's own finalizer, and the namespace goes unless other
+    /// finalizers hold it.
+    fn empty_namespace_later(&self, namespace: &Value) {
+        let name = namespace["metadata"]["name"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+        let uid = namespace["metadata"]["uid"].clone();
+        let server = self.clone();
+        tokio::spawn(async move {
+            let key = ObjectKey {
+                kind: NAMESPACES,
+                namespace: String::new(),
+                name: name.clone(),
+            };
+            loop {
+                let delay = server.lock().gc_delay.max(Duration::from_millis(5));
+                tokio::time::sleep(delay).await;
+                let removed = {
+                    let mut store = server.lock();
+                    match store.objects.get(&key) {
+                        Some(object) if object["metadata"]["uid"] == uid => {}
+                        // Gone, or a new namespace of the same name.
+                        _ => return,
+                    }
+                    let contents: Vec<ObjectKey> = store
+                        .objects
+                        .keys()
+                        .filter(|k| k.kind.namespaced && k.namespace == name)
+                        .cloned()
+                        .collect();
+                    if contents.is_empty() {
+                        let stored = store.objects[&key].clone();
+                        let mut candidate = stored.clone();
+                        if let Some(finalizers) = candidate["spec"]["finalizers"].as_array_mut() {
+                            finalizers.retain(|f| f != NAMESPACE_FINALIZER);
+                        }
+                        let outcome = store.commit(key.clone(), stored, candidate, StatusCode::OK);
+                        drop(store);
+                        if let Some(owner) = outcome.removed {
+                            server.collect_garbage_later(owner);
+                        }
+                        return;
+                    }
+                    // Objects already going wait for their finalizers; the next type goes.
+                    let to_delete: Vec<&ObjectKey> = contents
+                        .iter()
+                        .filter(|k| store.objects[*k]["metadata"]["deletionTimestamp"].is_null())
+                        .collect();
+                    let kinds = store.kinds.clone();
+                    let Some(kind) = kinds
+                        .iter()
+                        .find(|kind| to_delete.iter().any(|k| k.kind == **kind))
+                    else {
+                        continue;
+                    };
+                    to_delete
+                        .into_iter()
+                        .filter(|k| k.kind == *kind)
+                        .filter_map(|k| store.delete(k, &Value::Null).ok()?.removed)
+                        .collect::<Vec<_>>()
+                };
+                for owner in removed {
+                    server.collect_garbage_later(owner);
+                }
+            }
+        });
     }
 
     /// Deletes, after the garbage collection delay, what `owner` owned, then what that owned:
@@ -1157,6 +1243,12 @@ impl Store {
             remove_field(&mut object, "status");
         }
         normalize(kind, &mut object);
+        if kind == NAMESPACES {
+            // Defaulted as the API server does: the namespace controller's finalizer holds a
+            // namespace being deleted until its contents are gone.
+            object["spec"]["finalizers"] = json!([NAMESPACE_FINALIZER]);
+            object["status"]["phase"] = json!("Active");
+        }
         let key = ObjectKey {
             kind,
             namespace,
@@ -1334,6 +1426,9 @@ impl Store {
         let metadata = metadata_mut(&mut candidate);
         metadata.insert("deletionTimestamp".into(), json!(now()));
         metadata.insert("deletionGracePeriodSeconds".into(), json!(0));
+        if key.kind == NAMESPACES {
+            candidate["status"]["phase"] = json!("Terminating");
+        }
         bump_generation(&mut candidate);
         Ok(self.commit(key.clone(), stored, candidate, StatusCode::ACCEPTED))
     }
@@ -1919,9 +2014,10 @@ fn without_managed_times(object: &Value) -> Value {
 }
 
 fn has_finalizers(object: &Value) -> bool {
-    object["metadata"]["finalizers"]
-        .as_array()
-        .is_some_and(|finalizers| !finalizers.is_empty())
+    let non_empty = |finalizers: &Value| finalizers.as_array().is_some_and(|f| !f.is_empty());
+    non_empty(&object["metadata"]["finalizers"])
+        // A Namespace's own, which only the namespace controller removes.
+        || (object["kind"] == NAMESPACES.kind && non_empty(&object["spec"]["finalizers"]))
 }
 
 fn bump_generation(object: &mut Value) {
@@ -3033,6 +3129,92 @@ mod tests {
                 .unwrap_err();
             assert_eq!(api_error(error).0, 422, "{bad}");
         }
+    }
+
+    #[tokio::test]
+    async fn deleting_a_namespace_deletes_its_contents_then_the_namespace() {
+        use k8s_openapi::api::core::v1::Namespace;
+        let server = FakeApiServer::new();
+        let client = server.client();
+        let namespaces: Api<Namespace> = Api::all(client.clone());
+        let namespace = Namespace {
+            metadata: ObjectMeta {
+                name: Some("going".into()),
+                ..ObjectMeta::default()
+            },
+            ..Namespace::default()
+        };
+        let created = namespaces
+            .create(&PostParams::default(), &namespace)
+            .await
+            .unwrap();
+        assert_eq!(
+            created.spec.unwrap().finalizers,
+            Some(vec!["kubernetes".to_owned()])
+        );
+        assert_eq!(created.status.unwrap().phase.as_deref(), Some("Active"));
+        let secrets: Api<Secret> = Api::namespaced(client.clone(), "going");
+        let mut held = secret("held", &[]);
+        held.metadata.finalizers = Some(vec!["example.com/hold".into()]);
+        secrets.create(&PostParams::default(), &held).await.unwrap();
+        let requests: Api<EmbedUrlRequest> = Api::namespaced(client.clone(), "going");
+        requests
+            .create(&PostParams::default(), &request("r", "u"))
+            .await
+            .unwrap();
+        let elsewhere: Api<Secret> = Api::namespaced(client.clone(), "other");
+        elsewhere
+            .create(&PostParams::default(), &secret("kept", &[]))
+            .await
+            .unwrap();
+
+        namespaces
+            .delete("going", &DeleteParams::default())
+            .await
+            .unwrap();
+        let terminating = namespaces.get("going").await.unwrap();
+        assert!(terminating.metadata.deletion_timestamp.is_some());
+        assert_eq!(
+            terminating.status.unwrap().phase.as_deref(),
+            Some("Terminating")
+        );
+        // NamespaceLifecycle: nothing new in it.
+        let (code, _) = api_error(
+            secrets
+                .create(&PostParams::default(), &secret("new", &[]))
+                .await
+                .unwrap_err(),
+        );
+        assert_eq!(code, 403);
+        eventually("the request deleted", || {
+            server
+                .get(
+                    "embedurl.io/v1alpha1",
+                    "embedurlrequests",
+                    Some("going"),
+                    "r",
+                )
+                .is_none()
+        })
+        .await;
+        // The Secret's finalizer holds it, and it holds the namespace.
+        let held = secrets.get("held").await.unwrap();
+        assert!(held.metadata.deletion_timestamp.is_some());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(namespaces.get_opt("going").await.unwrap().is_some());
+        secrets
+            .patch(
+                "held",
+                &PatchParams::default(),
+                &Patch::Merge(json!({"metadata": {"finalizers": null}})),
+            )
+            .await
+            .unwrap();
+        eventually("the namespace gone", || {
+            server.get("v1", "namespaces", None, "going").is_none()
+        })
+        .await;
+        assert!(elsewhere.get_opt("kept").await.unwrap().is_some());
     }
 
     #[tokio::test]
