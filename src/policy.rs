@@ -756,6 +756,66 @@ mod tests {
             ),
             Decision::Denied { .. }
         ));
+
+        // Each list left empty allows nothing, and says which list it is.
+        let denial = |edit: &dyn Fn(&mut EmbedUrlPolicySpec), mut ask: Ask<'_>| {
+            let mut empty = p.clone();
+            edit(&mut empty.spec);
+            ask.region = Some("eu-west-1");
+            match decide(&[&empty], &ask, PolicyMode::Enforce) {
+                Decision::Denied { message } => message,
+                other => panic!("allowed with an empty list: {other:?}"),
+            }
+        };
+        let on_flink = || ask("streaming", &labels, &target);
+        for (edit, list) in [
+            (
+                &(|s: &mut EmbedUrlPolicySpec| s.regions = Some(vec![]))
+                    as &dyn Fn(&mut EmbedUrlPolicySpec),
+                "regions is empty",
+            ),
+            (
+                &|s: &mut EmbedUrlPolicySpec| s.flink.as_mut().unwrap().application_names.clear(),
+                "flink.applicationNames is empty",
+            ),
+            (
+                &|s: &mut EmbedUrlPolicySpec| s.flink.as_mut().unwrap().url_types.clear(),
+                "flink.urlTypes",
+            ),
+        ] {
+            let message = denial(edit, on_flink());
+            assert!(message.contains(list), "{message}");
+        }
+        let quick_sight = qs_target(Some(VIEWER), Some("/start/dashboards"), Some(60));
+        let mut qs_rules = analytics_qs();
+        qs_rules.aws_account_ids.clear();
+        let message = denial(
+            &|s: &mut EmbedUrlPolicySpec| s.quick_sight = Some(qs_rules.clone()),
+            ask("streaming", &labels, &quick_sight),
+        );
+        assert!(
+            message.contains("quickSight.awsAccountIds is empty"),
+            "{message}"
+        );
+        let q_business = Target::QBusiness(QBusinessSpec {
+            application_id: "a".repeat(36),
+            web_experience_id: "w".repeat(36),
+            ..Default::default()
+        });
+        let message = denial(
+            &|s: &mut EmbedUrlPolicySpec| {
+                s.q_business = Some(QBusinessRules {
+                    application_ids: vec![],
+                    web_experience_ids: vec!["*".into()],
+                    ..Default::default()
+                })
+            },
+            ask("streaming", &labels, &q_business),
+        );
+        assert!(
+            message.contains("qBusiness.applicationIds is empty"),
+            "{message}"
+        );
     }
 
     #[test]

@@ -446,7 +446,7 @@ mod tests {
     }
 
     #[test]
-    fn a_vanished_secret_controlled_by_something_else_names_no_owner() {
+    fn a_secret_controlled_by_something_else_is_neither_kept_nor_named_as_owner() {
         for (api_version, kind) in [
             ("embedurl.io/v1alpha1", "ConfigMap"),
             ("other.example/v1alpha1", "EmbedUrlRequest"),
@@ -458,9 +458,17 @@ mod tests {
                 owners[0].kind = kind.into();
             }
             cache.record(&foreign);
+            assert!(cache.is_empty(), "{api_version} {kind}");
+            // Nor through the watch: seen, then gone in a relist, it names no request.
+            let mut seen = meta("7");
+            if let Some(owners) = seen.metadata.owner_references.as_mut() {
+                owners[0].api_version = api_version.into();
+                owners[0].kind = kind.into();
+            }
+            assert!(cache.observe(watcher::Event::Apply(seen)).is_empty());
+            assert!(cache.is_empty(), "{api_version} {kind}");
             cache.observe(watcher::Event::Init);
             assert!(cache.observe(watcher::Event::InitDone).is_empty());
-            assert!(cache.is_empty());
         }
     }
 

@@ -347,12 +347,21 @@ def test_rbac_default_is_cluster_wide_least_privilege(chart):
 
 
 def test_rbac_secrets_verbs_exact(chart):
-    for values in ({}, {"watchNamespaces": ["a"]}, {"replicas": 2}):
-        for scope, perms in granted(render(chart, values)).items():
-            if ("", "secrets") in perms:
-                assert perms[("", "secrets")] == {"get", "list", "watch", "create", "patch"}
-                assert "delete" not in perms[("", "secrets")]
-                assert "update" not in perms[("", "secrets")]
+    for values, scopes in (
+        ({}, {None}),
+        ({"watchNamespaces": ["a"]}, {"a"}),
+        ({"replicas": 2}, {None}),
+    ):
+        granting = {
+            scope: perms[("", "secrets")]
+            for scope, perms in granted(render(chart, values)).items()
+            if ("", "secrets") in perms
+        }
+        # Secrets are granted exactly where the operator works, with exactly these verbs
+        # (no delete or update: the garbage collector deletes, server-side apply writes).
+        assert set(granting) == scopes, (values, granting)
+        for verbs in granting.values():
+            assert verbs == {"get", "list", "watch", "create", "patch"}, (values, verbs)
 
 
 def test_rbac_watch_namespaces_uses_roles(chart):

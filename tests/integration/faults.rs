@@ -10,7 +10,8 @@
 //!   given, like the production client;
 //! - a failed AWS attempt is retried after 1 s, 2 s, 4 s, 8 s... (up to 20 % shorter), pulled
 //!   forward to a tenth of the window before the current URL's use-by time while it is usable,
-//!   never sooner than 0.5 s; the SDK makes 2 attempts per operator attempt in the test config.
+//!   never sooner than 0.5 s; the mint clients make one HTTP attempt per operator attempt, as in
+//!   production (`providers::clients::mint_retry_config`).
 
 use crate::support::fake_aws::Fault;
 use crate::support::{Harness, NS, eventually};
@@ -63,16 +64,6 @@ async fn assert_no_more_calls(h: &Harness, calls: usize, why: &str) {
 
 fn writes(h: &Harness) -> usize {
     h.kube.effective_write_count("secrets") + h.kube.effective_write_count("embedurlrequests")
-}
-
-/// Reconciles the running operator has started (`embedurl_reconciles_total`).
-fn reconciles(h: &Harness) -> u64 {
-    h.metrics()
-        .encode()
-        .lines()
-        .find_map(|line| line.strip_prefix("embedurl_reconciles_total "))
-        .and_then(|n| n.trim().parse().ok())
-        .expect("embedurl_reconciles_total")
 }
 
 fn raw_requests(h: &Harness) -> Api<DynamicObject> {
@@ -445,7 +436,7 @@ async fn ended_and_expired_watches_relist_without_minting_fresh_urls() {
         .create(&PostParams::default(), &unrelated)
         .await
         .unwrap();
-    let reconciled = reconciles(&h);
+    let reconciled = h.reconciles();
     h.kube.compact_history();
     h.kube.end_all_watches();
     eventually("both watches relisted", WAIT, || {
@@ -455,7 +446,7 @@ async fn ended_and_expired_watches_relist_without_minting_fresh_urls() {
     .await;
     assert_no_more_calls(&h, 2, "a relist of fresh URLs").await;
     assert_eq!(
-        reconciles(&h),
+        h.reconciles(),
         reconciled,
         "a relist that finds what was known"
     );
@@ -681,10 +672,10 @@ async fn a_throttling_storm_longer_than_the_window_backs_off_and_recovers() {
         // attempt 2 at least 0.8 s later (1 s minus jitter); attempt 3 pulled forward to 0.3 s
         // (a tenth of the window) before the URL's use-by time; attempt 4 at most, 0.5 s later,
         // if the URL was still usable then; the next waits 8 s minus 20 %, past the storm. At
-        // most 4 operator attempts of 2 SDK attempts: 8 calls. A requeue at the 0.5 s floor
-        // would make 20, a hot loop hundreds.
+        // most 4 attempts of one call each. A requeue at the 0.5 s floor would make 10, the
+        // SDK's own retries on top 8 or more, a hot loop hundreds.
         assert!(
-            (1..=8).contains(&throttled),
+            (1..=4).contains(&throttled),
             "viewer-{i}: {throttled} throttled calls in {STORM:?}"
         );
         // The storm outlived the URL: the request says it is not ready, and why.
@@ -778,11 +769,11 @@ async fn an_aws_outage_longer_than_the_window_reports_unavailable_then_recovers(
         );
     }
     assert_eq!(statuses.0.url_expires_at, first.url_expires_at);
-    // Backoff, not a hot loop, 2 SDK attempts per operator attempt: dashboard makes at most 4
+    // Backoff, not a hot loop, one call per operator attempt: dashboard makes at most 4
     // attempts (as in the throttling storm); late, with no URL to pull retries forward, tries
     // at once, then after 1 s and 2 s (minus up to 20 %), and the next 4 s later is past the
-    // outage: 3 attempts. (4 + 3) * 2 = 14 calls.
-    assert!(outage_calls <= 14, "{outage_calls} calls during the outage");
+    // outage: 3 attempts. 4 + 3 = 7 calls.
+    assert!(outage_calls <= 7, "{outage_calls} calls during the outage");
 
     converged(&h, "dashboard", "dashboard", Duration::from_secs(12)).await;
     converged(&h, "late", "late", Duration::from_secs(12)).await;

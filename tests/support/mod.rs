@@ -144,6 +144,24 @@ impl Harness {
             .clone()
     }
 
+    /// Reconciles the running operator has started (`embedurl_reconciles_total`).
+    pub fn reconciles(&self) -> u64 {
+        self.metrics()
+            .encode()
+            .lines()
+            .find_map(|line| line.strip_prefix("embedurl_reconciles_total "))
+            .and_then(|n| n.trim().parse().ok())
+            .expect("embedurl_reconciles_total")
+    }
+
+    /// Waits until the operator has started more than `before` reconciles.
+    pub async fn reconciled_since(&self, before: u64) {
+        eventually("a reconcile", Duration::from_secs(10), || {
+            (self.reconciles() > before).then_some(())
+        })
+        .await;
+    }
+
     pub fn requests(&self) -> Api<EmbedUrlRequest> {
         Api::namespaced(self.client.clone(), NS)
     }
