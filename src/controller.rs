@@ -174,6 +174,30 @@ pub fn run(
         ),
     ));
 
+    // Policies decide what may be minted, in every scope: one watch and one cache for all of
+    // them (policies are cluster-scoped). Any change re-evaluates every request.
+    let (policy_store, policy_writer) = reflector::store();
+    let policies_listed = Arc::new(AtomicBool::new(false));
+    let every_scope: Vec<Store<CachedRequest>> =
+        caches.iter().map(|(_, store, _)| store.clone()).collect();
+    let everything = queue.clone();
+    let policy_changes = watcher(
+        Api::<EmbedUrlPolicy>::all(client.clone()),
+        watcher::Config::default(),
+    )
+    .default_backoff()
+    .modify(|p: &mut EmbedUrlPolicy| p.managed_fields_mut().clear())
+    .reflect(policy_writer)
+    .filter_map(change_trigger(
+        "EmbedUrlPolicy",
+        policy_store.clone(),
+        policies_listed.clone(),
+    ))
+    .for_each(move |()| {
+        reconcile_every_request(&every_scope, &everything);
+        future::ready(())
+    });
+
     let mut readiness = Readiness::default();
     let mut controllers = Vec::new();
     let mut dispatch_routes = Vec::new();
@@ -250,32 +274,17 @@ pub fn run(
                 })
             });
 
-        // Policies and namespace labels decide what may be minted. Any change to them
-        // re-evaluates every request (a live change is rare; the initial listing is one event;
-        // a relist that finds what was known is none).
-        let (policy_store, policy_writer) = reflector::store();
+        // Namespace labels decide which policies select a request. Any change to them
+        // re-evaluates every request of this scope (a live change is rare; the initial listing
+        // is one event; a relist that finds what was known is none).
         let (namespace_store, namespace_writer) = reflector::store();
-        let policy_listed = Arc::new(AtomicBool::new(false));
-        let namespace_listed = Arc::new(AtomicBool::new(false));
-        let policies_synced = Arc::new(AtomicBool::new(false));
-        let policy_changes = watcher(
-            Api::<EmbedUrlPolicy>::all(client.clone()),
-            watcher::Config::default(),
-        )
-        .default_backoff()
-        .modify(|p: &mut EmbedUrlPolicy| p.managed_fields_mut().clear())
-        .reflect(policy_writer)
-        .filter_map(change_trigger(
-            "EmbedUrlPolicy",
-            policy_store.clone(),
-            policy_listed.clone(),
-            namespace_listed.clone(),
-            policies_synced.clone(),
-        ));
+        let namespaces_listed = Arc::new(AtomicBool::new(false));
         let namespace_config = match &namespace {
             Some(ns) => watcher::Config::default().fields(&format!("metadata.name={ns}")),
             None => watcher::Config::default(),
         };
+        let scope_requests = request_store.clone();
+        let everything = queue.clone();
         let namespace_changes = watcher(
             Api::<PartialObjectMeta<Namespace>>::all(client.clone()),
             namespace_config,
@@ -286,19 +295,12 @@ pub fn run(
         .filter_map(change_trigger(
             "Namespace",
             namespace_store.clone(),
-            namespace_listed,
-            policy_listed,
-            policies_synced.clone(),
-        ));
-        let all_requests = request_store.clone();
-        let everything = queue.clone();
-        let reconcile_all =
-            stream::select(policy_changes, namespace_changes).filter_map(move |()| {
-                for request in all_requests.state() {
-                    everything.schedule_now(&RequestKey::of(&*request));
-                }
-                future::ready(None)
-            });
+            namespaces_listed.clone(),
+        ))
+        .filter_map(move |()| {
+            reconcile_every_request(std::slice::from_ref(&scope_requests), &everything);
+            future::ready(None)
+        });
 
         // What the queue hands out, for this controller's namespace(s).
         let (dispatched, to_reconcile) = futures::channel::mpsc::unbounded();
@@ -314,9 +316,10 @@ pub fn run(
             reporter: reporter.clone(),
             secrets: secret_cache,
             requests: request_store.clone(),
-            policies: policy_store,
+            policies: policy_store.clone(),
             namespaces: namespace_store,
-            policies_synced,
+            policies_listed: policies_listed.clone(),
+            namespaces_listed,
             queue: queue.clone(),
             rate_limits: rate_limits.clone(),
             metrics: metrics.clone(),
@@ -328,7 +331,7 @@ pub fn run(
         let controller = Controller::for_stream(request_events, request_store)
             .reconcile_on(stream::select(
                 to_reconcile,
-                stream::select(secret_changes, reconcile_all),
+                stream::select(secret_changes, namespace_changes),
             ))
             // The work queue bounds what runs; this only has to let through the reconciles in
             // slots and those waiting in rate-limit lines without one.
@@ -352,6 +355,7 @@ pub fn run(
         // Guarded: when this future is dropped rather than run to its end (a leader that lost
         // its Lease aborts it), its helpers stop with it.
         let _capacity = AbortOnDrop(tokio::spawn(capacity));
+        let _policies = AbortOnDrop(tokio::spawn(policy_changes));
         let mut dispatcher = AbortOnDrop(tokio::spawn(dispatcher));
         tokio::select! {
             _ = future::join_all(controllers) => {}
@@ -582,8 +586,8 @@ fn user_intent(request: &CachedRequest) -> u64 {
 
 /// Turns the events of a watch whose objects decide what may be minted (policies, namespaces)
 /// into "re-evaluate every request" triggers: on every change, and after a (re)list only if what
-/// it found differs from what was known. Marks the policy caches synced once both this watch and
-/// its `other` have listed. A watch of a kind that rarely changes falls behind the
+/// it found differs from what was known. Sets `listed` once it has listed. A watch of a kind
+/// that rarely changes falls behind the
 /// API server's history and relists on its next restart (a 410 after compaction, when no
 /// bookmark kept its resourceVersion fresh); reconciling every request for that would queue
 /// 10,000 reconciles that find nothing to do ahead of the refreshes that are due.
@@ -591,8 +595,6 @@ fn change_trigger<K>(
     what: &'static str,
     store: Store<K>,
     listed: Arc<AtomicBool>,
-    other_listed: Arc<AtomicBool>,
-    synced: Arc<AtomicBool>,
 ) -> impl FnMut(Result<watcher::Event<K>, watcher::Error>) -> future::Ready<Option<()>>
 where
     K: Resource + Clone + 'static,
@@ -604,9 +606,6 @@ where
         future::ready(match event {
             Ok(watcher::Event::InitDone) => {
                 listed.store(true, Ordering::Release);
-                if other_listed.load(Ordering::Acquire) {
-                    synced.store(true, Ordering::Release);
-                }
                 let found = fingerprint(&store.state());
                 (known.replace(found) != Some(found)).then_some(())
             }
@@ -620,6 +619,16 @@ where
                 None
             }
         })
+    }
+}
+
+/// Queues a reconcile of every request the `stores` hold (the decision of what may be minted
+/// changed).
+fn reconcile_every_request(stores: &[Store<CachedRequest>], queue: &WorkQueue) {
+    for store in stores {
+        for request in store.state() {
+            queue.schedule_now(&RequestKey::of(&*request));
+        }
     }
 }
 
@@ -661,7 +670,7 @@ mod tests {
     fn namespace_triggers(events: Vec<watcher::Event<PartialObjectMeta<Namespace>>>) -> Vec<bool> {
         let (store, mut writer) = reflector::store();
         let flag = || Arc::new(AtomicBool::new(true));
-        let mut trigger = change_trigger("Namespace", store, flag(), flag(), flag());
+        let mut trigger = change_trigger("Namespace", store, flag());
         events
             .into_iter()
             .map(|event| {

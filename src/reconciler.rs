@@ -71,9 +71,10 @@ pub struct Context {
     pub policies: Store<EmbedUrlPolicy>,
     /// Cache of the watched namespaces' metadata (their labels select policies).
     pub namespaces: Store<PartialObjectMeta<Namespace>>,
-    /// True once the policy and namespace caches have listed: deciding before would deny
-    /// requests that a policy allows.
-    pub policies_synced: Arc<AtomicBool>,
+    /// True once the policy cache (shared by every controller of the process) has listed.
+    pub policies_listed: Arc<AtomicBool>,
+    /// True once this controller's namespace cache has listed.
+    pub namespaces_listed: Arc<AtomicBool>,
     /// What is reconciled next, and when, across every controller of this process.
     pub queue: Arc<WorkQueue>,
     /// Paces the AWS calls per (service, region, identity), most urgent first.
@@ -268,7 +269,10 @@ async fn reconcile_request(request: &EmbedUrlRequest, ctx: &Context) -> Result<N
         }
     };
 
-    if !ctx.policies_synced.load(Ordering::Acquire) {
+    // Deciding before both caches have listed would deny requests that a policy allows.
+    if !(ctx.policies_listed.load(Ordering::Acquire)
+        && ctx.namespaces_listed.load(Ordering::Acquire))
+    {
         return Ok(Next::requeue(Duration::from_secs(1)));
     }
     let namespace = request.namespace().unwrap_or_default();

@@ -3,6 +3,7 @@
 use crate::quick_sight;
 use crate::support::fake_aws::{ASSUMED_ACCESS_KEY_PREFIX, FakeAws, TEST_ACCESS_KEY};
 use crate::support::{Harness, NS, eventually};
+use embed_url_operator::crd::EmbedUrlRequest;
 use embed_url_operator::identity::AwsClients;
 use embed_url_operator::policy::{
     EmbedUrlPolicy, EmbedUrlPolicySpec, PolicyAws, PolicyMode, QuickSightRules, RoleToAssume,
@@ -136,6 +137,64 @@ async fn a_policy_allows_and_editing_it_flips_the_outcome() {
     })
     .await;
     assert_eq!(h.aws.calls().len(), calls);
+}
+
+#[tokio::test]
+async fn watched_namespaces_share_one_policy_watch_and_a_policy_edit_reaches_each() {
+    let mut h = Harness::new_without_operator(WINDOW).await;
+    h.policy_mode = PolicyMode::Enforce;
+    h.watch_namespaces = vec![NS.into(), "marketing".into()];
+    let mut policy = viewer_policy("analytics-team");
+    policy.spec.namespaces.push("marketing".into());
+    apply_policy(&h, &policy).await;
+    h.start_operator().await;
+    let marketing: Api<EmbedUrlRequest> = Api::namespaced(h.client.clone(), "marketing");
+    let ready_in_marketing = || async {
+        marketing
+            .get("console")
+            .await
+            .ok()
+            .and_then(|r| r.status)
+            .and_then(|s| s.ready().map(|c| c.reason.clone()))
+    };
+    h.create("console", quick_sight()).await;
+    marketing
+        .create(
+            &PostParams::default(),
+            &EmbedUrlRequest::new("console", quick_sight()),
+        )
+        .await
+        .unwrap();
+    reason_of(&h, "console", "UrlReady").await;
+    for _ in 0..100 {
+        if ready_in_marketing().await.as_deref() == Some("UrlReady") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(ready_in_marketing().await.as_deref(), Some("UrlReady"));
+    // Two scopes, one policy list and one policy watch (each scope has its own namespace and
+    // request watches).
+    let policy_reads: Vec<_> = h
+        .kube
+        .reads()
+        .into_iter()
+        .filter(|read| read.resource == "embedurlpolicies")
+        .map(|read| read.verb)
+        .collect();
+    assert_eq!(policy_reads, ["list", "watch"]);
+
+    // Narrowing the policy re-evaluates the requests of both scopes.
+    policy.spec.namespaces.clear();
+    apply_policy(&h, &policy).await;
+    reason_of(&h, "console", "NotPermitted").await;
+    for _ in 0..100 {
+        if ready_in_marketing().await.as_deref() == Some("NotPermitted") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(ready_in_marketing().await.as_deref(), Some("NotPermitted"));
 }
 
 #[tokio::test]

@@ -46,6 +46,8 @@ pub struct Harness {
     pub policy_mode: PolicyMode,
     /// Client-side AWS calls per second; 0 (the default) = unlimited.
     pub aws_rate: f64,
+    /// `--namespace` values; empty (the default) = every namespace.
+    pub watch_namespaces: Vec<String>,
     pub operator: Option<Operator>,
 }
 
@@ -77,6 +79,7 @@ impl Harness {
             window,
             policy_mode: PolicyMode::Permissive,
             aws_rate: 0.0,
+            watch_namespaces: vec![],
             operator: None,
         }
     }
@@ -86,7 +89,7 @@ impl Harness {
         let metrics = Arc::new(Metrics::new());
         let (stop, stop_rx) = watch::channel(false);
         let config = ControllerConfig {
-            namespaces: vec![],
+            namespaces: self.watch_namespaces.clone(),
             concurrency: 4,
             settings: Settings {
                 windows: UseByWindows::uniform(self.window),
