@@ -149,13 +149,24 @@ async fn watched_namespaces_share_one_policy_watch_and_a_policy_edit_reaches_eac
     apply_policy(&h, &policy).await;
     h.start_operator().await;
     let marketing: Api<EmbedUrlRequest> = Api::namespaced(h.client.clone(), "marketing");
-    let ready_in_marketing = || async {
-        marketing
-            .get("console")
-            .await
-            .ok()
-            .and_then(|r| r.status)
-            .and_then(|s| s.ready().map(|c| c.reason.clone()))
+    let reason_in_marketing = |reason: &'static str| {
+        let marketing = marketing.clone();
+        async move {
+            let mut seen = None;
+            for _ in 0..100 {
+                seen = marketing
+                    .get("console")
+                    .await
+                    .ok()
+                    .and_then(|r| r.status)
+                    .and_then(|s| s.ready().map(|c| c.reason.clone()));
+                if seen.as_deref() == Some(reason) {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            panic!("{reason} never seen in marketing, last {seen:?}");
+        }
     };
     h.create("console", quick_sight()).await;
     marketing
@@ -166,13 +177,7 @@ async fn watched_namespaces_share_one_policy_watch_and_a_policy_edit_reaches_eac
         .await
         .unwrap();
     reason_of(&h, "console", "UrlReady").await;
-    for _ in 0..100 {
-        if ready_in_marketing().await.as_deref() == Some("UrlReady") {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert_eq!(ready_in_marketing().await.as_deref(), Some("UrlReady"));
+    reason_in_marketing("UrlReady").await;
     // Two scopes, one policy list and one policy watch (each scope has its own namespace and
     // request watches).
     let policy_reads: Vec<_> = h
@@ -188,13 +193,7 @@ async fn watched_namespaces_share_one_policy_watch_and_a_policy_edit_reaches_eac
     policy.spec.namespaces.clear();
     apply_policy(&h, &policy).await;
     reason_of(&h, "console", "NotPermitted").await;
-    for _ in 0..100 {
-        if ready_in_marketing().await.as_deref() == Some("NotPermitted") {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert_eq!(ready_in_marketing().await.as_deref(), Some("NotPermitted"));
+    reason_in_marketing("NotPermitted").await;
 }
 
 #[tokio::test]
