@@ -122,8 +122,11 @@ struct StatusApply<'a> {
 ///
 /// A cluster whose EmbedUrlRequest CRD is older than the operator (Helm installs `crds/` but
 /// never upgrades them) refuses an apply that sets a field the CRD does not declare, every
-/// time: requests would never get a status. Then the status is written as a merge patch, from
-/// which the API server drops the undeclared fields, and the operator says once what to do.
+/// time: requests would never get a status. Then the status is applied again without the fields
+/// the refusal names, and the operator says once what to do. Staying with server-side apply
+/// keeps the operator's fields under its one apply manager: once the CRD is upgraded, a field
+/// the operator stops sending is removed, as it would not be if a merge patch had written it.
+/// Only a refusal naming no field that can be left out falls back to a merge patch.
 pub async fn apply_status_of(
     ctx: &Context,
     namespace: &str,
@@ -137,25 +140,87 @@ pub async fn apply_status_of(
         status,
     };
     let params = PatchParams::apply(FIELD_MANAGER).force();
-    match patch_status(ctx, namespace, name, &params, &Patch::Apply(&body)).await {
-        Err(kube::Error::Api(refusal)) if refusal.message.contains(FIELD_NOT_DECLARED) => {
-            static SAID: std::sync::Once = std::sync::Once::new();
-            SAID.call_once(|| {
-                tracing::error!(
-                    error = %refusal.message,
-                    "the EmbedUrlRequest CRD in the cluster is older than this operator: status \
-                     fields it does not declare are dropped until it is upgraded with \
-                     `kubectl apply --server-side -f crds/` (from this operator's release)"
-                );
-            });
-            let stored = serde_json::to_value(current).map_err(|source| Error::Serialize {
-                what: "status",
-                source,
-            })?;
-            replace_status(ctx, namespace, name, Some(&stored), status).await
+    let refusal = match patch_status(ctx, namespace, name, &params, &Patch::Apply(&body)).await {
+        Err(kube::Error::Api(refusal)) if refusal.message.contains(FIELD_NOT_DECLARED) => refusal,
+        result => return result.map_err(Error::kube("writing the status")),
+    };
+    static SAID: std::sync::Once = std::sync::Once::new();
+    SAID.call_once(|| {
+        tracing::error!(
+            error = %refusal.message,
+            "the EmbedUrlRequest CRD in the cluster is older than this operator: status \
+             fields it does not declare are left out until it is upgraded with \
+             `kubectl apply --server-side -f crds/` (from this operator's release)"
+        );
+    });
+    let mut trimmed = serde_json::to_value(&body).map_err(|source| Error::Serialize {
+        what: "status",
+        source,
+    })?;
+    let mut message = refusal.message;
+    // Each refusal names what it found; a few rounds cover any CRD version gap.
+    for _ in 0..MAX_TRIMS {
+        let undeclared = undeclared_fields(&message);
+        let removed = undeclared
+            .iter()
+            .filter(|path| remove_field(&mut trimmed, path))
+            .count();
+        if removed == 0 {
+            break;
         }
-        result => result.map_err(Error::kube("writing the status")),
+        match patch_status(ctx, namespace, name, &params, &Patch::Apply(&trimmed)).await {
+            Err(kube::Error::Api(refusal)) if refusal.message.contains(FIELD_NOT_DECLARED) => {
+                message = refusal.message;
+            }
+            result => return result.map_err(Error::kube("writing the status")),
+        }
     }
+    // A refusal that names nothing this can leave out (a field inside a list item, say).
+    let stored = serde_json::to_value(current).map_err(|source| Error::Serialize {
+        what: "status",
+        source,
+    })?;
+    replace_status(ctx, namespace, name, Some(&stored), status).await
+}
+
+/// How many times an apply refused for undeclared fields is retried without them.
+const MAX_TRIMS: usize = 4;
+
+/// The fields an apply refusal says the CRD does not declare, as paths of object keys
+/// (`.status.policy` is `["status", "policy"]`). Paths into list items are not returned.
+fn undeclared_fields(message: &str) -> Vec<Vec<&str>> {
+    message
+        .match_indices(FIELD_NOT_DECLARED)
+        .filter_map(|(at, _)| {
+            // "...: .status.policy: field not declared in schema"
+            let before = message[..at].trim_end().strip_suffix(':')?;
+            let path = before.rsplit(char::is_whitespace).next()?;
+            let keys: Vec<&str> = path.strip_prefix('.')?.split('.').collect();
+            let plain = |key: &&str| {
+                !key.is_empty()
+                    && key
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+            };
+            keys.iter().all(plain).then_some(keys)
+        })
+        .collect()
+}
+
+/// Removes the field at `path` from `value`; whether it was there.
+fn remove_field(value: &mut serde_json::Value, path: &[&str]) -> bool {
+    let Some((last, parents)) = path.split_last() else {
+        return false;
+    };
+    let mut at = value;
+    for key in parents {
+        match at.get_mut(*key) {
+            Some(next) => at = next,
+            None => return false,
+        }
+    }
+    at.as_object_mut()
+        .is_some_and(|object| object.remove(*last).is_some())
 }
 
 /// What the API server says of an applied field that the installed CRD's schema lacks.
@@ -225,5 +290,43 @@ pub async fn publish_transition(
             error = %error,
             "could not publish event"
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn undeclared_fields_are_read_from_the_refusal() {
+        let one = "failed to create typed patch object (analytics/console; \
+                   embedurl.io/v1alpha1, Kind=EmbedUrlRequest): .status.policy: field not \
+                   declared in schema";
+        assert_eq!(undeclared_fields(one), [vec!["status", "policy"]]);
+        let several = "failed to create typed patch object (analytics/console; \
+                       embedurl.io/v1alpha1, Kind=EmbedUrlRequest): errors:\n  \
+                       .status.policy: field not declared in schema\n  \
+                       .status.lastHandledRefreshRequest: field not declared in schema";
+        assert_eq!(
+            undeclared_fields(several),
+            [
+                vec!["status", "policy"],
+                vec!["status", "lastHandledRefreshRequest"]
+            ]
+        );
+        // Inside a list item: not something this can leave out.
+        let in_list =
+            "errors: .status.conditions[type=\"Ready\"].extra: field not declared in schema";
+        assert!(undeclared_fields(in_list).is_empty());
+    }
+
+    #[test]
+    fn removing_a_field_says_whether_it_was_there() {
+        let mut body = json!({"status": {"policy": "team", "secretName": "s"}});
+        assert!(remove_field(&mut body, &["status", "policy"]));
+        assert!(!remove_field(&mut body, &["status", "policy"]));
+        assert!(!remove_field(&mut body, &["spec", "x"]));
+        assert_eq!(body, json!({"status": {"secretName": "s"}}));
     }
 }

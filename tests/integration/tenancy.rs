@@ -100,6 +100,36 @@ async fn an_older_crd_without_a_status_field_still_gets_statuses() {
     // One mint: the refused status write did not make the URL look lost.
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(h.aws.calls().len(), 1);
+    // Every status write was an apply (without the undeclared field), none a plain update:
+    // the operator's fields stay under its one apply manager.
+    let stored = h
+        .kube
+        .get(
+            "embedurl.io/v1alpha1",
+            "embedurlrequests",
+            Some(NS),
+            "console",
+        )
+        .unwrap();
+    let operations: Vec<&str> = stored["metadata"]["managedFields"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|entry| entry["manager"] == "embed-url-operator")
+        .filter_map(|entry| entry["operation"].as_str())
+        .collect();
+    assert_eq!(operations, ["Apply"], "{stored}");
+
+    // The CRD is upgraded; then the policy goes. The status of a request not permitted has no
+    // next refresh: the field the operator stops sending is removed.
+    h.kube.declare_all_fields();
+    let policies: Api<EmbedUrlPolicy> = Api::all(h.client.clone());
+    policies
+        .delete("analytics-team", &Default::default())
+        .await
+        .unwrap();
+    reason_of(&h, "console", "NotPermitted").await;
+    assert_eq!(h.status("console").next_refresh_time, None);
 }
 
 #[tokio::test]

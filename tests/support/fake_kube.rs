@@ -471,6 +471,11 @@ impl FakeApiServer {
         self.lock().undeclared.push((plural, pointer.to_owned()));
     }
 
+    /// Serves every field again, as after the CRDs are upgraded.
+    pub fn declare_all_fields(&self) {
+        self.lock().undeclared.clear();
+    }
+
     /// How long after an owner is deleted the garbage collector deletes its dependents (5 ms
     /// unless set). The real collector usually takes well under a second, and minutes when it
     /// has a backlog.
