@@ -52,6 +52,9 @@ pub struct ControllerConfig {
 #[derive(Clone, Default)]
 pub struct Readiness {
     stores: Vec<(Store<CachedRequest>, Arc<SecretCache>)>,
+    /// Set once the policy watch and each scope's namespace watch have listed: until then
+    /// requests wait rather than be judged without the policies.
+    listed: Vec<Arc<AtomicBool>>,
 }
 
 impl Readiness {
@@ -102,6 +105,11 @@ impl Readiness {
         for (requests, secrets) in &self.stores {
             wait_until_ready(|| requests.wait_until_ready()).await;
             while !secrets.is_synced() {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+        for listed in &self.listed {
+            while !listed.load(Ordering::Acquire) {
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
         }
@@ -198,7 +206,10 @@ pub fn run(
         future::ready(())
     });
 
-    let mut readiness = Readiness::default();
+    let mut readiness = Readiness {
+        listed: vec![policies_listed.clone()],
+        ..Readiness::default()
+    };
     let mut controllers = Vec::new();
     let mut dispatch_routes = Vec::new();
     for (namespace, request_store, request_writer) in caches {
@@ -309,6 +320,7 @@ pub fn run(
         readiness
             .stores
             .push((request_store.clone(), secret_cache.clone()));
+        readiness.listed.push(namespaces_listed.clone());
         let context = Arc::new(Context {
             client: client.clone(),
             aws: aws.clone(),

@@ -227,6 +227,17 @@ async fn watched_namespaces_share_one_policy_watch_and_a_policy_edit_reaches_eac
 }
 
 #[tokio::test]
+async fn the_operator_is_ready_only_once_the_policies_have_listed() {
+    let mut h = Harness::new_without_operator(WINDOW).await;
+    h.policy_mode = PolicyMode::Enforce;
+    // The first two policy lists fail; the watcher retries with backoff.
+    h.kube.inject_failure("list", "embedurlpolicies", 500, 2);
+    h.start_operator().await;
+    // Ready (start_operator waits for it) only after the third list answered.
+    assert_eq!(h.kube.request_count("list", "embedurlpolicies"), 3);
+}
+
+#[tokio::test]
 async fn a_namespace_selector_selects_by_label() {
     let h = Harness::start_with(WINDOW, PolicyMode::Enforce).await;
     let mut by_label = viewer_policy("by-label");
