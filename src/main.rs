@@ -268,7 +268,9 @@ async fn run(args: RunArgs) -> Result<(), String> {
         .await;
     let default_region = aws.region().map(Region::to_string);
     if default_region.is_none() {
-        info!("no default AWS region (AWS_REGION): every request must set spec.region");
+        info!(
+            "no default AWS region (AWS_REGION): every request must set spec.region or be served by a policy with aws.region"
+        );
     }
     let windows = args
         .use_by_window_override

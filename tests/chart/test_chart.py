@@ -768,6 +768,10 @@ def test_schema_accepts_defaults_and_value_sets(chart):
         pytest.param({"serviceMonitor": {"enabled": "yes"}}, id="serviceMonitor-enabled-string"),
         pytest.param({"podDisruptionBudget": {"minAvailable": "half"}}, id="pdb-minAvailable"),
         pytest.param({"concurrency": 0}, id="concurrency-zero"),
+        pytest.param({"concurrency": 70000}, id="concurrency-above-u16"),
+        pytest.param({"awsRateLimit": {"qps": 0.0001}}, id="qps-below-the-flags-range"),
+        pytest.param({"awsRateLimit": {"qps": 2000000}}, id="qps-above-the-flags-range"),
+        pytest.param({"awsRateLimit": {"qps": -1}}, id="qps-negative"),
         pytest.param({"extraArgs": "--foo"}, id="extraArgs-string"),
         pytest.param({"aws": {"region": "Europe"}}, id="aws-region"),
     ],
@@ -787,9 +791,12 @@ def test_schema_rejects_bad_values(chart, values):
         pytest.param({"leaderElection": {"leaseDuration": "1m30s"}}, id="leaseDuration-1m30s"),
         pytest.param({"leaderElection": {"leaseDuration": "1s"}}, id="leaseDuration-1s"),
         pytest.param({"serviceMonitor": {"interval": "1m30s", "scrapeTimeout": "500ms"}}, id="serviceMonitor-durations"),
+        pytest.param({"awsRateLimit": {"qps": 0}}, id="qps-off"),
+        pytest.param({"awsRateLimit": {"qps": 0.5}}, id="qps-fraction"),
+        pytest.param({"concurrency": 65535}, id="concurrency-max"),
     ],
 )
-def test_schema_accepts_good_durations(chart, values):
+def test_schema_accepts_good_values(chart, values):
     chart.validate_schema(values)
 
 
