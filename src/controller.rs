@@ -1,6 +1,6 @@
 //! Wires the kube-runtime controller(s): watches, caches, concurrency and shutdown.
 
-use crate::crd::{CachedRequest, OWN_ANNOTATION_PREFIX};
+use crate::crd::{CachedRequest, EmbedUrlRequest, OWN_ANNOTATION_PREFIX};
 use crate::events::Reporter;
 use crate::identity::AwsClients;
 use crate::policy::EmbedUrlPolicy;
@@ -55,6 +55,8 @@ pub struct Readiness {
     /// Set once the policy watch and each scope's namespace watch have listed: until then
     /// requests wait rather than be judged without the policies.
     listed: Vec<Arc<AtomicBool>>,
+    /// The policies, for the region a policy gives the requests it serves.
+    policies: Option<Store<EmbedUrlPolicy>>,
 }
 
 impl Readiness {
@@ -84,11 +86,18 @@ impl Readiness {
                         None => continue,
                     },
                 };
-                let region = spec
-                    .region
-                    .as_deref()
-                    .or(settings.default_region.as_deref())
-                    .unwrap_or_default();
+                // As validation resolves it: the request's, the serving policy's, the operator's.
+                let policy_region;
+                let region = match spec.region.as_deref() {
+                    Some(region) => region,
+                    None => {
+                        policy_region = self.policy_region(request);
+                        policy_region
+                            .as_deref()
+                            .or(settings.default_region.as_deref())
+                            .unwrap_or_default()
+                    }
+                };
                 demand.add(&Refreshing {
                     service,
                     region,
@@ -98,6 +107,13 @@ impl Readiness {
             }
         }
         demand
+    }
+
+    /// The `aws.region` of the policy that last served `request` (its `status.policy`).
+    fn policy_region(&self, request: &EmbedUrlRequest) -> Option<String> {
+        let name = request.status.as_ref()?.policy.as_deref()?;
+        let policy = self.policies.as_ref()?.get(&ObjectRef::new(name))?;
+        policy.spec.aws.as_ref()?.region.clone()
     }
 
     /// Waits until every watch has listed once.
@@ -208,6 +224,7 @@ pub fn run(
 
     let mut readiness = Readiness {
         listed: vec![policies_listed.clone()],
+        policies: Some(policy_store.clone()),
         ..Readiness::default()
     };
     let mut controllers = Vec::new();
@@ -469,7 +486,7 @@ fn covers(scope: &Option<String>, namespace: &str) -> bool {
 
 /// Every 30 s, compares the AWS call rate the current requests need with the configured rate,
 /// exports both, and warns when the configuration cannot keep up (refreshes would queue behind
-/// the rate limit and URLs could lapse). The need is each request's `1 / (window -
+/// the rate limit and URLs could lapse). The need is each request's `1 / (window - 1.1 x
 /// refreshBefore)`, summed per (service, region), and the busiest region counts: an upper bound
 /// for each (service, region, identity) bucket in it, identities not being told apart here.
 async fn watch_capacity(
@@ -671,7 +688,7 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::crd::{EmbedUrlRequest, EmbedUrlRequestSpec};
+    use crate::crd::EmbedUrlRequestSpec;
     use crate::guard::Guarded;
     use kube::core::ObjectMeta;
     use kube::core::error_boundary::InvalidObject;

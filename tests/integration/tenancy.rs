@@ -238,6 +238,48 @@ async fn the_operator_is_ready_only_once_the_policies_have_listed() {
 }
 
 #[tokio::test]
+async fn the_need_for_aws_calls_counts_the_region_a_policy_gives() {
+    let mut h = Harness::new_without_operator(Duration::from_secs(10)).await;
+    h.policy_mode = PolicyMode::Enforce;
+    let mut policy = viewer_policy("analytics-team");
+    policy.spec.aws = Some(PolicyAws {
+        region: Some("eu-west-1".into()),
+        ..Default::default()
+    });
+    apply_policy(&h, &policy).await;
+    h.start_operator().await;
+    // Nine requests in the policy's region, refreshing every 4.5 s at the most (10 s window,
+    // refreshBefore 5 s plus its 10 % of jitter): 2 calls/s. One names the operator's region.
+    for i in 0..9 {
+        h.create(&format!("west-{i}"), quick_sight()).await;
+    }
+    let mut east = quick_sight();
+    east.region = Some("us-east-1".into());
+    h.create("east", east).await;
+    for i in 0..9 {
+        reason_of(&h, &format!("west-{i}"), "UrlReady").await;
+    }
+    // The need is computed when the caches have synced (then every 30 s): restart.
+    h.stop_operator().await;
+    h.start_operator().await;
+    let exported = eventually("the need exported", WAIT, || {
+        h.metrics()
+            .encode()
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix("embedurl_aws_required_calls_per_second{service=\"QuickSight\"} ")
+                    .map(str::to_owned)
+            })
+            .filter(|v| v != "0.0")
+    })
+    .await;
+    // The busiest region is the policy's, with nine; counted in the operator's region, all ten
+    // would need 2.2 calls/s.
+    let need: f64 = exported.parse().unwrap();
+    assert!((need - 2.0).abs() < 1e-6, "{need}");
+}
+
+#[tokio::test]
 async fn a_namespace_selector_selects_by_label() {
     let h = Harness::start_with(WINDOW, PolicyMode::Enforce).await;
     let mut by_label = viewer_policy("by-label");
