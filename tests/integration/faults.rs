@@ -17,6 +17,7 @@ use crate::support::fake_aws::Fault;
 use crate::support::{Harness, NS, eventually};
 use crate::{flink, q_business, quick_sight};
 use embed_url_operator::crd::{EmbedUrlRequest, EmbedUrlRequestSpec, EmbedUrlRequestStatus};
+use embed_url_operator::policy::EmbedUrlPolicy;
 use embed_url_operator::providers::Service;
 use k8s_openapi::api::core::v1::{Namespace, Secret};
 use kube::api::{Api, DeleteParams, DynamicObject, Patch, PatchParams, PostParams};
@@ -507,6 +508,94 @@ async fn a_secret_deleted_during_a_watch_gap_is_restored_after_the_relist() {
     assert_eq!(h.aws.calls().len(), 3, "{:?}", h.aws.calls());
     assert_eq!(h.secret_value("console", "url"), console_url);
     assert_no_more_calls(&h, 3, "converged").await;
+}
+
+#[tokio::test]
+async fn a_lagging_watch_cache_costs_no_extra_mint_or_write() {
+    // 8 s windows: each request refreshes 1.6-4 s after its last mint (refreshBefore 4 s, its
+    // jitter, and the status's whole-second times, each rounded down, make it vary).
+    let mut h = Harness::new_without_operator(Duration::from_secs(8)).await;
+    // Watches show every change 400 ms after it is stored, as a loaded API server's watch
+    // cache does: the operator's own writes come back after it has moved on, and a reconcile
+    // may find a cache that does not show its last write yet.
+    h.kube.set_watch_delay(Duration::from_millis(400));
+    h.start_operator().await;
+    const REQUESTS: usize = 3;
+    for i in 0..REQUESTS {
+        h.create(&format!("viewer-{i}"), quick_sight_for(i)).await;
+    }
+    for i in 0..REQUESTS {
+        let name = format!("viewer-{i}");
+        converged(&h, &name, &name, WAIT).await;
+    }
+    let calls_before = h.aws.calls().len();
+    let secret_writes = h.kube.effective_write_count("secrets");
+    let request_writes = h.kube.effective_write_count("embedurlrequests");
+    // Meanwhile, policy edits re-evaluate every request every 300 ms, so that reconciles run
+    // while the cache still shows a request without its last status write.
+    let policies: Api<EmbedUrlPolicy> = Api::all(h.client.clone());
+    let reconciles = h.reconciles();
+    let started = Instant::now();
+    let mut edits = 0;
+    while started.elapsed() < Duration::from_secs(9) {
+        edits += 1;
+        let policy = json!({
+            "apiVersion": "embedurl.io/v1alpha1",
+            "kind": "EmbedUrlPolicy",
+            "metadata": {"name": "unrelated", "labels": {"edit": edits.to_string()}},
+            "spec": {"namespaces": ["elsewhere"]},
+        });
+        policies
+            .patch(
+                "unrelated",
+                &PatchParams::apply("test"),
+                &Patch::Apply(&policy),
+            )
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let calls = h.aws.calls().len() - calls_before;
+    let reconciled = h.reconciles() - reconciles;
+    assert!(
+        reconciled >= (edits * REQUESTS / 2) as u64,
+        "{reconciled} reconciles for {edits} policy edits"
+    );
+    assert!(calls >= 2 * REQUESTS, "{calls} refreshes");
+    assert!(h.aws.calls().iter().all(|c| c.succeeded));
+    // One Secret write and one status write per refresh, whatever the watch shows when.
+    let tolerance = REQUESTS; // a refresh in flight at either end of the interval
+    let secret_writes = h.kube.effective_write_count("secrets") - secret_writes;
+    let status_writes = h.kube.effective_write_count("embedurlrequests") - request_writes;
+    assert!(
+        secret_writes.abs_diff(calls) <= tolerance,
+        "{secret_writes} Secret writes, {calls} mints"
+    );
+    assert!(
+        status_writes.abs_diff(calls) <= tolerance,
+        "{status_writes} status writes, {calls} mints"
+    );
+    // No request is minted twice for one refresh: a second mint from a reconcile that read a
+    // cache without the first would come within the watch's lag.
+    for i in 0..REQUESTS {
+        let arn = viewer_arn(i);
+        let times: Vec<std::time::Instant> = h
+            .aws
+            .calls()
+            .into_iter()
+            .filter(|c| c.inputs.get("user-arn").and_then(Value::as_str) == Some(arn.as_str()))
+            .map(|c| c.at)
+            .collect();
+        for pair in times.windows(2) {
+            let gap = pair[1] - pair[0];
+            assert!(
+                gap >= Duration::from_secs(1),
+                "viewer-{i}: mints {gap:?} apart"
+            );
+        }
+    }
+    let events = h.kube.list("events.k8s.io/v1", "events");
+    assert!(events.iter().all(|e| e["type"] == "Normal"), "{events:?}");
 }
 
 // ---- 4. Killed between the AWS call and the Secret write ----------------------------------

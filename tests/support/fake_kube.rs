@@ -77,7 +77,8 @@
 //! - No size limits like etcd's (about 1.5 MiB per object) or the API server's (3 MiB per
 //!   request): only axum's default 2 MB request body limit.
 //! - Watch: bookmarks carry the server's latest resourceVersion as soon as a change is stored (a
-//!   real watch cache may lag behind etcd); no "too large resourceVersion" wait; history is kept until `compact_history()`, or only the last n changes
+//!   real watch cache may lag behind etcd); events come at once unless
+//!   [`FakeApiServer::set_watch_delay`] makes them lag; no "too large resourceVersion" wait; history is kept until `compact_history()`, or only the last n changes
 //!   after `set_history_limit(n)` (a real etcd compacts every few minutes).
 //! - Garbage collection ignores `propagationPolicy` (always background, never orphans or
 //!   foreground) and grace periods; dependents whose owner never existed are not collected;
@@ -461,8 +462,6 @@ impl FakeApiServer {
         store.trim_history();
     }
 
-    /// How often watches opened from now on that asked for bookmarks get one (default a minute,
-    /// as a real API server); the one 2 s before a watch times out is sent regardless.
     /// Serves `plural` as an older CRD would that lacks the field at `pointer` (a JSON pointer
     /// such as `/status/policy`): a server-side apply that sets it fails as a real API server
     /// fails it (500, "field not declared in schema"; structural schemas are enforced on apply),
@@ -483,6 +482,15 @@ impl FakeApiServer {
         self.lock().gc_delay = delay;
     }
 
+    /// Watches opened from now on see each change `delay` after it is stored (default at once),
+    /// as the API server's watch cache lags behind etcd, and more so under load: a client's
+    /// own write is answered before its watch shows it. Reads and lists are not delayed.
+    pub fn set_watch_delay(&self, delay: Duration) {
+        self.lock().watch_delay = delay;
+    }
+
+    /// How often watches opened from now on that asked for bookmarks get one (default a minute,
+    /// as a real API server); the one 2 s before a watch times out is sent regardless.
     pub fn set_bookmark_interval(&self, interval: Duration) {
         self.lock().bookmark_interval = interval.max(Duration::from_millis(10));
     }
@@ -591,14 +599,14 @@ impl FakeApiServer {
             None => DEFAULT_WATCH_TIMEOUT,
         };
         let bookmarks = query.get("allowWatchBookmarks").map(String::as_str) == Some("true");
-        let (replay, live, bookmarks) = {
+        let (replay, live, bookmarks, delay) = {
             let store = self.lock();
             let (replay, live) = store.open_watch(&filter, query)?;
             let bookmarks = bookmarks.then(|| Bookmarks {
                 every: store.bookmark_interval,
                 resource_version: store.resource_version,
             });
-            (replay, live, bookmarks)
+            (replay, live, bookmarks, store.watch_delay)
         };
         let events = stream::iter(replay)
             .chain(live_events(
@@ -606,6 +614,7 @@ impl FakeApiServer {
                 filter,
                 bookmarks,
                 Instant::now() + timeout,
+                delay,
             ))
             .map(Ok::<_, Infallible>);
         Ok((
@@ -779,6 +788,8 @@ struct Store {
     /// ([`FakeApiServer::undeclare_field`]).
     undeclared: Vec<(&'static str, String)>,
     bookmark_interval: Duration,
+    /// How long after a change is stored the watches see it ([`FakeApiServer::set_watch_delay`]).
+    watch_delay: Duration,
     observers: Vec<Observer>,
     /// A watch may start from this resourceVersion or a later one; older ones get 410.
     oldest_resumable: u64,
@@ -806,6 +817,8 @@ struct ObjectKey {
 /// deletion.
 struct Change {
     resource_version: u64,
+    /// When it was stored.
+    at: Instant,
     kind: ResourceKind,
     before: Option<Value>,
     after: Option<Value>,
@@ -969,6 +982,7 @@ impl Store {
             gc_delay: GARBAGE_COLLECTION_DELAY,
             undeclared: Vec::new(),
             bookmark_interval: DEFAULT_BOOKMARK_INTERVAL,
+            watch_delay: Duration::ZERO,
             observers: Vec::new(),
             oldest_resumable: 0,
             watchers,
@@ -1521,6 +1535,7 @@ impl Store {
     fn publish(&mut self, kind: ResourceKind, before: Option<Value>, after: Option<Value>) {
         let change = Arc::new(Change {
             resource_version: self.resource_version,
+            at: Instant::now(),
             kind,
             before,
             after,
@@ -1792,6 +1807,7 @@ fn live_events(
     filter: WatchFilter,
     bookmarks: Option<Bookmarks>,
     deadline: Instant,
+    delay: Duration,
 ) -> impl Stream<Item = Bytes> {
     let first_bookmark = bookmarks
         .as_ref()
@@ -1803,6 +1819,8 @@ fn live_events(
             loop {
                 match tokio::time::timeout_at(next_bookmark.min(deadline), receiver.recv()).await {
                     Ok(Ok(WatchSignal::Change(change))) => {
+                        // Every change waits the same: order is kept, lag does not add up.
+                        tokio::time::sleep_until(change.at + delay).await;
                         if let Some(bookmarks) = bookmarks.as_mut() {
                             bookmarks.resource_version = change.resource_version;
                         }
