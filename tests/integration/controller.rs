@@ -1030,18 +1030,7 @@ async fn the_need_for_aws_calls_is_exported_per_busiest_region() {
     paused.suspend = Some(true);
     h.create("paused", paused).await;
     h.start_operator().await;
-    let exported = eventually("the need exported", WAIT, || {
-        h.metrics()
-            .encode()
-            .lines()
-            .find_map(|l| {
-                l.strip_prefix("embedurl_aws_required_calls_per_second{service=\"QuickSight\"} ")
-                    .map(str::to_owned)
-            })
-            .filter(|v| v != "0.0")
-    })
-    .await;
-    let need: f64 = exported.parse().unwrap();
+    let need = h.quick_sight_need().await;
     assert!((need - 2.0).abs() < 1e-6, "{need}");
     assert!(
         h.metrics()

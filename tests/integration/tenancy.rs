@@ -262,20 +262,9 @@ async fn the_need_for_aws_calls_counts_the_region_a_policy_gives() {
     // The need is computed when the caches have synced (then every 30 s): restart.
     h.stop_operator().await;
     h.start_operator().await;
-    let exported = eventually("the need exported", WAIT, || {
-        h.metrics()
-            .encode()
-            .lines()
-            .find_map(|l| {
-                l.strip_prefix("embedurl_aws_required_calls_per_second{service=\"QuickSight\"} ")
-                    .map(str::to_owned)
-            })
-            .filter(|v| v != "0.0")
-    })
-    .await;
+    let need = h.quick_sight_need().await;
     // The busiest region is the policy's, with nine; counted in the operator's region, all ten
     // would need 2.2 calls/s.
-    let need: f64 = exported.parse().unwrap();
     assert!((need - 2.0).abs() < 1e-6, "{need}");
 }
 

@@ -157,6 +157,25 @@ impl Harness {
             .expect("embedurl_reconciles_total")
     }
 
+    /// The exported need for AWS calls of QuickSight requests, once it has been computed (it is
+    /// 0 until the caches have synced).
+    pub async fn quick_sight_need(&self) -> f64 {
+        let exported = eventually("the need exported", Duration::from_secs(10), || {
+            self.metrics()
+                .encode()
+                .lines()
+                .find_map(|l| {
+                    l.strip_prefix(
+                        "embedurl_aws_required_calls_per_second{service=\"QuickSight\"} ",
+                    )
+                    .map(str::to_owned)
+                })
+                .filter(|v| v != "0.0")
+        })
+        .await;
+        exported.parse().expect("a number")
+    }
+
     /// Waits until the operator has started more than `before` reconciles.
     pub async fn reconciled_since(&self, before: u64) {
         eventually("a reconcile", Duration::from_secs(10), || {
