@@ -460,14 +460,20 @@ async fn permissive_mode_serves_unselected_namespaces_and_says_so() {
     assert_eq!(h.status("console").policy, None);
 }
 
-#[tokio::test]
-async fn a_failed_renewal_falls_back_to_credentials_still_valid() {
+/// A request minted through [`policy_with_role`], whose assumed credentials last `lifetime`.
+async fn minted_through_a_role(lifetime: Duration) -> Harness {
     let h = Harness::start_with(WINDOW, PolicyMode::Enforce).await;
-    // Valid for six seconds, renewed after three.
-    h.aws.set_sts_lifetime(Duration::from_secs(6));
+    h.aws.set_sts_lifetime(lifetime);
     apply_policy(&h, &policy_with_role()).await;
     h.create("console", quick_sight()).await;
     eventually("minted", WAIT, || h.secret_value("console", "url")).await;
+    h
+}
+
+#[tokio::test]
+async fn a_failed_renewal_falls_back_to_credentials_still_valid() {
+    // Valid for six seconds, renewed after three.
+    let h = minted_through_a_role(Duration::from_secs(6)).await;
     tokio::time::sleep(Duration::from_millis(3500)).await;
     // Time to renew, and STS throttles: the credentials in hand still work for a while.
     h.aws.throttle_sts_next(2);
@@ -489,12 +495,8 @@ async fn a_failed_renewal_falls_back_to_credentials_still_valid() {
 
 #[tokio::test]
 async fn assumed_credentials_are_renewed_before_they_expire() {
-    let h = Harness::start_with(WINDOW, PolicyMode::Enforce).await;
     // Credentials valid for two seconds are renewed after half their life.
-    h.aws.set_sts_lifetime(Duration::from_secs(2));
-    apply_policy(&h, &policy_with_role()).await;
-    h.create("console", quick_sight()).await;
-    eventually("minted", WAIT, || h.secret_value("console", "url")).await;
+    let h = minted_through_a_role(Duration::from_secs(2)).await;
     assert_eq!(
         h.aws.sts_calls().len(),
         1,
