@@ -384,15 +384,15 @@ pub fn run(
         // Guarded: when this future is dropped rather than run to its end (a leader that lost
         // its Lease aborts it), its helpers stop with it.
         let _capacity = AbortOnDrop(tokio::spawn(capacity));
-        let _policies = AbortOnDrop(tokio::spawn(policy_changes));
+        let mut policies = AbortOnDrop(tokio::spawn(policy_changes));
         let mut dispatcher = AbortOnDrop(tokio::spawn(dispatcher));
         tokio::select! {
             _ = future::join_all(controllers) => {}
-            ended = &mut dispatcher.0 => {
-                // The dispatcher only ends by panicking, and without it nothing is reconciled
-                // any more: stop the process (Kubernetes restarts it) rather than stay Ready.
-                reraise_panic(ended);
-            }
+            // These only end by panicking. Without the dispatcher nothing is reconciled any
+            // more; without the policy watch requests are judged against policies that no
+            // longer change. Stop the process (Kubernetes restarts it) rather than stay Ready.
+            ended = &mut dispatcher.0 => reraise_panic(ended),
+            ended = &mut policies.0 => reraise_panic(ended),
         }
     })
 }
