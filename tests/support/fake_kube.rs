@@ -1397,6 +1397,12 @@ impl Store {
         let mut candidate = scope_to_subresource(kind, subresource, &stored, candidate);
         carry_preserved_metadata(&stored, &mut candidate);
         normalize(kind, &mut candidate);
+        if kind == NAMESPACES {
+            // As the API server's namespace strategy: an update keeps the finalizers (changed
+            // only through `/finalize`) and the status.
+            candidate["spec"]["finalizers"] = stored["spec"]["finalizers"].clone();
+            candidate["status"] = stored["status"].clone();
+        }
         match applied {
             Some((applied, force)) => {
                 let conflicts = fields.conflicts(owner, &applied, &stored, &candidate);
@@ -1817,10 +1823,22 @@ fn live_events(
         move |state| async move {
             let (mut receiver, filter, mut bookmarks, mut next_bookmark) = state?;
             loop {
-                match tokio::time::timeout_at(next_bookmark.min(deadline), receiver.recv()).await {
+                let wake = next_bookmark.min(deadline);
+                // Looked at first: a watch whose changes never pause still times out and gets
+                // its bookmarks, as the API server's timer fires whatever the traffic.
+                let signal = if Instant::now() >= wake {
+                    Err(())
+                } else {
+                    tokio::time::timeout_at(wake, receiver.recv())
+                        .await
+                        .map_err(|_| ())
+                };
+                match signal {
                     Ok(Ok(WatchSignal::Change(change))) => {
                         // Every change waits the same: order is kept, lag does not add up.
-                        tokio::time::sleep_until(change.at + delay).await;
+                        if !delay.is_zero() {
+                            tokio::time::sleep_until(change.at + delay).await;
+                        }
                         if let Some(bookmarks) = bookmarks.as_mut() {
                             bookmarks.resource_version = change.resource_version;
                         }
@@ -1838,7 +1856,7 @@ fn live_events(
                         }
                     }
                     Ok(Ok(WatchSignal::CloseAll) | Err(_)) => return None,
-                    Err(_elapsed) => {
+                    Err(()) => {
                         let now = Instant::now();
                         // The deadline, or a bookmark due before it.
                         let due = bookmarks.as_ref().filter(|_| now < deadline)?;
@@ -3176,6 +3194,19 @@ mod tests {
             Some(vec!["kubernetes".to_owned()])
         );
         assert_eq!(created.status.unwrap().phase.as_deref(), Some("Active"));
+        // An update without them keeps the finalizers and the status, as the API server does.
+        let mut relabelled = namespace.clone();
+        relabelled.metadata.labels = Some(BTreeMap::from([("team".into(), "x".into())]));
+        relabelled.metadata.resource_version = created.metadata.resource_version.clone();
+        let replaced = namespaces
+            .replace("going", &PostParams::default(), &relabelled)
+            .await
+            .unwrap();
+        assert_eq!(
+            replaced.spec.unwrap().finalizers,
+            Some(vec!["kubernetes".to_owned()])
+        );
+        assert_eq!(replaced.status.unwrap().phase.as_deref(), Some("Active"));
         let secrets: Api<Secret> = Api::namespaced(client.clone(), "going");
         let mut held = secret("held", &[]);
         held.metadata.finalizers = Some(vec!["example.com/hold".into()]);
@@ -3446,6 +3477,45 @@ mod tests {
         let mut quiet = pin!(secrets.watch(&params, &last).await.unwrap());
         let first = tokio::time::timeout(Duration::from_millis(900), quiet.try_next()).await;
         assert!(first.is_err(), "{first:?}");
+    }
+
+    #[tokio::test]
+    async fn a_watch_times_out_and_gets_bookmarks_while_changes_never_pause() {
+        let server = FakeApiServer::new();
+        server.set_bookmark_interval(Duration::from_millis(300));
+        // Lagging: after each wait for a change's time, the next ones are already there.
+        server.set_watch_delay(Duration::from_millis(50));
+        server.register_kind(ResourceKind::namespaced("v1", "configmaps", "ConfigMap"));
+        let secrets: Api<Secret> = Api::default_namespaced(server.client());
+        let configmaps: Api<ConfigMap> = Api::default_namespaced(server.client());
+        // Changes of another kind every few milliseconds, for longer than the watch lasts.
+        let churn = tokio::spawn(async move {
+            for i in 0.. {
+                let mut configmap = ConfigMap::default();
+                configmap.metadata.name = Some(format!("cm-{i}"));
+                configmaps
+                    .create(&PostParams::default(), &configmap)
+                    .await
+                    .unwrap();
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        });
+        let started = Instant::now();
+        let params = WatchParams::default().timeout(3);
+        let mut events = pin!(secrets.watch(&params, "1").await.unwrap());
+        let mut bookmarks = 0;
+        while let Some(event) = tokio::time::timeout(Duration::from_secs(5), events.try_next())
+            .await
+            .expect("the watch ended at its timeout")
+            .unwrap()
+        {
+            assert!(matches!(event, WatchEvent::Bookmark(_)), "{event:?}");
+            bookmarks += 1;
+        }
+        churn.abort();
+        assert!(started.elapsed() < Duration::from_millis(3500));
+        // Every 0.3 s until 2 s before the timeout.
+        assert!(bookmarks >= 2, "{bookmarks} bookmarks");
     }
 
     #[tokio::test]
