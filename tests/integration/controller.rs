@@ -42,6 +42,23 @@ fn request_metric(h: &Harness, family: &str, name: &str) -> Option<String> {
     line.rsplit_once(' ').map(|(_, value)| value.to_string())
 }
 
+/// Makes the operator reconcile `name` once more, without asking for anything (an annotation
+/// under its prefix that it does not use), and waits until a reconcile has started.
+async fn reconcile_once_more(h: &Harness, name: &str) {
+    let before = h.reconciles();
+    h.requests()
+        .patch(
+            name,
+            &PatchParams::default(),
+            &Patch::Merge(
+                json!({"metadata": {"annotations": {"embedurl.io/note": before.to_string()}}}),
+            ),
+        )
+        .await
+        .unwrap();
+    h.reconciled_since(before).await;
+}
+
 #[tokio::test]
 async fn each_service_mints_into_its_secret() {
     let h = Harness::start(LONG_WINDOW).await;
@@ -170,16 +187,7 @@ async fn settled_requests_make_no_aws_calls_and_no_writes() {
     h.kube.end_all_watches();
     // An annotation under the operator's prefix that asks for nothing triggers a reconcile
     // (the operator reacts to its own annotations), which finds nothing to do.
-    let before = h.reconciles();
-    h.requests()
-        .patch(
-            "console",
-            &PatchParams::default(),
-            &Patch::Merge(json!({"metadata": {"annotations": {"embedurl.io/note": "bi"}}})),
-        )
-        .await
-        .unwrap();
-    h.reconciled_since(before).await;
+    reconcile_once_more(&h, "console").await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(h.aws.calls().len(), calls);
     assert_eq!(h.kube.effective_write_count("secrets"), secret_writes);
@@ -763,16 +771,7 @@ async fn the_refresh_annotation_mints_once() {
     // Touching the object again with the same value does nothing, even when a reconcile (here
     // for another of the operator's annotations) finds the value still there.
     h.request_refresh("console", "2026-11-22T10:00:00Z").await;
-    let before = h.reconciles();
-    h.requests()
-        .patch(
-            "console",
-            &PatchParams::default(),
-            &Patch::Merge(json!({"metadata": {"annotations": {"embedurl.io/note": "touched"}}})),
-        )
-        .await
-        .unwrap();
-    h.reconciled_since(before).await;
+    reconcile_once_more(&h, "console").await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(h.aws.calls().len(), 2);
     assert_eq!(
