@@ -41,6 +41,24 @@ impl Error {
         }
     }
 
+    /// Whether the API server refused to create an object because its namespace is being
+    /// deleted (the NamespaceLifecycle admission plugin's 403, with the `NamespaceTerminating`
+    /// cause): nothing can be created there any more, and everything in it is about to go.
+    pub fn is_namespace_terminating(&self) -> bool {
+        match self {
+            Error::Kube {
+                source: kube::Error::Api(status),
+                ..
+            } if status.code == 403 => status.details.as_ref().is_some_and(|details| {
+                details
+                    .causes
+                    .iter()
+                    .any(|cause| cause.reason == "NamespaceTerminating")
+            }),
+            _ => false,
+        }
+    }
+
     /// Whether the API server answered 404: the object is gone.
     pub fn is_not_found(&self) -> bool {
         matches!(
@@ -74,3 +92,40 @@ impl Error {
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kube::core::Status;
+    use kube::core::response::{StatusCause, StatusDetails};
+
+    fn forbidden(causes: Vec<StatusCause>) -> Error {
+        let status = Status::failure("secrets \"x\" is forbidden", "Forbidden")
+            .with_code(403)
+            .with_details(StatusDetails {
+                name: "x".into(),
+                group: String::new(),
+                kind: "secrets".into(),
+                uid: String::new(),
+                causes,
+                retry_after_seconds: 0,
+            });
+        Error::Kube {
+            action: "writing the Secret",
+            source: kube::Error::Api(status.boxed()),
+        }
+    }
+
+    #[test]
+    fn only_a_403_with_the_namespace_terminating_cause_means_the_namespace_is_going() {
+        let terminating = StatusCause {
+            reason: "NamespaceTerminating".into(),
+            message: "namespace team-a is being terminated".into(),
+            field: "metadata.namespace".into(),
+        };
+        assert!(forbidden(vec![terminating]).is_namespace_terminating());
+        // RBAC or an admission policy: a person must act, and the request must say so.
+        assert!(!forbidden(vec![]).is_namespace_terminating());
+        assert!(!forbidden(vec![]).is_retryable());
+    }
+}

@@ -520,6 +520,19 @@ async fn mint(
             .await
             {
                 Ok(written) => written,
+                // The namespace is being deleted, and the namespace watch has not said so yet
+                // (its deletion of the Secret came first, on another watch). The URL is lost
+                // either way; a `SecretWriteFailed` status and warning for a request about to go
+                // would only alarm, and a retry would mint again for nothing.
+                Err(error) if error.is_namespace_terminating() => {
+                    debug!(
+                        namespace = &*namespace,
+                        name = &*name,
+                        "namespace is being deleted; the minted URL was discarded"
+                    );
+                    ctx.metrics.forget_request(&namespace, &name);
+                    return Ok(Next::await_change());
+                }
                 // Retrying soon mints another URL for the same refusal: back off instead.
                 Err(error) if !error.is_retryable() => {
                     let refused = SecretRefusal {

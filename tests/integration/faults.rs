@@ -226,6 +226,62 @@ async fn a_request_in_a_namespace_being_deleted_mints_nothing() {
 }
 
 #[tokio::test]
+async fn a_namespace_deletion_seen_after_its_secret_went_ends_the_request_quietly() {
+    let mut h = Harness::new_without_operator(LONG_WINDOW).await;
+    // The namespace watch lags behind the Secret watch, as one watch cache of a busy API server
+    // can behind another: the operator sees its Secret deleted before it sees the namespace
+    // Terminating, so it mints once more, and the API server refuses the new Secret (403 with
+    // the NamespaceTerminating cause).
+    h.kube
+        .set_watch_delay_of("namespaces", Duration::from_secs(2));
+    h.kube.set_gc_delay(Duration::from_millis(500));
+    h.start_operator().await;
+    let namespaces: Api<Namespace> = Api::all(h.client.clone());
+    let namespace: Namespace = serde_json::from_value(json!({"metadata": {"name": NS}})).unwrap();
+    namespaces
+        .create(&PostParams::default(), &namespace)
+        .await
+        .unwrap();
+    h.create("console", quick_sight()).await;
+    converged(&h, "console", "console", WAIT).await;
+    // Every Ready reason the request's stored status has from now on.
+    let reasons = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let seen = reasons.clone();
+    h.kube.observe(move |change| {
+        if change.kind.plural != "embedurlrequests" {
+            return;
+        }
+        let ready = change
+            .after
+            .and_then(|object| object["status"]["conditions"].as_array())
+            .and_then(|conditions| conditions.iter().find(|c| c["type"] == "Ready"))
+            .and_then(|ready| ready["reason"].as_str());
+        if let Some(reason) = ready {
+            seen.lock().unwrap().push(reason.to_owned());
+        }
+    });
+    namespaces
+        .delete(NS, &DeleteParams::default())
+        .await
+        .unwrap();
+    eventually("the namespace gone", WAIT, || {
+        h.kube
+            .get("v1", "namespaces", None, NS)
+            .is_none()
+            .then_some(())
+    })
+    .await;
+    // The one mint the late namespace event costs: the Secret create it was for was refused.
+    assert_eq!(h.aws.calls().len(), 2, "{:?}", h.aws.calls());
+    let reasons = reasons.lock().unwrap().clone();
+    assert!(
+        reasons.iter().all(|reason| reason != "SecretWriteFailed"),
+        "a request in a namespace going away reported a failed Secret write: {reasons:?}"
+    );
+    assert!(h.operator_running());
+}
+
+#[tokio::test]
 async fn a_failed_refresh_write_is_retried_before_the_current_url_lapses() {
     // A 12 s window with refreshBefore 4 s: a retry 5-6 s after a failed write would come after
     // the current URL's use-by time.

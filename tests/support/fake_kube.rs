@@ -489,6 +489,13 @@ impl FakeApiServer {
         self.lock().watch_delay = delay;
     }
 
+    /// As [`Self::set_watch_delay`], for the watches of `plural` only: one watch cache can lag
+    /// behind another, so a client may see a change to one kind before an earlier change to
+    /// another.
+    pub fn set_watch_delay_of(&self, plural: &'static str, delay: Duration) {
+        self.lock().watch_delays_by_kind.insert(plural, delay);
+    }
+
     /// How often watches opened from now on that asked for bookmarks get one (default a minute,
     /// as a real API server); the one 2 s before a watch times out is sent regardless.
     pub fn set_bookmark_interval(&self, interval: Duration) {
@@ -606,7 +613,12 @@ impl FakeApiServer {
                 every: store.bookmark_interval,
                 resource_version: store.resource_version,
             });
-            (replay, live, bookmarks, store.watch_delay)
+            let delay = store
+                .watch_delays_by_kind
+                .get(route.kind.plural)
+                .copied()
+                .unwrap_or(store.watch_delay);
+            (replay, live, bookmarks, delay)
         };
         let events = stream::iter(replay)
             .chain(live_events(
@@ -790,6 +802,8 @@ struct Store {
     bookmark_interval: Duration,
     /// How long after a change is stored the watches see it ([`FakeApiServer::set_watch_delay`]).
     watch_delay: Duration,
+    /// Lags of particular kinds' watches, over `watch_delay` ([`FakeApiServer::set_watch_delay_of`]).
+    watch_delays_by_kind: HashMap<&'static str, Duration>,
     observers: Vec<Observer>,
     /// A watch may start from this resourceVersion or a later one; older ones get 410.
     oldest_resumable: u64,
@@ -983,6 +997,7 @@ impl Store {
             undeclared: Vec::new(),
             bookmark_interval: DEFAULT_BOOKMARK_INTERVAL,
             watch_delay: Duration::ZERO,
+            watch_delays_by_kind: HashMap::new(),
             observers: Vec::new(),
             oldest_resumable: 0,
             watchers,
@@ -1246,7 +1261,7 @@ impl Store {
         };
         check_object_name(&name)?;
         if kind.namespaced {
-            self.check_namespace_accepts_content(&namespace)?;
+            self.check_namespace_accepts_content(&namespace, kind.plural, &name)?;
         }
         for field in PRESERVED_METADATA {
             metadata.remove(*field);
@@ -2124,7 +2139,12 @@ impl Store {
 
     /// The NamespaceLifecycle admission plugin, on in every cluster: nothing new is created in a
     /// namespace being deleted (one with a deletionTimestamp; its finalizers still hold it).
-    fn check_namespace_accepts_content(&self, namespace: &str) -> Result<(), ApiError> {
+    fn check_namespace_accepts_content(
+        &self,
+        namespace: &str,
+        plural: &str,
+        name: &str,
+    ) -> Result<(), ApiError> {
         let key = ObjectKey {
             kind: NAMESPACES,
             namespace: String::new(),
@@ -2135,13 +2155,24 @@ impl Store {
             .get(&key)
             .is_some_and(|object| object["metadata"]["deletionTimestamp"].is_string());
         if terminating {
-            return Err(ApiError::new(
+            // As the NamespaceLifecycle plugin words it, with its machine-readable cause.
+            let mut error = ApiError::new(
                 403,
                 "Forbidden",
                 format!(
-                    "unable to create new content in namespace {namespace} because it is being terminated"
+                    "{plural} \"{name}\" is forbidden: unable to create new content in namespace {namespace} because it is being terminated"
                 ),
-            ));
+            );
+            error.details = Some(json!({
+                "name": name,
+                "kind": plural,
+                "causes": [{
+                    "reason": "NamespaceTerminating",
+                    "message": format!("namespace {namespace} is being terminated"),
+                    "field": "metadata.namespace",
+                }],
+            }));
+            return Err(error);
         }
         Ok(())
     }
@@ -2652,6 +2683,8 @@ struct ApiError {
     code: u16,
     reason: &'static str,
     message: String,
+    /// The Status's `details`, when the real API server gives some a client may act on.
+    details: Option<Value>,
 }
 
 impl ApiError {
@@ -2660,6 +2693,7 @@ impl ApiError {
             code,
             reason,
             message: message.into(),
+            details: None,
         }
     }
 
@@ -2689,11 +2723,11 @@ impl ApiError {
 
     fn into_response(self) -> Response {
         let status = StatusCode::from_u16(self.code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-        let mut response = (
-            status,
-            Json(status_object(self.code, self.reason, &self.message)),
-        )
-            .into_response();
+        let mut object = status_object(self.code, self.reason, &self.message);
+        if let Some(details) = self.details {
+            object["details"] = details;
+        }
+        let mut response = (status, Json(object)).into_response();
         if self.code == 429 {
             response
                 .headers_mut()
