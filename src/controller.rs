@@ -3,6 +3,7 @@
 use crate::crd::{CachedRequest, EmbedUrlRequest, OWN_ANNOTATION_PREFIX};
 use crate::events::Reporter;
 use crate::identity::AwsClients;
+use crate::lean::{self, Lean};
 use crate::policy::EmbedUrlPolicy;
 use crate::providers::Service;
 use crate::ratelimit::{Demand, RateLimits, Refreshing};
@@ -231,7 +232,8 @@ pub fn run(
     let mut dispatch_routes = Vec::new();
     for (namespace, request_store, request_writer) in caches {
         let requests: Api<CachedRequest> = scoped_api(&client, namespace.as_deref());
-        let secrets: Api<PartialObjectMeta<Secret>> = scoped_api(&client, namespace.as_deref());
+        let secrets: Api<Lean<PartialObjectMeta<Secret>>> =
+            scoped_api(&client, namespace.as_deref());
 
         // Only the Secrets the operator owns are watched, metadata only, and the cache keeps a
         // small snapshot of each (never the URL): see secret_cache. Memory grows with the
@@ -250,7 +252,7 @@ pub fn run(
                 // A change by someone else, or a Secret a relist no longer shows: reconcile the
                 // request that owns it.
                 Ok(event) => {
-                    for owner in observing.observe(event) {
+                    for owner in observing.observe(lean::unwrap_event(event)) {
                         owners.schedule_now(&owner);
                     }
                 }

@@ -30,7 +30,9 @@ where
     K: DeserializeOwned + Resource,
 {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        let buffer = serde_json::Value::deserialize(deserializer)?;
+        // Without managedFields: the operator never reads them (see `crate::lean`).
+        let buffer =
+            serde_json::Value::deserialize(crate::lean::without_managed_fields(deserializer))?;
         match K::deserialize(&buffer) {
             Ok(object) => Ok(Guarded(Ok(object))),
             Err(error) => {
@@ -116,6 +118,19 @@ mod tests {
             "{}",
             invalid.error
         );
+    }
+
+    #[test]
+    fn managed_fields_are_not_kept() {
+        let with_managed_fields = VALID.replace(
+            r#""resourceVersion":"7""#,
+            r#""resourceVersion":"7","managedFields":[{"manager":"kubectl","operation":"Apply",
+            "fieldsType":"FieldsV1","fieldsV1":{"f:spec":{"f:secretName":{}}}}]"#,
+        );
+        assert!(serde_json::from_str::<serde_json::Value>(&with_managed_fields).is_ok());
+        let request = parse(&with_managed_fields).0.expect("valid");
+        assert_eq!(request.meta().resource_version.as_deref(), Some("7"));
+        assert_eq!(request.meta().managed_fields, None);
     }
 
     #[test]

@@ -18,6 +18,7 @@ pub mod guard;
 pub mod http;
 pub mod identity;
 pub mod leader;
+pub mod lean;
 pub mod policy;
 pub mod providers;
 pub mod ratelimit;

@@ -5,6 +5,7 @@
 
 use crate::crd::EmbedUrlRequest;
 use crate::error::{Error, Result};
+use crate::lean::Lean;
 use crate::providers::EmbedUrl;
 use crate::reconciler::Context;
 use crate::schedule;
@@ -13,6 +14,7 @@ use crate::validation::ValidSpec;
 use jiff::Timestamp;
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::{Api, Patch, PatchParams};
+use kube::core::PartialObjectMeta;
 use kube::{Resource, ResourceExt};
 
 /// Reads a Secret from the API server, records it in the cache, and says what it holds.
@@ -147,27 +149,26 @@ pub async fn server_side_apply_secret(
     content: &SecretContent<'_>,
 ) -> Result<SecretWritten> {
     let namespace = request.namespace().unwrap_or_default();
-    let api: Api<Secret> = Api::namespaced(ctx.client.clone(), &namespace);
     let mut secret = secret::render(request, content);
     secret.metadata.managed_fields = None;
     // What is written becomes known: the watch's echo of this write, whether it arrives before
     // or after the response, triggers no reconcile.
     ctx.secrets.begin_write(&namespace, content.name);
-    // Only the metadata of the answer is read: the data is what was just sent (the operator
-    // owns those keys), and parsing the whole Secret, managedFields included, on every refresh
+    // Only the metadata of the answer is read, without its managedFields: the data is what was
+    // just sent (the operator owns those keys), and parsing the whole Secret on every refresh
     // costs CPU for nothing.
-    let written = api
-        .patch_metadata(
-            content.name,
-            &PatchParams::apply(FIELD_MANAGER).force(),
-            // k8s-openapi writes apiVersion and kind, which server-side apply needs.
-            &Patch::Apply(&secret),
-        )
-        .await
-        .map(|answer| Secret {
-            metadata: answer.metadata,
-            ..secret
-        });
+    let written = apply_reading_metadata(
+        ctx,
+        &namespace,
+        content.name,
+        // k8s-openapi writes apiVersion and kind, which server-side apply needs.
+        &Patch::Apply(&secret),
+    )
+    .await
+    .map(|answer| Secret {
+        metadata: answer.metadata,
+        ..secret
+    });
     let changed_meanwhile =
         ctx.secrets
             .finish_write(&namespace, content.name, written.as_ref().ok());
@@ -175,6 +176,24 @@ pub async fn server_side_apply_secret(
         .map_err(|error| redact_url(error, content.url))
         .map_err(Error::kube("writing the Secret"))?;
     Ok(SecretWritten { changed_meanwhile })
+}
+
+/// Applies `patch` to Secret `name` as the operator's field manager (forcing its fields) and
+/// reads the metadata of the answer (`as=PartialObjectMetadata`), managedFields left unparsed.
+async fn apply_reading_metadata(
+    ctx: &Context,
+    namespace: &str,
+    name: &str,
+    patch: &Patch<&Secret>,
+) -> Result<PartialObjectMeta<Secret>, kube::Error> {
+    let request = kube::core::Request::new(Secret::url_path(&(), Some(namespace)))
+        .patch_metadata(name, &PatchParams::apply(FIELD_MANAGER).force(), patch)
+        .map_err(kube::Error::BuildRequest)?;
+    let Lean(answer) = ctx
+        .client
+        .request::<Lean<PartialObjectMeta<Secret>>>(request)
+        .await?;
+    Ok(answer)
 }
 
 /// `error` with `url` taken out of the API server's message: an admission webhook that refuses

@@ -13,7 +13,6 @@ use crate::secret::FIELD_MANAGER;
 use crate::status::{self, reasons};
 use crate::work_queue::RequestKey;
 use kube::api::{Patch, PatchParams};
-use kube::core::PartialObjectMeta;
 use kube::{Resource, ResourceExt};
 use std::borrow::Cow;
 use tracing::warn;
@@ -226,10 +225,11 @@ fn remove_field(value: &mut serde_json::Value, path: &[&str]) -> bool {
 /// What the API server says of an applied field that the installed CRD's schema lacks.
 const FIELD_NOT_DECLARED: &str = "field not declared in schema";
 
-/// Patches a request's status and reads only the metadata of the answer
-/// (`as=PartialObjectMetadata`). The operator needs nothing from the answer; parsing the whole
-/// object, managedFields included, would cost CPU on every refresh, and the object of a request
-/// whose spec does not deserialize could not be parsed at all.
+/// Patches a request's status. The operator needs nothing from the answer but whether it is a
+/// success, so it asks for the metadata only (`as=PartialObjectMetadata`) and does not parse
+/// it: parsing the object would cost CPU on every refresh, and the object of a request whose
+/// spec does not deserialize could not be parsed at all. A refusal is still read (kube turns
+/// an answer that is not a 2xx into `kube::Error::Api`).
 async fn patch_status<P: serde::Serialize>(
     ctx: &Context,
     namespace: &str,
@@ -244,9 +244,7 @@ async fn patch_status<P: serde::Serialize>(
         http::header::ACCEPT,
         http::HeaderValue::from_static(METADATA_ONLY),
     );
-    ctx.client
-        .request::<PartialObjectMeta<EmbedUrlRequest>>(request)
-        .await?;
+    ctx.client.request_text(request).await?;
     Ok(())
 }
 
