@@ -8,7 +8,8 @@
 //! and on a real cluster each object has an entry per manager that touched it.
 //!
 //! [`Filtered`] wraps a deserializer and skips `managedFields` inside `metadata` unparsed (as
-//! `serde::de::IgnoredAny`, which allocates nothing), whatever type is deserialized from it.
+//! `serde::de::IgnoredAny`, which allocates nothing), whatever type is deserialized from it:
+//! everything else reaches that type as it came.
 //! [`Lean`] is a watched or read object parsed through it.
 
 use kube::api::ObjectMeta;
@@ -79,9 +80,9 @@ impl<'de, D: Deserializer<'de>> Deserializer<'de> for Filtered<D> {
     }
 }
 
-/// The visitor of the type being deserialized, handed maps that lack the filtered keys. Every
-/// other kind of value reaches it through the defaults, which report an unexpected type in the
-/// wrapped visitor's own words ([`Visitor::expecting`]); values that are not maps are handed on.
+/// The visitor of the type being deserialized, handed maps that lack the filtered keys; every
+/// other kind of value is handed on as it came (an option's or a newtype's content is filtered
+/// like the value itself).
 struct FilteredVisitor<V> {
     inner: V,
     rule: Rule,
@@ -105,14 +106,44 @@ impl<'de, V: Visitor<'de>> Visitor<'de> for FilteredVisitor<V> {
     fn visit_bool<E: de::Error>(self, v: bool) -> Result<Self::Value, E> {
         self.inner.visit_bool(v)
     }
+    fn visit_i8<E: de::Error>(self, v: i8) -> Result<Self::Value, E> {
+        self.inner.visit_i8(v)
+    }
+    fn visit_i16<E: de::Error>(self, v: i16) -> Result<Self::Value, E> {
+        self.inner.visit_i16(v)
+    }
+    fn visit_i32<E: de::Error>(self, v: i32) -> Result<Self::Value, E> {
+        self.inner.visit_i32(v)
+    }
     fn visit_i64<E: de::Error>(self, v: i64) -> Result<Self::Value, E> {
         self.inner.visit_i64(v)
+    }
+    fn visit_i128<E: de::Error>(self, v: i128) -> Result<Self::Value, E> {
+        self.inner.visit_i128(v)
+    }
+    fn visit_u8<E: de::Error>(self, v: u8) -> Result<Self::Value, E> {
+        self.inner.visit_u8(v)
+    }
+    fn visit_u16<E: de::Error>(self, v: u16) -> Result<Self::Value, E> {
+        self.inner.visit_u16(v)
+    }
+    fn visit_u32<E: de::Error>(self, v: u32) -> Result<Self::Value, E> {
+        self.inner.visit_u32(v)
     }
     fn visit_u64<E: de::Error>(self, v: u64) -> Result<Self::Value, E> {
         self.inner.visit_u64(v)
     }
+    fn visit_u128<E: de::Error>(self, v: u128) -> Result<Self::Value, E> {
+        self.inner.visit_u128(v)
+    }
+    fn visit_f32<E: de::Error>(self, v: f32) -> Result<Self::Value, E> {
+        self.inner.visit_f32(v)
+    }
     fn visit_f64<E: de::Error>(self, v: f64) -> Result<Self::Value, E> {
         self.inner.visit_f64(v)
+    }
+    fn visit_char<E: de::Error>(self, v: char) -> Result<Self::Value, E> {
+        self.inner.visit_char(v)
     }
     fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
         self.inner.visit_str(v)
@@ -123,11 +154,24 @@ impl<'de, V: Visitor<'de>> Visitor<'de> for FilteredVisitor<V> {
     fn visit_string<E: de::Error>(self, v: String) -> Result<Self::Value, E> {
         self.inner.visit_string(v)
     }
+    fn visit_bytes<E: de::Error>(self, v: &[u8]) -> Result<Self::Value, E> {
+        self.inner.visit_bytes(v)
+    }
+    fn visit_borrowed_bytes<E: de::Error>(self, v: &'de [u8]) -> Result<Self::Value, E> {
+        self.inner.visit_borrowed_bytes(v)
+    }
+    fn visit_byte_buf<E: de::Error>(self, v: Vec<u8>) -> Result<Self::Value, E> {
+        self.inner.visit_byte_buf(v)
+    }
     fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
         self.inner.visit_unit()
     }
     fn visit_none<E: de::Error>(self) -> Result<Self::Value, E> {
         self.inner.visit_none()
+    }
+    fn visit_enum<A: de::EnumAccess<'de>>(self, data: A) -> Result<Self::Value, A::Error> {
+        // An enum's content is not an object's metadata: handed on unfiltered.
+        self.inner.visit_enum(data)
     }
     fn visit_some<D2: Deserializer<'de>>(self, deserializer: D2) -> Result<Self::Value, D2::Error> {
         // An optional object: filter inside it too.
@@ -195,6 +239,11 @@ impl<'de, A: MapAccess<'de>> MapAccess<'de> for FilteredMap<A> {
                 .next_value_seed(FilteredSeed { inner: seed, rule }),
             None => self.inner.next_value_seed(seed),
         }
+    }
+
+    fn size_hint(&self) -> Option<usize> {
+        // At most one entry fewer; as a hint for preallocation, the inner one will do.
+        self.inner.size_hint()
     }
 }
 
@@ -272,6 +321,14 @@ impl<K: Resource> Resource for Lean<K> {
 
     fn metadata_api() -> bool {
         K::metadata_api()
+    }
+
+    fn url_path(dt: &Self::DynamicType, namespace: Option<&str>) -> String {
+        K::url_path(dt, namespace)
+    }
+
+    fn api_version(dt: &Self::DynamicType) -> Cow<'_, str> {
+        K::api_version(dt)
     }
 
     fn kind(dt: &Self::DynamicType) -> Cow<'_, str> {
@@ -427,5 +484,34 @@ mod tests {
         assert!(Lean::<PartialObjectMeta<Secret>>::metadata_api());
         assert!(!Lean::<Secret>::metadata_api());
         assert_eq!(Lean::<PartialObjectMeta<Secret>>::plural(&()), "secrets");
+        assert_eq!(
+            Lean::<PartialObjectMeta<Secret>>::url_path(&(), Some("analytics")),
+            Secret::url_path(&(), Some("analytics"))
+        );
+    }
+
+    /// Values other than maps reach the wrapped type as they came.
+    #[test]
+    fn other_values_pass_through() {
+        let Lean(numbers): Lean<(u8, i16, f32, char, Option<String>)> =
+            serde_json::from_str(r#"[7, -3, 1.5, "c", null]"#).expect("parses");
+        assert_eq!(numbers, (7, -3, 1.5, 'c', None));
+        let Lean(big): Lean<u128> = serde_json::from_str("340282366920938463463").expect("u128");
+        assert_eq!(big, 340_282_366_920_938_463_463);
+        #[derive(Deserialize, Debug, PartialEq)]
+        enum Phase {
+            Active,
+            Terminating { since: String },
+        }
+        let Lean(phase): Lean<Phase> = serde_json::from_str(r#""Active""#).expect("unit variant");
+        assert_eq!(phase, Phase::Active);
+        let Lean(phase): Lean<Phase> =
+            serde_json::from_str(r#"{"Terminating":{"since":"now"}}"#).expect("struct variant");
+        assert_eq!(
+            phase,
+            Phase::Terminating {
+                since: "now".into()
+            }
+        );
     }
 }

@@ -320,9 +320,7 @@ async fn reconcile_request(request: &EmbedUrlRequest, ctx: &Context) -> Result<N
         // request, and the API server creates nothing new there (an existing Secret can still
         // be refreshed). A URL minted now could not be written, and would take a token that
         // other requests of its bucket need.
-        let key = RequestKey::of(request);
-        ctx.metrics.forget_request(&key.namespace, &key.name);
-        return Ok(Next::await_change());
+        return Ok(namespace_going_away(request, ctx));
     }
 
     if spec.suspend {
@@ -350,7 +348,13 @@ async fn reconcile_request(request: &EmbedUrlRequest, ctx: &Context) -> Result<N
             if usable.as_ref().is_some_and(|url| !url.metadata_intact) {
                 // Labels or template metadata were edited by hand: restore them with the same
                 // URL, without asking AWS for a new one. The cache holds no URL: read it.
-                restored = restore_metadata(ctx, request, &spec, owner).await?;
+                restored = match restore_metadata(ctx, request, &spec, owner).await {
+                    // Deleted meanwhile by the namespace controller (the apply became a create).
+                    Err(error) if error.is_namespace_terminating() => {
+                        return Ok(namespace_going_away(request, ctx));
+                    }
+                    restored => restored?,
+                };
             }
             let waiting =
                 waiting_status(request, &current, &spec, usable.as_ref(), until, ctx).await?;
@@ -530,8 +534,7 @@ async fn mint(
                         name = &*name,
                         "namespace is being deleted; the minted URL was discarded"
                     );
-                    ctx.metrics.forget_request(&namespace, &name);
-                    return Ok(Next::await_change());
+                    return Ok(namespace_going_away(request, ctx));
                 }
                 // Retrying soon mints another URL for the same refusal: back off instead.
                 Err(error) if !error.is_retryable() => {
@@ -875,6 +878,14 @@ fn still_the_same_request(request: &EmbedUrlRequest, ctx: &Context) -> bool {
         .is_some_and(|cached| {
             cached.uid() == request.uid() && cached.meta().deletion_timestamp.is_none()
         })
+}
+
+/// A request whose namespace is being deleted: it is about to go too, so it keeps no metric
+/// series and waits, without a status that would only alarm, for its own deletion.
+fn namespace_going_away(request: &EmbedUrlRequest, ctx: &Context) -> Next {
+    let key = RequestKey::of(request);
+    ctx.metrics.forget_request(&key.namespace, &key.name);
+    Next::await_change()
 }
 
 /// Whether the request's namespace is being deleted, as the namespace watch last saw it.

@@ -186,9 +186,11 @@ async fn apply_reading_metadata(
     name: &str,
     patch: &Patch<&Secret>,
 ) -> Result<PartialObjectMeta<Secret>, kube::Error> {
-    let request = kube::core::Request::new(Secret::url_path(&(), Some(namespace)))
+    let mut request = kube::core::Request::new(Secret::url_path(&(), Some(namespace)))
         .patch_metadata(name, &PatchParams::apply(FIELD_MANAGER).force(), patch)
         .map_err(kube::Error::BuildRequest)?;
+    // The name kube's tracing gives the call, as `Api::patch_metadata` would.
+    request.extensions_mut().insert("patch_metadata");
     let Lean(answer) = ctx
         .client
         .request::<Lean<PartialObjectMeta<Secret>>>(request)

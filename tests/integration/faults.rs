@@ -232,9 +232,12 @@ async fn a_namespace_deletion_seen_after_its_secret_went_ends_the_request_quietl
     // can behind another: the operator sees its Secret deleted before it sees the namespace
     // Terminating, so it mints once more, and the API server refuses the new Secret (403 with
     // the NamespaceTerminating cause).
+    // The Secret goes 1.5 s after the namespace is marked (the requests a kind or more later):
+    // time for the reconcile that mints to meet the refusal on a slow machine, while the
+    // namespace watch shows nothing yet.
     h.kube
-        .set_watch_delay_of("namespaces", Duration::from_secs(2));
-    h.kube.set_gc_delay(Duration::from_millis(500));
+        .set_watch_delay_of("namespaces", Duration::from_secs(5));
+    h.kube.set_gc_delay(Duration::from_millis(1500));
     h.start_operator().await;
     let namespaces: Api<Namespace> = Api::all(h.client.clone());
     let namespace: Namespace = serde_json::from_value(json!({"metadata": {"name": NS}})).unwrap();
@@ -264,7 +267,7 @@ async fn a_namespace_deletion_seen_after_its_secret_went_ends_the_request_quietl
         .delete(NS, &DeleteParams::default())
         .await
         .unwrap();
-    eventually("the namespace gone", WAIT, || {
+    eventually("the namespace gone", Duration::from_secs(30), || {
         h.kube
             .get("v1", "namespaces", None, NS)
             .is_none()

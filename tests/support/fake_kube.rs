@@ -489,9 +489,9 @@ impl FakeApiServer {
         self.lock().watch_delay = delay;
     }
 
-    /// As [`Self::set_watch_delay`], for the watches of `plural` only: one watch cache can lag
-    /// behind another, so a client may see a change to one kind before an earlier change to
-    /// another.
+    /// As [`Self::set_watch_delay`], for the watches of `plural` only, in place of that delay:
+    /// one watch cache can lag behind another, so a client may see a change to one kind before
+    /// an earlier change to another.
     pub fn set_watch_delay_of(&self, plural: &'static str, delay: Duration) {
         self.lock().watch_delays_by_kind.insert(plural, delay);
     }
@@ -802,7 +802,8 @@ struct Store {
     bookmark_interval: Duration,
     /// How long after a change is stored the watches see it ([`FakeApiServer::set_watch_delay`]).
     watch_delay: Duration,
-    /// Lags of particular kinds' watches, over `watch_delay` ([`FakeApiServer::set_watch_delay_of`]).
+    /// Lags of particular kinds' watches, in place of `watch_delay`
+    /// ([`FakeApiServer::set_watch_delay_of`]).
     watch_delays_by_kind: HashMap<&'static str, Duration>,
     observers: Vec<Observer>,
     /// A watch may start from this resourceVersion or a later one; older ones get 410.
