@@ -19,7 +19,6 @@ use kube::core::error_boundary::InvalidObject;
 use kube::core::{PartialObjectMeta, Resource};
 use serde::de::{DeserializeOwned, Error as _};
 use serde::{Deserialize, Deserializer};
-use std::borrow::Cow;
 
 /// `Ok` with the object, or `Err` with its metadata and why it does not deserialize.
 #[derive(Debug, Clone)]
@@ -50,24 +49,7 @@ where
 }
 
 impl<K: Resource> Resource for Guarded<K> {
-    type DynamicType = K::DynamicType;
-    type Scope = K::Scope;
-
-    fn kind(dt: &Self::DynamicType) -> Cow<'_, str> {
-        K::kind(dt)
-    }
-
-    fn group(dt: &Self::DynamicType) -> Cow<'_, str> {
-        K::group(dt)
-    }
-
-    fn version(dt: &Self::DynamicType) -> Cow<'_, str> {
-        K::version(dt)
-    }
-
-    fn plural(dt: &Self::DynamicType) -> Cow<'_, str> {
-        K::plural(dt)
-    }
+    same_resource_as!(K);
 
     fn meta(&self) -> &ObjectMeta {
         self.0

@@ -10,6 +10,44 @@
 //! next; [`controller`] runs the watches; [`leader`] elects one active replica; [`telemetry`]
 //! and [`http`] are the operator's logs, metrics and probes.
 
+/// The type-level half of a `kube::Resource` impl for a wrapper of `$wrapped` (see
+/// [`guard::Guarded`], [`lean::Lean`]): the same kind, the same URLs, the same Accept header.
+/// `meta` and `meta_mut` are the wrapper's own.
+macro_rules! same_resource_as {
+    ($wrapped:ident) => {
+        type DynamicType = $wrapped::DynamicType;
+        type Scope = $wrapped::Scope;
+
+        fn metadata_api() -> bool {
+            $wrapped::metadata_api()
+        }
+
+        fn kind(dt: &Self::DynamicType) -> ::std::borrow::Cow<'_, str> {
+            $wrapped::kind(dt)
+        }
+
+        fn group(dt: &Self::DynamicType) -> ::std::borrow::Cow<'_, str> {
+            $wrapped::group(dt)
+        }
+
+        fn version(dt: &Self::DynamicType) -> ::std::borrow::Cow<'_, str> {
+            $wrapped::version(dt)
+        }
+
+        fn api_version(dt: &Self::DynamicType) -> ::std::borrow::Cow<'_, str> {
+            $wrapped::api_version(dt)
+        }
+
+        fn plural(dt: &Self::DynamicType) -> ::std::borrow::Cow<'_, str> {
+            $wrapped::plural(dt)
+        }
+
+        fn url_path(dt: &Self::DynamicType, namespace: Option<&str>) -> String {
+            $wrapped::url_path(dt, namespace)
+        }
+    };
+}
+
 pub mod controller;
 pub mod crd;
 pub mod error;

@@ -19,7 +19,7 @@ use crate::{flink, q_business, quick_sight};
 use embed_url_operator::crd::{EmbedUrlRequest, EmbedUrlRequestSpec, EmbedUrlRequestStatus};
 use embed_url_operator::policy::EmbedUrlPolicy;
 use embed_url_operator::providers::Service;
-use k8s_openapi::api::core::v1::{Namespace, Secret};
+use k8s_openapi::api::core::v1::Secret;
 use kube::api::{Api, DeleteParams, DynamicObject, Patch, PatchParams, PostParams};
 use kube::core::ApiResource;
 use serde_json::{Value, json};
@@ -183,12 +183,7 @@ async fn a_request_in_a_namespace_being_deleted_mints_nothing() {
     // The namespace controller deletes one resource type at a time, Secrets first, requests
     // last: this far apart, the operator sees the Secret go well before its request does.
     h.kube.set_gc_delay(Duration::from_millis(300));
-    let namespaces: Api<Namespace> = Api::all(h.client.clone());
-    let namespace: Namespace = serde_json::from_value(json!({"metadata": {"name": NS}})).unwrap();
-    namespaces
-        .create(&PostParams::default(), &namespace)
-        .await
-        .unwrap();
+    let namespaces = h.create_namespace().await;
     h.create("console", quick_sight()).await;
     converged(&h, "console", "console", WAIT).await;
     namespaces
@@ -239,12 +234,7 @@ async fn a_namespace_deletion_seen_after_its_secret_went_ends_the_request_quietl
         .set_watch_delay_of("namespaces", Duration::from_secs(5));
     h.kube.set_gc_delay(Duration::from_millis(1500));
     h.start_operator().await;
-    let namespaces: Api<Namespace> = Api::all(h.client.clone());
-    let namespace: Namespace = serde_json::from_value(json!({"metadata": {"name": NS}})).unwrap();
-    namespaces
-        .create(&PostParams::default(), &namespace)
-        .await
-        .unwrap();
+    let namespaces = h.create_namespace().await;
     h.create("console", quick_sight()).await;
     converged(&h, "console", "console", WAIT).await;
     // Every Ready reason the request's stored status has from now on.

@@ -9,7 +9,6 @@ use embed_url_operator::policy::{
     EmbedUrlPolicy, EmbedUrlPolicySpec, PolicyAws, PolicyMode, QuickSightRules, RoleToAssume,
 };
 use embed_url_operator::providers::Service;
-use k8s_openapi::api::core::v1::Namespace;
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use serde_json::json;
 use std::time::Duration;
@@ -276,12 +275,7 @@ async fn a_namespace_selector_selects_by_label() {
     by_label.spec.namespace_selector =
         Some(serde_json::from_value(json!({"matchLabels": {"team": "analytics"}})).unwrap());
     apply_policy(&h, &by_label).await;
-    let namespaces: Api<Namespace> = Api::all(h.client.clone());
-    let ns: Namespace = serde_json::from_value(json!({"metadata": {"name": NS}})).unwrap();
-    namespaces
-        .create(&PostParams::default(), &ns)
-        .await
-        .unwrap();
+    let namespaces = h.create_namespace().await;
     h.create("console", quick_sight()).await;
     reason_of(&h, "console", "NotPermitted").await;
     assert!(h.aws.calls().is_empty());

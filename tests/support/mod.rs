@@ -20,7 +20,7 @@ use embed_url_operator::telemetry::Metrics;
 use embed_url_operator::validation::UseByWindows;
 use fake_aws::FakeAws;
 use fake_kube::FakeApiServer;
-use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::api::core::v1::{Namespace, Secret};
 use kube::api::{Api, PostParams};
 use kube::client::retry::RetryPolicy;
 use std::sync::Arc;
@@ -190,6 +190,21 @@ impl Harness {
 
     pub fn secrets(&self) -> Api<Secret> {
         Api::namespaced(self.client.clone(), NS)
+    }
+
+    /// Creates the Namespace object of the requests' namespace (the stand-in serves objects in
+    /// namespaces that do not exist, so only tests of namespace labels or deletion need it), and
+    /// returns the API of Namespaces.
+    pub async fn create_namespace(&self) -> Api<Namespace> {
+        let namespaces: Api<Namespace> = Api::all(self.client.clone());
+        let namespace: Namespace =
+            serde_json::from_value(serde_json::json!({"metadata": {"name": NS}}))
+                .expect("a Namespace");
+        namespaces
+            .create(&PostParams::default(), &namespace)
+            .await
+            .expect("create the namespace");
+        namespaces
     }
 
     pub async fn create(&self, name: &str, spec: EmbedUrlRequestSpec) -> EmbedUrlRequest {
