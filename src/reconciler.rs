@@ -31,7 +31,7 @@ use crate::work_queue::{RequestKey, WorkQueue};
 use compact_str::CompactString;
 use jiff::Timestamp;
 use k8s_openapi::api::core::v1::Namespace;
-use kube::api::{Api, DynamicObject};
+use kube::api::{Api, DynamicObject, ListParams};
 use kube::core::{ApiResource, PartialObjectMeta, error_boundary::InvalidObject};
 use kube::runtime::controller::Action;
 use kube::runtime::reflector::{ObjectRef, Store};
@@ -315,7 +315,7 @@ async fn reconcile_request(request: &EmbedUrlRequest, ctx: &Context) -> Result<N
         Lookup::Unknown => read_secret(ctx, &namespace, &spec.secret_name, owner, &spec).await?,
     };
 
-    if stored == StoredSecret::Missing && namespace_terminating(request, ctx) {
+    if stored == StoredSecret::Missing && namespace_terminating(request, &current, ctx).await {
         // The namespace controller is deleting everything in it, Secrets possibly before this
         // request, and the API server creates nothing new there (an existing Secret can still
         // be refreshed). A URL minted now could not be written, and would take a token that
@@ -888,12 +888,51 @@ fn namespace_going_away(request: &EmbedUrlRequest, ctx: &Context) -> Next {
     Next::await_change()
 }
 
-/// Whether the request's namespace is being deleted, as the namespace watch last saw it.
-fn namespace_terminating(request: &EmbedUrlRequest, ctx: &Context) -> bool {
+/// Whether the namespace of a request whose Secret is missing is being deleted.
+///
+/// The namespace watch answers first. When it still shows the namespace live but the Secret a
+/// URL was written to (the status has a use-by time) has gone, the API server is asked: the
+/// namespace controller deletes a namespace's Secrets right after marking it, and that
+/// deletion can reach the operator's Secret watch before the mark reaches its namespace watch
+/// (separate watches, each behind by its own amount). Minting then would spend an AWS call and
+/// a rate-limit token on a URL the API server refuses to store. A Secret deleted by hand costs
+/// this one extra read before it is restored; a failed read is treated as "not terminating",
+/// and the refused create that may follow still ends the reconcile quietly.
+async fn namespace_terminating(
+    request: &EmbedUrlRequest,
+    current: &EmbedUrlRequestStatus,
+    ctx: &Context,
+) -> bool {
     let namespace = request.namespace().unwrap_or_default();
-    ctx.namespaces
-        .get(&ObjectRef::new(&namespace))
-        .is_some_and(|ns| ns.metadata.deletion_timestamp.is_some())
+    let cached = ctx.namespaces.get(&ObjectRef::new(&namespace));
+    if cached.is_some_and(|ns| ns.metadata.deletion_timestamp.is_some()) {
+        return true;
+    }
+    if current.url_expires_at.is_none() {
+        // No URL was ever written: nothing was deleted, this is a first mint.
+        return false;
+    }
+    // A list by name needs only the list verb the namespace watch already has (no get).
+    let by_name = ListParams::default().fields(&format!("metadata.name={namespace}"));
+    match Api::<Namespace>::all(ctx.client.clone())
+        .list_metadata(&by_name)
+        .await
+    {
+        // A namespace already gone would mean its requests are gone too, and a stale one
+        // meets the create's refusal; only the deletion mark decides.
+        Ok(found) => found
+            .items
+            .first()
+            .is_some_and(|ns| ns.metadata.deletion_timestamp.is_some()),
+        Err(error) => {
+            debug!(
+                namespace = &*namespace,
+                error = %error,
+                "could not read the namespace of a request whose Secret is missing"
+            );
+            false
+        }
+    }
 }
 
 /// Checks the request against the policies and picks the region and AWS identity to use.

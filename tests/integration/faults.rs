@@ -221,15 +221,33 @@ async fn a_request_in_a_namespace_being_deleted_mints_nothing() {
 }
 
 #[tokio::test]
-async fn a_namespace_deletion_seen_after_its_secret_went_ends_the_request_quietly() {
+async fn a_namespace_deletion_seen_after_its_secret_went_mints_nothing() {
+    // The operator asks the API server about the namespace rather than mint once more for a
+    // Secret the API server would refuse: only the first mint.
+    namespace_deleted_with_its_watch_behind(ReadOfTheNamespace::Answered, 1).await;
+}
+
+#[tokio::test]
+async fn a_secret_refused_in_a_namespace_going_away_ends_the_request_quietly() {
+    // When that read fails, the operator mints and the API server refuses the new Secret (403
+    // with the NamespaceTerminating cause): one more mint, but no failure reported.
+    namespace_deleted_with_its_watch_behind(ReadOfTheNamespace::Fails, 2).await;
+}
+
+enum ReadOfTheNamespace {
+    Answered,
+    Fails,
+}
+
+/// Deletes the namespace of a converged request while the namespace watch lags behind the
+/// Secret watch, as one watch cache of a busy API server can behind another: the operator sees
+/// its Secret deleted before it sees the namespace Terminating. Checks the AWS calls made in all
+/// and that the request never reported `SecretWriteFailed`.
+async fn namespace_deleted_with_its_watch_behind(read: ReadOfTheNamespace, aws_calls: usize) {
     let mut h = Harness::new_without_operator(LONG_WINDOW).await;
-    // The namespace watch lags behind the Secret watch, as one watch cache of a busy API server
-    // can behind another: the operator sees its Secret deleted before it sees the namespace
-    // Terminating, so it mints once more, and the API server refuses the new Secret (403 with
-    // the NamespaceTerminating cause).
     // The Secret goes 1.5 s after the namespace is marked (the requests a kind or more later):
-    // time for the reconcile that mints to meet the refusal on a slow machine, while the
-    // namespace watch shows nothing yet.
+    // time for the reconcile that sees it missing to act on a slow machine, while the namespace
+    // watch shows nothing yet.
     h.kube
         .set_watch_delay_of("namespaces", Duration::from_secs(5));
     h.kube.set_gc_delay(Duration::from_millis(1500));
@@ -253,6 +271,12 @@ async fn a_namespace_deletion_seen_after_its_secret_went_ends_the_request_quietl
             seen.lock().unwrap().push(reason.to_owned());
         }
     });
+    let lists_before = h.kube.request_count("list", "namespaces");
+    if let ReadOfTheNamespace::Fails = read {
+        // The namespace watch is not listing (it resumes from its resourceVersion), so the
+        // only list of namespaces is the operator's read for the missing Secret.
+        h.kube.inject_failure("list", "namespaces", 500, 1);
+    }
     namespaces
         .delete(NS, &DeleteParams::default())
         .await
@@ -264,8 +288,12 @@ async fn a_namespace_deletion_seen_after_its_secret_went_ends_the_request_quietl
             .then_some(())
     })
     .await;
-    // The one mint the late namespace event costs: the Secret create it was for was refused.
-    assert_eq!(h.aws.calls().len(), 2, "{:?}", h.aws.calls());
+    assert_eq!(h.aws.calls().len(), aws_calls, "{:?}", h.aws.calls());
+    assert_eq!(
+        h.kube.request_count("list", "namespaces") - lists_before,
+        1,
+        "one read of the namespace, for the missing Secret"
+    );
     let reasons = reasons.lock().unwrap().clone();
     assert!(
         reasons.iter().all(|reason| reason != "SecretWriteFailed"),
