@@ -315,7 +315,8 @@ async fn reconcile_request(request: &EmbedUrlRequest, ctx: &Context) -> Result<N
         Lookup::Unknown => read_secret(ctx, &namespace, &spec.secret_name, owner, &spec).await?,
     };
 
-    if stored == StoredSecret::Missing && namespace_terminating(request, &current, ctx).await {
+    if stored == StoredSecret::Missing && namespace_terminating(request, &current, &spec, ctx).await
+    {
         // The namespace controller is deleting everything in it, Secrets possibly before this
         // request, and the API server creates nothing new there (an existing Secret can still
         // be refreshed). A URL minted now could not be written, and would take a token that
@@ -901,6 +902,7 @@ fn namespace_going_away(request: &EmbedUrlRequest, ctx: &Context) -> Next {
 async fn namespace_terminating(
     request: &EmbedUrlRequest,
     current: &EmbedUrlRequestStatus,
+    spec: &ValidSpec,
     ctx: &Context,
 ) -> bool {
     let namespace = request.namespace().unwrap_or_default();
@@ -908,8 +910,11 @@ async fn namespace_terminating(
     if cached.is_some_and(|ns| ns.metadata.deletion_timestamp.is_some()) {
         return true;
     }
-    if current.url_expires_at.is_none() {
-        // No URL was ever written: nothing was deleted, this is a first mint.
+    let written_before = current.url_expires_at.is_some()
+        && current.secret_name.as_deref() == Some(spec.secret_name.as_str());
+    if !written_before || spec.suspend {
+        // A first mint (or one for a renamed Secret): nothing was deleted. A suspended request
+        // mints nothing, so it need not know.
         return false;
     }
     // A list by name needs only the list verb the namespace watch already has (no get).
@@ -925,10 +930,11 @@ async fn namespace_terminating(
             .first()
             .is_some_and(|ns| ns.metadata.deletion_timestamp.is_some()),
         Err(error) => {
-            debug!(
+            // Rare (only for a missing Secret), so worth a warning: a missing RBAC rule shows.
+            warn!(
                 namespace = &*namespace,
                 error = %error,
-                "could not read the namespace of a request whose Secret is missing"
+                "could not read the namespace of a request whose Secret is missing; minting anyway"
             );
             false
         }
