@@ -9,8 +9,8 @@
 //! Every refresh, whatever operator makes it, has to make one `aws-sdk-quicksight` call, two
 //! server-side applies through a `kube` client (the Secret, then the request's status) and read
 //! the two watch events those writes cause. This benchmark does exactly that and nothing else,
-//! on the operator's schedule (all N due at once, then each again after half a window less a
-//! jitter) and concurrency, as the scale benchmark's steady scenario for the same N and window,
+//! on the operator's schedule (all N due at once, then each again when the operator's
+//! `schedule::planned_refresh` says, in whole seconds) and concurrency, as the scale benchmark's steady scenario for the same N and window,
 //! against the same stand-ins over HTTP on loopback, on one thread running a current-thread
 //! tokio runtime, with jemalloc, as the operator binary runs. It has no schedule, cache, rate
 //! limit, metrics, policy or status logic, and parses no write answer. It makes the AWS call
@@ -37,10 +37,11 @@ mod common;
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 use common::{duration, machine, number, options_or_help, stat_cpu};
-use embed_url_operator::crd::{EmbedUrlRequest, SecretTemplate};
+use embed_url_operator::crd::{CachedRequest, EmbedUrlRequest, SecretTemplate};
 use embed_url_operator::lean::Lean;
 use embed_url_operator::providers::quicksight::QuickSightProvider;
 use embed_url_operator::providers::{Target, UrlProvider};
+use embed_url_operator::schedule;
 use embed_url_operator::secret::{self, SecretContent};
 use futures::{StreamExt, stream};
 use jiff::{SignedDuration, Timestamp};
@@ -67,7 +68,7 @@ floor benchmark: the required crates' own work per refresh, no operator
 usage: cargo bench --bench floor -- [options]
 
 options (defaults as in the scale benchmark's default preset):
-  --n N             requests, each refreshed after half a window less a jitter (default 2000)
+  --n N             requests, each refreshed on the operator's schedule (default 2000)
   --window D        use-by window (default 30s)
   --windows X       measurement length, in windows, after one window of warm-up (default 5)
   --aws-latency D   fake AWS answer delay (default 50ms)
@@ -266,19 +267,19 @@ async fn refresh_all(
     tokio::spawn(
         watcher(secrets, watcher::Config::default().labels(MANAGED_SECRETS)).for_each(|_| async {}),
     );
-    let watched: Api<Lean<EmbedUrlRequest>> = Api::namespaced(client.clone(), NS);
+    let watched: Api<CachedRequest> = Api::namespaced(client.clone(), NS);
     tokio::spawn(watcher(watched, watcher::Config::default()).for_each(|_| async {}));
     tokio::time::sleep(Duration::from_millis(500)).await;
 
-    // Every request is due at once (all were just created), then again half a window minus a
-    // jitter of up to 5 % of that after each mint: the operator's schedule with the default
-    // refreshBefore. The concurrency limit makes the same waves as in the operator.
+    // Every request is due at once (all were just created), then again as the operator plans it
+    // after each mint (src/schedule.rs, the default refreshBefore of half the window). The
+    // concurrency limit and the whole-second plan make the same waves as in the operator.
     let aws = Arc::new(aws);
     let slots = Arc::new(tokio::sync::Semaphore::new(concurrency));
     let done = Arc::new(AtomicUsize::new(0));
     let failed = Arc::new(AtomicUsize::new(0));
     let mut refreshers = tokio::task::JoinSet::new();
-    for (i, request) in requests.into_iter().enumerate() {
+    for request in requests {
         let (aws, client, slots, done, failed) = (
             aws.clone(),
             client.clone(),
@@ -289,17 +290,22 @@ async fn refresh_all(
         refreshers.spawn(async move {
             let secrets: Api<Secret> = Api::namespaced(client.clone(), NS);
             let statuses: Api<EmbedUrlRequest> = Api::namespaced(client.clone(), NS);
-            for round in 0usize.. {
+            loop {
                 let Ok(slot) = slots.acquire().await else {
                     return;
                 };
-                let minted = Instant::now();
+                let minted = Timestamp::now();
                 if !refresh_one(&aws, &client, &secrets, &statuses, &request).await {
                     failed.fetch_add(1, Ordering::Relaxed);
                 }
                 drop(slot);
                 done.fetch_add(1, Ordering::Relaxed);
-                tokio::time::sleep_until((minted + refresh_after(window, i, round)).into()).await;
+                // The operator's plan: whole seconds, refreshBefore half the window, its jitter.
+                let expires = schedule::url_expires_at(minted, window);
+                let next = schedule::planned_refresh(expires, window / 2, window, rand::random());
+                let wait = Duration::try_from(next.duration_since(Timestamp::now()))
+                    .unwrap_or(Duration::ZERO);
+                tokio::time::sleep(wait).await;
             }
         });
     }
@@ -324,13 +330,6 @@ async fn refresh_all(
     };
     refreshers.abort_all();
     measured
-}
-
-/// Time from one mint of request `i` to its next: half the window, less a jitter of up to 5 %
-/// of that (spread by a fixed hash, so that runs repeat).
-fn refresh_after(window: Duration, i: usize, round: usize) -> Duration {
-    let spread = (i.wrapping_mul(2_654_435_761) ^ round.wrapping_mul(40_503)) % 1000;
-    (window / 2).mul_f64(1.0 - 0.05 * spread as f64 / 1000.0)
 }
 
 /// One refresh: mint, write the Secret, write the status. False if any step failed.
