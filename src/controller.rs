@@ -1,4 +1,5 @@
-//! Wires the kube-runtime controller(s): watches, caches, concurrency and shutdown.
+//! Wires the controller: the watches and caches (kube-runtime's), the work queue that runs the
+//! reconciles, concurrency and shutdown.
 
 use crate::crd::{CachedRequest, EmbedUrlRequest, OWN_ANNOTATION_PREFIX};
 use crate::events::Reporter;
@@ -13,13 +14,12 @@ use crate::secret_cache::SecretCache;
 use crate::telemetry::Metrics;
 use crate::validation;
 use crate::work_queue::{RequestKey, Urgency, WorkQueue};
-use futures::channel::mpsc::UnboundedSender;
-use futures::{StreamExt, future, stream};
+use futures::{FutureExt, StreamExt, future};
 use jiff::Timestamp;
 use k8s_openapi::api::core::v1::{Namespace, Secret};
 use kube::core::PartialObjectMeta;
 use kube::runtime::reflector::{self, ObjectRef, Store};
-use kube::runtime::{Controller, WatchStreamExt, controller, watcher};
+use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, Resource, ResourceExt};
 use std::collections::hash_map::DefaultHasher;
 use std::collections::{HashMap, HashSet};
@@ -28,6 +28,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 use tokio::sync::watch;
+use tokio::task::JoinSet;
 use tracing::{debug, warn};
 
 /// Name that events and the leader lease report the operator under.
@@ -135,9 +136,9 @@ impl Readiness {
 }
 
 /// Polls a store's readiness again every 100 ms. kube-runtime 5 wakes only the task that polled
-/// `Store::wait_until_ready` last (one oneshot receiver shared behind a mutex), and the
-/// controller's own runner waits on the same store, so a single long wait here can sleep
-/// forever. A store that is ready answers at once, so re-polling costs nothing.
+/// `Store::wait_until_ready` last (one oneshot receiver shared behind a mutex), and another
+/// waiter on the same store (a second readiness check) would leave a single long wait here
+/// asleep forever. A store that is ready answers at once, so re-polling costs nothing.
 async fn wait_until_ready<F, Fut, E>(ready: F)
 where
     F: Fn() -> Fut,
@@ -153,10 +154,11 @@ where
     }
 }
 
-/// Runs one controller per watched namespace (or one for all) until `shutdown` turns true.
+/// Runs the watches and caches of each watched namespace (or of all), and the reconciles the one
+/// work queue hands out, until `shutdown` turns true.
 ///
-/// Returns the readiness handle right away and a future that completes when the controllers
-/// have drained after shutdown.
+/// Returns the readiness handle right away and a future that completes when the reconciles in
+/// flight have drained after shutdown.
 pub fn run(
     client: Client,
     aws: Arc<AwsClients>,
@@ -169,8 +171,6 @@ pub fn run(
     let slots = usize::from(config.concurrency.max(1));
     let rate_limits =
         Arc::new(RateLimits::new(config.aws_rate, config.aws_burst).with_lines(slots, 16 * slots));
-    let controller_concurrency =
-        u16::try_from(slots + rate_limits.parked_capacity()).unwrap_or(u16::MAX);
     let failures = Arc::new(FailureCounts::default());
     let reporter = Reporter {
         controller: CONTROLLER_NAME.to_string(),
@@ -228,8 +228,8 @@ pub fn run(
         policies: Some(policy_store.clone()),
         ..Readiness::default()
     };
-    let mut controllers = Vec::new();
-    let mut dispatch_routes = Vec::new();
+    let mut watches = vec![policy_changes.boxed()];
+    let mut routes = Vec::new();
     for (namespace, request_store, request_writer) in caches {
         let requests: Api<CachedRequest> = scoped_api(&client, namespace.as_deref());
         let secrets: Api<Lean<PartialObjectMeta<Secret>>> =
@@ -247,7 +247,7 @@ pub fn run(
             watcher::Config::default().labels(MANAGED_SECRETS_SELECTOR),
         )
         .default_backoff()
-        .filter_map(move |event| {
+        .for_each(move |event| {
             match event {
                 // A change by someone else, or a Secret a relist no longer shows: reconcile the
                 // request that owns it.
@@ -258,7 +258,7 @@ pub fn run(
                 }
                 Err(error) => warn!(error = %error, "Secret watch failed; retrying"),
             }
-            future::ready(None)
+            future::ready(())
         });
 
         let forget_metrics = metrics.clone();
@@ -271,8 +271,8 @@ pub fn run(
             .default_backoff()
             .modify(trim_request)
             .reflect(request_writer)
-            .filter_map(move |event| {
-                future::ready(match event {
+            .for_each(move |event| {
+                match event {
                     Ok(event) => {
                         if let watcher::Event::Delete(request) = &event {
                             let key = RequestKey::of(request);
@@ -297,11 +297,10 @@ pub fn run(
                         for key in intents.triggers(event) {
                             requests_changed.schedule_now(&key);
                         }
-                        None
                     }
-                    // Reported by the controller (and retried with backoff by the watcher).
-                    Err(error) => Some(Err(error)),
-                })
+                    Err(error) => warn!(error = %error, "EmbedUrlRequest watch failed; retrying"),
+                }
+                future::ready(())
             });
 
         // Namespace labels decide which policies select a request. Any change to them
@@ -327,14 +326,10 @@ pub fn run(
             namespace_store.clone(),
             namespaces_listed.clone(),
         ))
-        .filter_map(move |()| {
+        .for_each(move |()| {
             reconcile_every_request(std::slice::from_ref(&scope_requests), &everything);
-            future::ready(None)
+            future::ready(())
         });
-
-        // What the queue hands out, for this controller's namespace(s).
-        let (dispatched, to_reconcile) = futures::channel::mpsc::unbounded();
-        dispatch_routes.push((namespace.clone(), request_store.clone(), dispatched));
 
         readiness
             .stores
@@ -356,45 +351,39 @@ pub fn run(
             metrics: metrics.clone(),
             failures: failures.clone(),
         });
-        let mut stop = shutdown.clone();
-        // The controller runs only what the queue hands it (see work_queue); the watches feed
-        // the queue. Its own bound is above the queue's, so its scheduler stays empty.
-        let controller = Controller::for_stream(request_events, request_store)
-            .reconcile_on(stream::select(
-                to_reconcile,
-                stream::select(secret_changes, namespace_changes),
-            ))
-            // The work queue bounds what runs; this only has to let through the reconciles in
-            // slots and those waiting in rate-limit lines without one.
-            .with_config(controller::Config::default().concurrency(controller_concurrency))
-            .graceful_shutdown_on(async move {
-                let _ = stop.wait_for(|stop| *stop).await;
-            })
-            .run(reconciler::reconcile, reconciler::error_policy, context)
-            .for_each(|result| {
-                match result {
-                    Ok((object, _)) => debug!(object = %object, "reconciled"),
-                    Err(error) => warn!(error = %error, "controller error"),
-                }
-                future::ready(())
-            });
-        controllers.push(controller);
+        // The watches only feed the queue and the caches; each is a task of its own, woken
+        // only by its own connection (polled together with the reconciles, every answer to any
+        // of them would poll every watch's stream as well).
+        watches.extend([
+            request_events.boxed(),
+            secret_changes.boxed(),
+            namespace_changes.boxed(),
+        ]);
+        routes.push((namespace, request_store, context));
     }
-    let capacity = watch_capacity(readiness.clone(), config.clone(), metrics.clone(), shutdown);
-    let dispatcher = dispatch(queue, dispatch_routes, metrics.clone());
+    let capacity = watch_capacity(
+        readiness.clone(),
+        config.clone(),
+        metrics.clone(),
+        shutdown.clone(),
+    );
+    let dispatcher = dispatch(queue, routes, metrics.clone(), shutdown);
     (readiness, async move {
         // Guarded: when this future is dropped rather than run to its end (a leader that lost
-        // its Lease aborts it), its helpers stop with it.
+        // its Lease aborts it), its helpers and the reconciles in flight stop with it.
         let _capacity = AbortOnDrop(tokio::spawn(capacity));
-        let mut policies = AbortOnDrop(tokio::spawn(policy_changes));
-        let mut dispatcher = AbortOnDrop(tokio::spawn(dispatcher));
+        let mut watches: Vec<AbortOnDrop> = watches
+            .into_iter()
+            .map(|watch| AbortOnDrop(tokio::spawn(watch)))
+            .collect();
         tokio::select! {
-            _ = future::join_all(controllers) => {}
-            // These only end by panicking. Without the dispatcher nothing is reconciled any
-            // more; without the policy watch requests are judged against policies that no
-            // longer change. Stop the process (Kubernetes restarts it) rather than stay Ready.
-            ended = &mut dispatcher.0 => reraise_panic(ended),
-            ended = &mut policies.0 => reraise_panic(ended),
+            () = dispatcher => {}
+            // The watches only end by panicking. Without one, requests are judged against
+            // caches that no longer change and their changes are missed: stop the process
+            // (Kubernetes restarts it) rather than stay Ready.
+            (ended, _, _) = future::select_all(watches.iter_mut().map(|watch| &mut watch.0)) => {
+                reraise_panic(ended);
+            }
         }
     })
 }
@@ -440,31 +429,51 @@ pub fn reraise_panic<T>(ended: Result<T, tokio::task::JoinError>) {
     }
 }
 
-/// Where the queue's requests go: per watched scope, its cache and its controller.
-type Route = (
-    Option<String>,
-    Store<CachedRequest>,
-    UnboundedSender<ObjectRef<CachedRequest>>,
-);
+/// Where the queue's requests go: per watched scope, its cache and its reconciles' context.
+type Route = (Option<String>, Store<CachedRequest>, Arc<Context>);
 
-/// Hands what the queue says is next to the controller of its namespace.
-async fn dispatch(queue: Arc<WorkQueue>, routes: Vec<Route>, metrics: Arc<Metrics>) {
+/// Runs what the queue says is next, each reconcile a task of its own (the queue bounds how
+/// many: its slots, and the rate-limit lines' places), until `shutdown` turns true; then waits
+/// for those in flight to finish. Dropped instead, it aborts them.
+async fn dispatch(
+    queue: Arc<WorkQueue>,
+    routes: Vec<Route>,
+    metrics: Arc<Metrics>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut reconciles = JoinSet::new();
     loop {
-        let key = queue.next(|due| metrics.set_reconciles_due(due)).await;
-        let reference = ObjectRef::new(&key.name).within(&key.namespace);
+        let running = tokio::select! {
+            // In this order: nothing new starts once asked to stop, and finished reconciles are
+            // reaped (a panic re-raised) before more start.
+            biased;
+            _ = shutdown.wait_for(|stop| *stop) => break,
+            Some(ended) = reconciles.join_next() => {
+                reraise_panic(ended);
+                continue;
+            }
+            running = queue.next(|due| metrics.set_reconciles_due(due)) => running,
+        };
+        let key = running.key();
         let route = routes
             .iter()
             .find(|(scope, _, _)| covers(scope, &key.namespace));
-        match route {
-            // The controller runs only requests its cache holds. One that is gone (deleted, and
-            // the deletion missed during a watch gap) would hold a slot until it expires.
-            Some((_, cache, controller)) if cache.get(&reference).is_some() => {
-                // Fails only once that controller has stopped (shutdown).
-                let _ = controller.unbounded_send(reference);
-            }
-            // Only the dispatch is undone: the request may have been created again meanwhile.
-            _ => queue.undispatch(&key),
+        let cached = route.and_then(|(_, cache, context)| {
+            let reference = ObjectRef::new(&key.name).within(&key.namespace);
+            Some((cache.get(&reference)?, context.clone()))
+        });
+        // A request no longer cached (deleted, the deletion perhaps missed during a watch gap)
+        // is not reconciled; dropping `running` frees its slot.
+        if let Some((request, context)) = cached {
+            reconciles.spawn(reconciler::reconcile(request, context, running));
         }
+    }
+    debug!(
+        in_flight = reconciles.len(),
+        "stopped starting reconciles; draining"
+    );
+    while let Some(ended) = reconciles.join_next().await {
+        reraise_panic(ended);
     }
 }
 

@@ -187,8 +187,10 @@ where
 
     // Lost: another replica holds the Lease, or may take it once its duration has passed since
     // the last renewal, a third of it from the deadline. In-flight reconciles (an AWS call may
-    // take 30 s) are dropped rather than finished, so this one acts no more by then. What they
-    // minted and did not write is only a wasted URL; the Secrets still hold the previous ones.
+    // take 30 s) are dropped rather than finished, so this one acts no more by then (with more
+    // than one worker thread, a reconcile being polled on another one finishes that poll first).
+    // What they minted and did not write is only a wasted URL; the Secrets still hold the
+    // previous ones.
     let _ = controllers_stop_tx.send(true);
     controllers.abort();
     let _ = controllers.await;

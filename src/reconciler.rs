@@ -27,13 +27,12 @@ use crate::status_writer::{
 };
 use crate::telemetry::Metrics;
 use crate::validation::{self, InvalidSpec, UseByWindows, ValidSpec};
-use crate::work_queue::{RequestKey, WorkQueue};
+use crate::work_queue::{RequestKey, Running, WorkQueue};
 use compact_str::CompactString;
 use jiff::Timestamp;
 use k8s_openapi::api::core::v1::Namespace;
 use kube::api::{Api, DynamicObject, ListParams};
 use kube::core::{ApiResource, PartialObjectMeta, error_boundary::InvalidObject};
-use kube::runtime::controller::Action;
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Resource, ResourceExt};
 use std::sync::Arc;
@@ -150,12 +149,11 @@ fn retry_delay_after_api_error(
     }
 }
 
-/// Entry point for the controller (which only ever runs what [`WorkQueue`] hands it):
-/// dispatches readable and unreadable objects, then puts the request back in the queue for
-/// its next refresh or check.
-pub async fn reconcile(object: Arc<CachedRequest>, ctx: Arc<Context>) -> Result<Action> {
-    let key = RequestKey::of(&*object);
-    let _running = ctx.queue.start(&key);
+/// Reconciles one request, as [`WorkQueue`] started it (`running` holds its slot until this
+/// ends): dispatches readable and unreadable objects, then puts the request back in the queue
+/// for its next refresh or check, or for a retry after a failure.
+pub async fn reconcile(object: Arc<CachedRequest>, ctx: Arc<Context>, running: Running) {
+    let key = running.key();
     let timer = ctx.metrics.reconcile_started();
     // The operator's own lines name the request at every level; this span makes the lines the
     // libraries log meanwhile (the AWS SDK's, kube's) name it too, once `debug` is on. At
@@ -170,12 +168,15 @@ pub async fn reconcile(object: Arc<CachedRequest>, ctx: Arc<Context>) -> Result<
     .instrument(span)
     .await;
     timer.finish(result.as_ref().err().map(Error::metric_label));
-    let Next(after) = result?;
-    ctx.failures.forget(&key.namespace, &key.name);
-    if let Some(after) = after {
-        ctx.queue.schedule(&key, Instant::now() + after);
+    match result {
+        Ok(Next(after)) => {
+            ctx.failures.forget(&key.namespace, &key.name);
+            if let Some(after) = after {
+                ctx.queue.schedule(key, Instant::now() + after);
+            }
+        }
+        Err(error) => retry_after_failure(&object, key, &error, &ctx),
     }
-    Ok(Action::await_change())
 }
 
 /// When the URL in the request's Secret stops working, as its status says (the use-by time of
@@ -216,9 +217,8 @@ impl Next {
     }
 }
 
-/// What the controller does after a failed reconcile: retry soon when that can help.
-pub fn error_policy(object: Arc<CachedRequest>, error: &Error, ctx: Arc<Context>) -> Action {
-    let key = RequestKey::of(&*object);
+/// After a failed reconcile: retry soon when that can help.
+fn retry_after_failure(object: &CachedRequest, key: &RequestKey, error: &Error, ctx: &Context) {
     let failures = ctx.failures.record_failure(&key.namespace, &key.name);
     // What the status says the current URL has left (the Secret still holds it).
     let now = Timestamp::now();
@@ -243,8 +243,7 @@ pub fn error_policy(object: Arc<CachedRequest>, error: &Error, ctx: Arc<Context>
         retry_in_secs = delay.as_secs(),
         "reconcile failed"
     );
-    ctx.queue.schedule(&key, Instant::now() + delay);
-    Action::await_change()
+    ctx.queue.schedule(key, Instant::now() + delay);
 }
 
 async fn reconcile_request(request: &EmbedUrlRequest, ctx: &Context) -> Result<Next> {

@@ -43,7 +43,7 @@ pub fn init_logging(format: LogFormat, filter: &str) -> Result<(), String> {
     // The hint lets `And` keep the EnvFilter's most verbose level as the subscriber's, so a
     // disabled `debug!` costs one comparison (without it the combined hint is "unknown").
     let filter = filter.and(
-        filter_fn(|meta| !may_carry_urls(meta.level(), meta.target()) && !is_reconcile_span(meta))
+        filter_fn(|meta| !may_carry_urls(meta.level(), meta.target()))
             .with_max_level_hint(tracing_subscriber::filter::LevelFilter::TRACE),
     );
     let layer = match format {
@@ -74,18 +74,6 @@ pub fn may_carry_urls(level: &tracing::Level, target: &str) -> bool {
         && ["aws_smithy", "aws_sdk", "aws_config", "aws_runtime"]
             .iter()
             .any(|prefix| target.starts_with(prefix))
-}
-
-/// kube-runtime's span around each reconcile (`reconciling object`, with the object's
-/// reference). It is not recorded: every line the operator logs about a request names it
-/// (`namespace`, `name`), the reconciler's own `debug` span names it in the libraries' lines
-/// (`reconciler::reconcile`), and creating, entering and leaving this span on each poll of a
-/// reconcile was 2.5 % of the samples in a profile at 10,000 requests (too little for the
-/// benchmark's total to show, docs/benchmarks.md). Filtered per callsite: never even built.
-pub fn is_reconcile_span(meta: &tracing::Metadata<'_>) -> bool {
-    meta.is_span()
-        && meta.target() == "kube_runtime::controller"
-        && meta.name() == "reconciling object"
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -506,43 +494,6 @@ mod tests {
             &tracing::Level::TRACE,
             "embed_url_operator::reconciler"
         ));
-    }
-
-    #[test]
-    fn kube_runtimes_reconcile_span_is_not_recorded() {
-        use tracing::subscriber::with_default;
-        use tracing_subscriber::layer::SubscriberExt;
-        use tracing_subscriber::{Layer, filter::filter_fn};
-
-        // Records the names of the spans the filter lets through.
-        #[derive(Clone, Default)]
-        struct Spans(Arc<std::sync::Mutex<Vec<String>>>);
-        impl<S: tracing::Subscriber> Layer<S> for Spans {
-            fn on_new_span(
-                &self,
-                attrs: &tracing::span::Attributes<'_>,
-                _: &tracing::span::Id,
-                _: tracing_subscriber::layer::Context<'_, S>,
-            ) {
-                let name = attrs.metadata().name().to_string();
-                self.0.lock().expect("not poisoned").push(name);
-            }
-        }
-        let spans = Spans::default();
-        let subscriber = tracing_subscriber::registry().with(
-            spans
-                .clone()
-                .with_filter(filter_fn(|meta| !is_reconcile_span(meta))),
-        );
-        with_default(subscriber, || {
-            // The same name and target as kube-runtime's (its callsite cannot be reached from
-            // here); another span of the same target stays.
-            let _ = tracing::info_span!(target: "kube_runtime::controller", "reconciling object");
-            let _ = tracing::info_span!(target: "kube_runtime::controller", "applying");
-            let _ = tracing::info_span!("reconciling object");
-        });
-        let recorded = spans.0.lock().expect("not poisoned").clone();
-        assert_eq!(recorded, vec!["applying", "reconciling object"]);
     }
 
     #[test]

@@ -4,7 +4,7 @@
 //! for longer than a use-by window, and objects written around the CRD schema.
 //!
 //! Timing facts the assertions rely on (see src/reconciler.rs, src/schedule.rs, src/error.rs):
-//! - a reconcile that fails on a Kubernetes API call is retried after 5-6 s (`error_policy`),
+//! - a reconcile that fails on a Kubernetes API call is retried after 5-6 s (`retry_after_failure`),
 //!   or at once when a watch event for the request or its Secret arrives;
 //! - the harness client retries 429/503/504 itself, after `Retry-After` (1 s from the fake) when
 //!   given, like the production client;
