@@ -37,6 +37,7 @@ mod common;
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 use common::{duration, machine, number, options_or_help, stat_cpu};
+use embed_url_operator::clients;
 use embed_url_operator::crd::{CachedRequest, EmbedUrlRequest, SecretTemplate};
 use embed_url_operator::lean::Lean;
 use embed_url_operator::providers::quicksight::QuickSightProvider;
@@ -73,6 +74,10 @@ options (defaults as in the scale benchmark's default preset):
   --windows X       measurement length, in windows, after one window of warm-up (default 5)
   --aws-latency D   fake AWS answer delay (default 50ms)
   --concurrency N   refreshes in flight at most (default 16)
+  --operator-clients  build the AWS configuration and the Kubernetes client as the operator
+                    does (src/clients.rs: the default credential chain from the environment,
+                    operation and attempt timeouts, read timeouts, a timeout per API request)
+                    instead of the test harness's plain ones
 ";
 
 struct Options {
@@ -81,6 +86,7 @@ struct Options {
     windows: f64,
     latency: Duration,
     concurrency: usize,
+    operator_clients: bool,
 }
 
 impl Options {
@@ -91,6 +97,7 @@ impl Options {
             windows: 5.0,
             latency: Duration::from_millis(50),
             concurrency: 16,
+            operator_clients: false,
         };
         let mut args = std::env::args().skip(1);
         while let Some(arg) = args.next() {
@@ -104,6 +111,7 @@ impl Options {
                 "--windows" => o.windows = number(&value()?)?,
                 "--aws-latency" => o.latency = duration(&value()?)?,
                 "--concurrency" => o.concurrency = number(&value()?)?,
+                "--operator-clients" => o.operator_clients = true,
                 other => return Err(format!("unknown option {other}")),
             }
         }
@@ -131,6 +139,24 @@ fn main() {
     let Some(opts) = options_or_help(Options::parse(), HELP) else {
         return;
     };
+    if opts.operator_clients {
+        // As the scale benchmark gives them to the operator process. Set while this process
+        // has one thread: nothing reads the environment concurrently.
+        for (name, value) in [
+            ("AWS_ACCESS_KEY_ID", support::fake_aws::TEST_ACCESS_KEY),
+            ("AWS_SECRET_ACCESS_KEY", "fake-secret"),
+            ("AWS_REGION", REGION),
+            ("AWS_EC2_METADATA_DISABLED", "true"),
+            ("AWS_CONFIG_FILE", "/nonexistent/aws-config"),
+            (
+                "AWS_SHARED_CREDENTIALS_FILE",
+                "/nonexistent/aws-credentials",
+            ),
+        ] {
+            // SAFETY: no other thread exists yet (the stand-ins' runtime starts below).
+            unsafe { std::env::set_var(name, value) };
+        }
+    }
     let stand_ins = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .thread_name("fake-rt")
@@ -140,14 +166,20 @@ fn main() {
     let header = format!(
         "{}\nfloor: N={} refreshed on the operator's schedule with {}s windows (~{:.0}/s), {} \
          windows measured after one of warm-up; AWS latency {} ms, concurrency {}; one thread, \
-         current-thread runtime, jemalloc; stand-ins on 2 threads of this process",
+         current-thread runtime, jemalloc; stand-ins on 2 threads of this process; clients \
+         built {}",
         machine(),
         opts.n,
         opts.window.as_secs_f64(),
         opts.rate(),
         opts.windows,
         opts.latency.as_millis(),
-        opts.concurrency
+        opts.concurrency,
+        if opts.operator_clients {
+            "as the operator builds them (src/clients.rs)"
+        } else {
+            "as the test harness builds them"
+        }
     );
     eprintln!("{header}");
     let (kube, aws, address) = stand_ins.block_on(async {
@@ -179,8 +211,13 @@ fn main() {
             .await
     });
 
-    let sdk_config = aws.sdk_config();
+    let sdk_config = if opts.operator_clients {
+        stand_ins.block_on(clients::aws_config_loader().endpoint_url(aws.uri()).load())
+    } else {
+        aws.sdk_config()
+    };
     let (window, windows, concurrency) = (opts.window, opts.windows, opts.concurrency);
+    let operator_clients = opts.operator_clients;
     let measured = std::thread::Builder::new()
         .name("floor-rt".into())
         .spawn(move || {
@@ -195,6 +232,7 @@ fn main() {
                     window,
                     windows,
                     concurrency,
+                    operator_clients,
                 ))
         })
         .expect("floor thread")
@@ -251,6 +289,7 @@ async fn refresh_all(
     window: Duration,
     windows: f64,
     concurrency: usize,
+    operator_clients: bool,
 ) -> Measured {
     let mut config = kube::Config::new(
         format!("http://{address}")
@@ -258,7 +297,13 @@ async fn refresh_all(
             .expect("the fake API server's URL"),
     );
     config.default_namespace = NS.to_string();
-    let client = kube::Client::try_from(config).expect("kube client");
+    let client = if operator_clients {
+        // The operator's defaults (--api-timeout, --read-timeout).
+        clients::kube_client(config, Duration::from_secs(70), Duration::from_secs(300))
+            .expect("kube client")
+    } else {
+        kube::Client::try_from(config).expect("kube client")
+    };
     // The operator's own QuickSight client: one per region, one HTTP attempt per call.
     let aws = QuickSightProvider::new(sdk_config);
 

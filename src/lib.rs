@@ -48,6 +48,7 @@ macro_rules! same_resource_as {
     };
 }
 
+pub mod clients;
 pub mod controller;
 pub mod crd;
 pub mod error;

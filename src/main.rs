@@ -7,10 +7,9 @@
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
-use aws_config::stalled_stream_protection::StalledStreamProtectionConfig;
-use aws_config::timeout::TimeoutConfig;
-use aws_config::{BehaviorVersion, Region};
+use aws_config::Region;
 use clap::{Args, Parser, Subcommand};
+use embed_url_operator::clients;
 use embed_url_operator::controller::{self, ControllerConfig};
 use embed_url_operator::http::{self, ReadyFlag};
 use embed_url_operator::identity::AwsClients;
@@ -251,21 +250,7 @@ fn run_blocking(args: RunArgs) -> ExitCode {
 async fn run(args: RunArgs) -> Result<(), String> {
     let client = kube_client(args.api_timeout, args.read_timeout).await?;
 
-    // The standard AWS chain: env, profile, web identity (IRSA), EKS Pod Identity, IMDS; and the
-    // AWS_ENDPOINT_URL_* overrides. Timeouts keep a stuck call from holding a reconcile slot.
-    // They also bound a stalled answer (a few hundred bytes of JSON), so the SDK's stalled-stream
-    // protection, meant for large bodies, is off: it re-armed a timer on every poll of a
-    // response body, which woke the runtime's I/O driver once per call.
-    let aws = aws_config::defaults(BehaviorVersion::latest())
-        .stalled_stream_protection(StalledStreamProtectionConfig::disabled())
-        .timeout_config(
-            TimeoutConfig::builder()
-                .operation_attempt_timeout(Duration::from_secs(10))
-                .operation_timeout(Duration::from_secs(30))
-                .build(),
-        )
-        .load()
-        .await;
+    let aws = clients::aws_config_loader().load().await;
     let default_region = aws.region().map(Region::to_string);
     if default_region.is_none() {
         info!(
@@ -381,20 +366,12 @@ async fn run(args: RunArgs) -> Result<(), String> {
     Ok(())
 }
 
-/// The Kubernetes client (in-cluster or kubeconfig), each request bounded by `timeout` until
-/// its answer starts, and each read from a connection by `read_timeout`.
+/// The Kubernetes client (in-cluster or kubeconfig), as [`clients::kube_client`] configures it.
 async fn kube_client(timeout: Duration, read_timeout: Duration) -> Result<kube::Client, String> {
-    let mut config = kube::Config::infer()
+    let config = kube::Config::infer()
         .await
         .map_err(|e| format!("no Kubernetes configuration (in-cluster or kubeconfig): {e}"))?;
-    config.read_timeout = Some(read_timeout);
-    // Counted from each request sent, not from when its pooled connection went idle.
-    config.reset_reader_on_write = true;
-    let client = kube::client::ClientBuilder::try_from(config)
-        .map_err(|e| format!("could not build the Kubernetes client: {e}"))?
-        .with_layer(&tower::timeout::TimeoutLayer::new(timeout))
-        .build();
-    Ok(client)
+    clients::kube_client(config, timeout, read_timeout)
 }
 
 async fn wait_for_signal() {
