@@ -786,6 +786,7 @@ impl<'a> World<'a> {
             // under test, as in the lower bound N / R.
             aws_rate: 0.0,
             aws_burst: 1,
+            liveness: Default::default(),
         };
         let aws = Arc::new(AwsClients::new(self.aws.sdk_config()));
         let (readiness, controllers) =

@@ -13,7 +13,7 @@ use crate::secret::MANAGED_SECRETS_SELECTOR;
 use crate::secret_cache::SecretCache;
 use crate::telemetry::Metrics;
 use crate::validation;
-use crate::work_queue::{RequestKey, Urgency, WorkQueue};
+use crate::work_queue::{Liveness, RequestKey, Urgency, WorkQueue};
 use futures::{FutureExt, StreamExt, future};
 use jiff::Timestamp;
 use k8s_openapi::api::core::v1::{Namespace, Secret};
@@ -48,6 +48,8 @@ pub struct ControllerConfig {
     pub aws_rate: f64,
     /// Calls allowed at once above that rate.
     pub aws_burst: u32,
+    /// Told of the work queue, for `/healthz`.
+    pub liveness: Liveness,
 }
 
 /// Handle on the running controllers: whether their caches are synced.
@@ -198,6 +200,7 @@ pub fn run(
                 .collect(),
         ),
     ));
+    config.liveness.watch(&queue);
 
     // Policies decide what may be minted, in every scope: one watch and one cache for all of
     // them (policies are cluster-scoped). Any change re-evaluates every request.
@@ -276,9 +279,12 @@ pub fn run(
                     Ok(event) => {
                         if let watcher::Event::Delete(request) = &event {
                             let key = RequestKey::of(request);
+                            // The queue first: a reconcile in flight that then finds the
+                            // request forgotten cleans up what it recorded after this
+                            // (`Running::forgotten`).
+                            requests_changed.forget(&key);
                             forget_metrics.forget_request(&key.namespace, &key.name);
                             forget_failures.forget(&key.namespace, &key.name);
-                            requests_changed.forget(&key);
                         }
                         if let watcher::Event::InitDone = &event {
                             // A relist: requests deleted while the watch was down were never
@@ -704,6 +710,36 @@ mod tests {
     use kube::core::ObjectMeta;
     use kube::core::error_boundary::InvalidObject;
     use watcher::Event::{Apply, Delete, Init, InitApply, InitDone};
+
+    #[tokio::test]
+    async fn the_dispatcher_drops_requests_it_has_no_object_for_freeing_their_slot_and_stops() {
+        // One slot, and requests no cache holds (deleted, the deletion missed): each is handed
+        // out and dropped, and its slot goes to the next.
+        let queue = Arc::new(WorkQueue::new(1, Box::new(|_| 0)));
+        for i in 0..5 {
+            queue.schedule_now(&RequestKey::new("gone", &format!("r{i}")));
+        }
+        let (stop, shutdown) = watch::channel(false);
+        let dispatcher = tokio::spawn(dispatch(
+            queue.clone(),
+            Vec::new(),
+            Arc::new(Metrics::new()),
+            shutdown,
+        ));
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while !queue.is_empty() {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "requests left queued"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        stop.send(true).unwrap();
+        tokio::time::timeout(Duration::from_secs(5), dispatcher)
+            .await
+            .expect("the dispatcher stops when asked")
+            .unwrap();
+    }
 
     /// The triggers `change_trigger` gives for a sequence of namespace watch events, each applied
     /// to a real reflector store first, as `.reflect()` does.

@@ -18,6 +18,7 @@ use embed_url_operator::policy::PolicyMode;
 use embed_url_operator::reconciler::Settings;
 use embed_url_operator::telemetry::{self, LogFormat, Metrics};
 use embed_url_operator::validation::{UseByWindows, parse_duration};
+use embed_url_operator::work_queue::Liveness;
 use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -146,6 +147,14 @@ struct RunArgs {
     #[arg(long, env = "EMBEDURL_DRAIN_TIMEOUT", default_value = "15s", value_parser = duration_arg)]
     drain_timeout: Duration,
 
+    /// `/healthz` fails (so that Kubernetes restarts the operator) when reconciles make no
+    /// progress for this long although there is work: a request overdue while reconcile slots
+    /// are free, or every slot held and no reconcile ending. Either is a bug; this is the way
+    /// out of it. Keep it above the longest a healthy reconcile can take: a few API calls of
+    /// up to --api-timeout each, retried, and an AWS call. `0s` turns the check off.
+    #[arg(long, env = "EMBEDURL_STALL_TIMEOUT", default_value = "15m", value_parser = duration_arg)]
+    stall_timeout: Duration,
+
     /// This replica's name, for events and the Lease (the pod name on Kubernetes).
     #[arg(long, env = "POD_NAME", hide = true)]
     instance: Option<String>,
@@ -272,6 +281,7 @@ async fn run(args: RunArgs) -> Result<(), String> {
         instance: args.instance.clone(),
         aws_rate: args.aws_qps,
         aws_burst: args.aws_burst,
+        liveness: Liveness::new(args.stall_timeout),
     };
 
     let metrics = Arc::new(Metrics::new());
@@ -281,6 +291,7 @@ async fn run(args: RunArgs) -> Result<(), String> {
         args.http_addr,
         metrics.clone(),
         ready.clone(),
+        config.liveness.clone(),
         stop_rx.clone(),
     )
     .await

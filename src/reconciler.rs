@@ -172,10 +172,19 @@ pub async fn reconcile(object: Arc<CachedRequest>, ctx: Arc<Context>, running: R
         Ok(Next(after)) => {
             ctx.failures.forget(&key.namespace, &key.name);
             if let Some(after) = after {
-                ctx.queue.schedule(key, Instant::now() + after);
+                running.reschedule(Instant::now() + after);
             }
         }
-        Err(error) => retry_after_failure(&object, key, &error, &ctx),
+        Err(error) => retry_after_failure(&object, &running, &error, &ctx),
+    }
+    // Deleted while this reconcile ran: the deletion's clean-up may have come before what the
+    // reconcile just recorded (a failure count, the request's metric series), which would then
+    // outlive the request until the next relist, its series perhaps firing an expiry alert.
+    // (The watch forgets the request in the queue first, so a deletion seen after this check
+    // cleans up after these records itself.)
+    if running.forgotten() {
+        ctx.failures.forget(&key.namespace, &key.name);
+        ctx.metrics.forget_request(&key.namespace, &key.name);
     }
 }
 
@@ -218,7 +227,8 @@ impl Next {
 }
 
 /// After a failed reconcile: retry soon when that can help.
-fn retry_after_failure(object: &CachedRequest, key: &RequestKey, error: &Error, ctx: &Context) {
+fn retry_after_failure(object: &CachedRequest, running: &Running, error: &Error, ctx: &Context) {
+    let key = running.key();
     let failures = ctx.failures.record_failure(&key.namespace, &key.name);
     // What the status says the current URL has left (the Secret still holds it).
     let now = Timestamp::now();
@@ -243,7 +253,7 @@ fn retry_after_failure(object: &CachedRequest, key: &RequestKey, error: &Error, 
         retry_in_secs = delay.as_secs(),
         "reconcile failed"
     );
-    ctx.queue.schedule(key, Instant::now() + delay);
+    running.reschedule(Instant::now() + delay);
 }
 
 async fn reconcile_request(request: &EmbedUrlRequest, ctx: &Context) -> Result<Next> {

@@ -19,7 +19,7 @@
 //! four strings each).
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 use tokio::sync::Notify;
 use tokio::time::Instant;
@@ -58,6 +58,77 @@ pub struct WorkQueue {
     changed: Notify,
     slots: usize,
     urgency: Urgency,
+    made: Instant,
+}
+
+/// How the queue is stuck ([`WorkQueue::stall`]); its `Display` is what `/healthz` answers.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Stall {
+    /// Due work waits while slots are free: nothing takes it.
+    NotTaken {
+        overdue: Duration,
+        free_slots: usize,
+    },
+    /// Every slot is held by a reconcile, and none ended for this long.
+    SlotsHeld { slots: usize, for_: Duration },
+}
+
+/// What `/healthz` checks: whether the work queue of the controllers running now (a leader's,
+/// while it leads; none on a replica standing by) is stuck ([`WorkQueue::stall`]).
+#[derive(Clone, Default)]
+pub struct Liveness {
+    queue: Arc<Mutex<Weak<WorkQueue>>>,
+    /// None: never judged stuck.
+    limit: Option<Duration>,
+}
+
+impl Liveness {
+    /// Judges the queue stuck after `limit` without progress; zero turns the check off.
+    pub fn new(limit: Duration) -> Self {
+        Liveness {
+            queue: Arc::default(),
+            limit: (!limit.is_zero()).then_some(limit),
+        }
+    }
+
+    /// The queue to judge from now on (held weakly: once the controllers stop, there is none).
+    pub fn watch(&self, queue: &Arc<WorkQueue>) {
+        *self
+            .queue
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = Arc::downgrade(queue);
+    }
+
+    /// How the queue is stuck, if it is.
+    pub fn stall(&self) -> Option<Stall> {
+        let limit = self.limit?;
+        let queue = self
+            .queue
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .upgrade()?;
+        queue.stall(limit)
+    }
+}
+
+impl std::fmt::Display for Stall {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Stall::NotTaken {
+                overdue,
+                free_slots,
+            } => write!(
+                f,
+                "stalled: a request is {} s overdue while {free_slots} reconcile slots are free",
+                overdue.as_secs()
+            ),
+            Stall::SlotsHeld { slots, for_ } => write!(
+                f,
+                "stalled: all {slots} reconcile slots held and no reconcile ended for {} s",
+                for_.as_secs()
+            ),
+        }
+    }
 }
 
 #[derive(Default)]
@@ -77,14 +148,28 @@ struct State {
     next_ticket: u64,
     /// Reconciles in flight, holding a slot.
     running: usize,
-    /// Requests whose reconcile is running (or waiting in a rate-limit line), and whether they
-    /// came due again meanwhile: they are handed out again when it ends, not while it runs
-    /// (where the two would race, or the second would hold a slot waiting for the first).
-    in_flight: HashMap<Arc<RequestKey>, DueAgain>,
+    /// Since when a slot has been free (None while every slot is held): with due work, a
+    /// dispatcher that takes nothing for long is stuck ([`WorkQueue::stall`]).
+    slot_free_since: Option<Instant>,
+    /// Since when every slot has been held (None while one is free): if that lasts, no
+    /// reconcile ended meanwhile, and the ones holding them are stuck.
+    all_held_since: Option<Instant>,
+    /// Requests whose reconcile is running (or waiting in a rate-limit line), and what
+    /// happened to them meanwhile.
+    in_flight: HashMap<Arc<RequestKey>, InFlight>,
 }
 
-/// Whether a request with a reconcile in flight came due again meanwhile.
-type DueAgain = bool;
+/// What happened to a request while a reconcile of it was in flight.
+#[derive(Clone, Copy, Default)]
+struct InFlight {
+    /// It came due again: handed out again when the reconcile ends, not while it runs (where
+    /// the two would race, or the second would hold a slot waiting for the first).
+    due_again: bool,
+    /// It was deleted ([`WorkQueue::forget`]): what the reconcile records about it would
+    /// outlive it (see [`Running::forgotten`]). Stays set if a request of the same name is
+    /// created meanwhile (that one is then `due_again`).
+    forgotten: bool,
+}
 
 #[derive(Clone, Copy)]
 struct Entry {
@@ -104,22 +189,19 @@ impl WorkQueue {
             changed: Notify::new(),
             slots: slots.max(1),
             urgency,
+            made: Instant::now(),
         }
     }
 
     /// Reconcile `key` at `at` at the latest: an entry already due earlier stays as it is.
     pub fn schedule(&self, key: &RequestKey, at: Instant) {
         let mut state = self.lock();
-        if let Some(entry) = state.entries.get(key).copied() {
-            if entry.at <= at {
-                return;
-            }
-            state.unlink(key, entry);
-        }
-        state.insert(key, at, None);
+        let moved_earlier = state.schedule(key, at);
         drop(state);
-        // The dispatcher may be sleeping until a later entry.
-        self.changed.notify_one();
+        if moved_earlier {
+            // The dispatcher may be sleeping until a later entry.
+            self.changed.notify_one();
+        }
     }
 
     /// `key` was turned away by the full line of rate-limit bucket `bucket` (with `urgency`, as
@@ -191,6 +273,7 @@ impl WorkQueue {
         {
             let mut state = self.lock();
             state.running = state.running.saturating_sub(1);
+            state.track_slots(self.slots);
         }
         self.changed.notify_one();
         Parked { queue: self }
@@ -208,9 +291,47 @@ impl WorkQueue {
         if let Some(entry) = state.entries.get(key).copied() {
             state.unlink(key, entry);
         }
-        if let Some(due_again) = state.in_flight.get_mut(key) {
-            *due_again = false;
+        if let Some(in_flight) = state.in_flight.get_mut(key) {
+            *in_flight = InFlight {
+                due_again: false,
+                forgotten: true,
+            };
         }
+    }
+
+    /// Whether the queue has made no progress for `limit` although it had work: a request
+    /// overdue by `limit` while a slot has been free that long (whoever takes work from the
+    /// queue stopped taking it), or every slot held and no reconcile ended for `limit` (the
+    /// reconciles holding them are stuck). `/healthz` reports it, so that Kubernetes restarts
+    /// the process. Either is a bug: a healthy dispatcher takes due work as soon as a slot is
+    /// free, and every wait of a reconcile has a bounded time (the API and AWS timeouts).
+    pub fn stall(&self, limit: Duration) -> Option<Stall> {
+        let now = Instant::now();
+        let state = self.lock();
+        let long_ago = |at: Instant| now.saturating_duration_since(at) >= limit;
+        if state.running >= self.slots {
+            let since = state.all_held_since.unwrap_or(now);
+            return long_ago(since).then(|| Stall::SlotsHeld {
+                slots: self.slots,
+                for_: now.saturating_duration_since(since),
+            });
+        }
+        let free_since = state.slot_free_since.unwrap_or(self.made);
+        if !long_ago(free_since) {
+            return None;
+        }
+        // Entries that came due and were not taken: those promoted but left in `due`, and the
+        // earliest still waiting for their time.
+        let promoted = state
+            .due
+            .values()
+            .filter_map(|key| state.entries.get(key).map(|entry| entry.at));
+        let waiting = state.waiting.keys().next().map(|(at, _)| *at);
+        let oldest = promoted.chain(waiting).min()?;
+        long_ago(oldest).then(|| Stall::NotTaken {
+            overdue: now.saturating_duration_since(oldest),
+            free_slots: self.slots - state.running,
+        })
     }
 
     /// Entries known, due or not (for tests and diagnostics).
@@ -239,13 +360,14 @@ impl WorkQueue {
                     && let Some((_, key)) = state.due.pop_first()
                 {
                     state.entries.remove(&*key);
-                    if let Some(due_again) = state.in_flight.get_mut(&*key) {
+                    if let Some(in_flight) = state.in_flight.get_mut(&*key) {
                         // Its reconcile is still running: once more when it ends.
-                        *due_again = true;
+                        in_flight.due_again = true;
                         continue;
                     }
                     state.running += 1;
-                    state.in_flight.insert(key.clone(), false);
+                    state.track_slots(self.slots);
+                    state.in_flight.insert(key.clone(), InFlight::default());
                     backlog(state.due.len() + state.blocked_count);
                     return Running {
                         queue: self.clone(),
@@ -297,6 +419,29 @@ impl WorkQueue {
 }
 
 impl State {
+    /// Keeps `slot_free_since` in step with `running`.
+    fn track_slots(&mut self, slots: usize) {
+        if self.running >= slots {
+            self.slot_free_since = None;
+            self.all_held_since.get_or_insert_with(Instant::now);
+        } else {
+            self.all_held_since = None;
+            self.slot_free_since.get_or_insert_with(Instant::now);
+        }
+    }
+
+    /// [`WorkQueue::schedule`] under its lock; false if an entry due no later was kept.
+    fn schedule(&mut self, key: &RequestKey, at: Instant) -> bool {
+        if let Some(entry) = self.entries.get(key).copied() {
+            if entry.at <= at {
+                return false;
+            }
+            self.unlink(key, entry);
+        }
+        self.insert(key, at, None);
+        true
+    }
+
     /// A new entry for `key`, waiting until `at`; its ticket and shared key.
     fn insert(
         &mut self,
@@ -357,6 +502,32 @@ impl Running {
     pub fn key(&self) -> &RequestKey {
         &self.key
     }
+
+    /// Reconcile this request again at `at` at the latest, as [`WorkQueue::schedule`] does,
+    /// unless it was deleted ([`WorkQueue::forget`]) while this reconcile ran: a deleted
+    /// request is not reconciled again (a new one of the same name is, once this one ends).
+    pub fn reschedule(&self, at: Instant) {
+        let mut state = self.queue.lock();
+        if state.in_flight.get(&self.key).is_some_and(|f| f.forgotten) {
+            return;
+        }
+        let moved_earlier = state.schedule(&self.key, at);
+        drop(state);
+        if moved_earlier {
+            self.queue.changed.notify_one();
+        }
+    }
+
+    /// Whether the request was deleted ([`WorkQueue::forget`]) while this reconcile ran. Asked
+    /// after the reconcile recorded what it learned: the deletion's own clean-up may have come
+    /// before those records, so the reconcile then cleans up after itself.
+    pub fn forgotten(&self) -> bool {
+        self.queue
+            .lock()
+            .in_flight
+            .get(&self.key)
+            .is_some_and(|f| f.forgotten)
+    }
 }
 
 impl Drop for Running {
@@ -364,7 +535,11 @@ impl Drop for Running {
         let due_again = {
             let mut state = self.queue.lock();
             state.running = state.running.saturating_sub(1);
-            state.in_flight.remove(&self.key).unwrap_or(false)
+            state.track_slots(self.queue.slots);
+            state
+                .in_flight
+                .remove(&self.key)
+                .is_some_and(|f| f.due_again)
         };
         if due_again {
             self.queue.schedule_now(&self.key);
@@ -382,7 +557,9 @@ pub struct Parked<'a> {
 
 impl Drop for Parked<'_> {
     fn drop(&mut self) {
-        self.queue.lock().running += 1;
+        let mut state = self.queue.lock();
+        state.running += 1;
+        state.track_slots(self.queue.slots);
     }
 }
 
@@ -608,6 +785,126 @@ mod tests {
         q.forget(&key("gone"));
         assert!(q.is_empty());
         assert_eq!(next_name(&q, Duration::from_secs(2)).await, None);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_request_deleted_mid_reconcile_is_not_put_back_by_that_reconcile() {
+        let q = queue(2, &[]);
+        q.schedule_now(&key("deleted"));
+        let running = next_within(&q, Duration::ZERO).await.unwrap();
+        assert!(!running.forgotten());
+        q.forget(&key("deleted"));
+        assert!(running.forgotten(), "the reconcile learns of the deletion");
+        // Its reconcile ends planning the next refresh (or a retry): nothing is kept.
+        running.reschedule(Instant::now());
+        drop(running);
+        assert!(q.is_empty());
+        assert_eq!(next_name(&q, Duration::from_secs(1)).await, None);
+
+        // Deleted and created again under its name while a reconcile of the old one runs.
+        q.schedule_now(&key("again"));
+        let old = next_within(&q, Duration::ZERO).await.unwrap();
+        q.forget(&key("again"));
+        q.schedule_now(&key("again"));
+        assert_eq!(
+            next_name(&q, Duration::ZERO).await,
+            None,
+            "not while the old runs"
+        );
+        assert!(old.forgotten(), "the old one's records still go");
+        old.reschedule(Instant::now() + Duration::from_secs(60));
+        drop(old);
+        // The new one is reconciled next, and its own plans count.
+        let new = next_within(&q, Duration::ZERO).await.unwrap();
+        assert_eq!(name(&new), "again");
+        assert!(!new.forgotten());
+        new.reschedule(Instant::now() + Duration::from_secs(5));
+        drop(new);
+        assert_eq!(q.len(), 1);
+        assert_eq!(next_name(&q, Duration::from_secs(4)).await, None);
+        assert_eq!(
+            next_name(&q, Duration::from_secs(2)).await.as_deref(),
+            Some("again")
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_queue_whose_due_work_is_not_taken_is_stalled() {
+        let limit = Duration::from_secs(60);
+        let q = queue(2, &[]);
+        assert_eq!(q.stall(limit), None, "nothing to do");
+        tokio::time::advance(Duration::from_secs(600)).await;
+        assert_eq!(q.stall(limit), None, "idle for long, with nothing due");
+        q.schedule(&key("later"), Instant::now() + Duration::from_secs(30));
+        tokio::time::advance(Duration::from_secs(89)).await;
+        assert_eq!(q.stall(limit), None, "due for less than the limit");
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert_eq!(
+            q.stall(limit),
+            Some(Stall::NotTaken {
+                overdue: limit,
+                free_slots: 2
+            })
+        );
+        // Taken: progress. One slot is still free, with nothing due.
+        let running = next_within(&q, Duration::ZERO).await.unwrap();
+        assert_eq!(q.stall(limit), None);
+        // Due work promoted but left while both slots were held, then a slot freed long ago.
+        q.schedule_now(&key("waits"));
+        let second = next_within(&q, Duration::ZERO).await.unwrap();
+        q.schedule_now(&key("third"));
+        assert_eq!(next_name(&q, Duration::ZERO).await, None, "both slots held");
+        drop(second);
+        tokio::time::advance(Duration::from_secs(59)).await;
+        assert_eq!(q.stall(limit), None, "a slot free for less than the limit");
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert!(matches!(
+            q.stall(limit),
+            Some(Stall::NotTaken { free_slots: 1, .. })
+        ));
+        drop(running);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn slots_held_with_no_reconcile_ending_is_a_stall_but_a_busy_queue_is_not() {
+        let limit = Duration::from_secs(60);
+        let q = queue(1, &[]);
+        for i in 0..10 {
+            q.schedule_now(&key(&format!("r{i}")));
+        }
+        // A backlog far older than the limit, served one at a time, each taking 30 s.
+        tokio::time::advance(Duration::from_secs(300)).await;
+        for _ in 0..10 {
+            let running = next_within(&q, Duration::ZERO).await.unwrap();
+            tokio::time::advance(Duration::from_secs(30)).await;
+            assert_eq!(q.stall(limit), None, "reconciles end");
+            drop(running);
+            assert_eq!(q.stall(limit), None, "the slot was just freed");
+        }
+        // One reconcile holds the only slot and never ends.
+        q.schedule_now(&key("stuck"));
+        let stuck = next_within(&q, Duration::ZERO).await.unwrap();
+        tokio::time::advance(Duration::from_secs(59)).await;
+        assert_eq!(q.stall(limit), None);
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert_eq!(
+            q.stall(limit),
+            Some(Stall::SlotsHeld {
+                slots: 1,
+                for_: limit
+            })
+        );
+        drop(stuck);
+        assert_eq!(q.stall(limit), None);
+    }
+
+    #[test]
+    fn a_zero_limit_turns_the_liveness_check_off() {
+        let q = queue(1, &[]);
+        let off = Liveness::new(Duration::ZERO);
+        off.watch(&q);
+        q.schedule(&key("overdue"), Instant::now() - Duration::from_secs(3600));
+        assert_eq!(off.stall(), None);
     }
 
     #[tokio::test(start_paused = true)]

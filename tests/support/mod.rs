@@ -99,6 +99,7 @@ impl Harness {
             instance: Some("test".to_string()),
             aws_rate: self.aws_rate,
             aws_burst: 1,
+            liveness: Default::default(),
         };
         let aws = Arc::new(AwsClients::new(self.aws.sdk_config()));
         let (readiness, controllers) =
