@@ -151,7 +151,8 @@ struct RunArgs {
     /// progress for this long although there is work: a request overdue while reconcile slots
     /// are free, or every slot held and no reconcile ending. Either is a bug; this is the way
     /// out of it. Keep it above the longest a healthy reconcile can take: a few API calls of
-    /// up to --api-timeout each, retried, and an AWS call. `0s` turns the check off.
+    /// up to --api-timeout each until the answer starts (and 5 minutes of silence within an
+    /// answer), retried, and an AWS call. `0s` turns the check off.
     #[arg(long, env = "EMBEDURL_STALL_TIMEOUT", default_value = "15m", value_parser = duration_arg)]
     stall_timeout: Duration,
 

@@ -180,9 +180,10 @@ pub async fn reconcile(object: Arc<CachedRequest>, ctx: Arc<Context>, running: R
     // Deleted while this reconcile ran: the deletion's clean-up may have come before what the
     // reconcile just recorded (a failure count, the request's metric series), which would then
     // outlive the request until the next relist, its series perhaps firing an expiry alert.
-    // (The watch forgets the request in the queue first, so a deletion seen after this check
-    // cleans up after these records itself.)
-    if running.forgotten() {
+    // The watch reports a deletion to the queue (`forgotten`) before its own clean-up, and a
+    // relist replaces the cache before it drops what it no longer shows: a deletion seen after
+    // this check cleans up after these records itself.
+    if running.forgotten() || !still_cached(&object, &ctx) {
         ctx.failures.forget(&key.namespace, &key.name);
         ctx.metrics.forget_request(&key.namespace, &key.name);
     }
@@ -881,6 +882,15 @@ enum Refusal {
 }
 
 /// Whether the watch still shows `request` (by uid) under its name, not being deleted.
+/// Whether the request cache still holds this object (the same uid): a relist that no longer
+/// shows it reports no deletion to the queue.
+fn still_cached(object: &CachedRequest, ctx: &Context) -> bool {
+    let key = RequestKey::of(object);
+    ctx.requests
+        .get(&ObjectRef::new(&key.name).within(&key.namespace))
+        .is_some_and(|cached| cached.uid() == object.uid())
+}
+
 fn still_the_same_request(request: &EmbedUrlRequest, ctx: &Context) -> bool {
     let namespace = request.namespace().unwrap_or_default();
     ctx.requests

@@ -151,9 +151,12 @@ struct State {
     /// Since when a slot has been free (None while every slot is held): with due work, a
     /// dispatcher that takes nothing for long is stuck ([`WorkQueue::stall`]).
     slot_free_since: Option<Instant>,
-    /// Since when every slot has been held (None while one is free): if that lasts, no
-    /// reconcile ended meanwhile, and the ones holding them are stuck.
+    /// Since when every slot has been held (None while one is free).
     all_held_since: Option<Instant>,
+    /// When a reconcile last ended. With `all_held_since`: every slot held and none ending for
+    /// long means the reconciles holding them are stuck. (Parked reconciles taking their slots
+    /// back can hold more than all of them for a moment, so an end does not always free one.)
+    last_ended: Option<Instant>,
     /// Requests whose reconcile is running (or waiting in a rate-limit line), and what
     /// happened to them meanwhile.
     in_flight: HashMap<Arc<RequestKey>, InFlight>,
@@ -221,6 +224,10 @@ impl WorkQueue {
         per_turn: Duration,
     ) {
         let mut state = self.lock();
+        if state.in_flight.get(key).is_some_and(|f| f.forgotten) {
+            // Deleted while its reconcile waited for the line: it has no turn to wait for.
+            return;
+        }
         let ahead = state.blocked.get(&bucket).map_or(0, BTreeMap::len);
         let fallback = Instant::now()
             + first_turn
@@ -310,7 +317,10 @@ impl WorkQueue {
         let state = self.lock();
         let long_ago = |at: Instant| now.saturating_duration_since(at) >= limit;
         if state.running >= self.slots {
-            let since = state.all_held_since.unwrap_or(now);
+            let since = state
+                .all_held_since
+                .unwrap_or(now)
+                .max(state.last_ended.unwrap_or(self.made));
             return long_ago(since).then(|| Stall::SlotsHeld {
                 slots: self.slots,
                 for_: now.saturating_duration_since(since),
@@ -536,6 +546,7 @@ impl Drop for Running {
             let mut state = self.queue.lock();
             state.running = state.running.saturating_sub(1);
             state.track_slots(self.queue.slots);
+            state.last_ended = Some(Instant::now());
             state
                 .in_flight
                 .remove(&self.key)
@@ -795,9 +806,19 @@ mod tests {
         assert!(!running.forgotten());
         q.forget(&key("deleted"));
         assert!(running.forgotten(), "the reconcile learns of the deletion");
-        // Its reconcile ends planning the next refresh (or a retry): nothing is kept.
+        // Its reconcile ends planning the next refresh (or a retry), or turned away by a full
+        // rate-limit line: nothing is kept, and the line has no one to let back in.
         running.reschedule(Instant::now());
+        q.block(
+            &key("deleted"),
+            7,
+            0,
+            Duration::from_secs(1),
+            Duration::from_secs(1),
+        );
         drop(running);
+        assert!(q.is_empty());
+        q.release_blocked(7);
         assert!(q.is_empty());
         assert_eq!(next_name(&q, Duration::from_secs(1)).await, None);
 
@@ -898,12 +919,13 @@ mod tests {
         assert_eq!(q.stall(limit), None);
     }
 
-    #[test]
-    fn a_zero_limit_turns_the_liveness_check_off() {
+    #[tokio::test(start_paused = true)]
+    async fn a_zero_limit_turns_the_liveness_check_off() {
         let q = queue(1, &[]);
         let off = Liveness::new(Duration::ZERO);
         off.watch(&q);
-        q.schedule(&key("overdue"), Instant::now() - Duration::from_secs(3600));
+        q.schedule_now(&key("overdue"));
+        tokio::time::advance(Duration::from_secs(3600)).await;
         assert_eq!(off.stall(), None);
     }
 
