@@ -183,7 +183,7 @@ pub async fn reconcile(object: Arc<CachedRequest>, ctx: Arc<Context>, running: R
     // The watch reports a deletion to the queue (`forgotten`) before its own clean-up, and a
     // relist replaces the cache before it drops what it no longer shows: a deletion seen after
     // this check cleans up after these records itself.
-    if running.forgotten() || !still_cached(&object, &ctx) {
+    if running.forgotten() || !still_cached(&object, key, &ctx) {
         ctx.failures.forget(&key.namespace, &key.name);
         ctx.metrics.forget_request(&key.namespace, &key.name);
     }
@@ -881,16 +881,15 @@ enum Refusal {
     Invalid(InvalidSpec),
 }
 
-/// Whether the watch still shows `request` (by uid) under its name, not being deleted.
-/// Whether the request cache still holds this object (the same uid): a relist that no longer
-/// shows it reports no deletion to the queue.
-fn still_cached(object: &CachedRequest, ctx: &Context) -> bool {
-    let key = RequestKey::of(object);
+/// Whether the request cache still holds this object (the same uid) under `key`: a relist that
+/// no longer shows it reports no deletion to the queue.
+fn still_cached(object: &CachedRequest, key: &RequestKey, ctx: &Context) -> bool {
     ctx.requests
         .get(&ObjectRef::new(&key.name).within(&key.namespace))
         .is_some_and(|cached| cached.uid() == object.uid())
 }
 
+/// Whether the watch still shows `request` (by uid) under its name, not being deleted.
 fn still_the_same_request(request: &EmbedUrlRequest, ctx: &Context) -> bool {
     let namespace = request.namespace().unwrap_or_default();
     ctx.requests
