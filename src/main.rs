@@ -226,7 +226,24 @@ fn print_crds(output_dir: Option<&std::path::Path>) -> ExitCode {
     ExitCode::SUCCESS
 }
 
+/// Settings that are each valid but do not fit together, refused before anything starts.
+fn check_settings(args: &RunArgs) -> Result<(), String> {
+    if !args.stall_timeout.is_zero() && args.stall_timeout <= args.api_timeout {
+        return Err(format!(
+            "--stall-timeout ({:?}) must be longer than --api-timeout ({:?}): a reconcile waiting \
+             on one healthy API call would count as a stall and restart the operator; use e.g. \
+             15m, or 0s to turn the check off",
+            args.stall_timeout, args.api_timeout
+        ));
+    }
+    Ok(())
+}
+
 fn run_blocking(args: RunArgs) -> ExitCode {
+    if let Err(e) = check_settings(&args) {
+        eprintln!("error: {e}");
+        return ExitCode::FAILURE;
+    }
     if let Err(e) = telemetry::init_logging(args.log_format, &args.log_filter) {
         eprintln!("{e}");
         return ExitCode::FAILURE;

@@ -183,7 +183,7 @@ pub async fn reconcile(object: Arc<CachedRequest>, ctx: Arc<Context>, running: R
     // The watch reports a deletion to the queue (`forgotten`) before its own clean-up, and a
     // relist replaces the cache before it drops what it no longer shows: a deletion seen after
     // this check cleans up after these records itself.
-    if running.forgotten() || !still_cached(&object, key, &ctx) {
+    if running.forgotten() || still_cached(key, object.meta().uid.as_deref(), &ctx).is_none() {
         ctx.failures.forget(&key.namespace, &key.name);
         ctx.metrics.forget_request(&key.namespace, &key.name);
     }
@@ -881,22 +881,19 @@ enum Refusal {
     Invalid(InvalidSpec),
 }
 
-/// Whether the request cache still holds this object (the same uid) under `key`: a relist that
-/// no longer shows it reports no deletion to the queue.
-fn still_cached(object: &CachedRequest, key: &RequestKey, ctx: &Context) -> bool {
+/// The request cache's object under `key` if it is still the one with this uid: `None` once it
+/// is deleted or re-created under the same name. A relist that no longer shows a request reports
+/// no deletion to the queue, so a reconcile checks this as it ends.
+fn still_cached(key: &RequestKey, uid: Option<&str>, ctx: &Context) -> Option<Arc<CachedRequest>> {
     ctx.requests
         .get(&ObjectRef::new(&key.name).within(&key.namespace))
-        .is_some_and(|cached| cached.uid() == object.uid())
+        .filter(|cached| cached.meta().uid.as_deref() == uid)
 }
 
 /// Whether the watch still shows `request` (by uid) under its name, not being deleted.
 fn still_the_same_request(request: &EmbedUrlRequest, ctx: &Context) -> bool {
-    let namespace = request.namespace().unwrap_or_default();
-    ctx.requests
-        .get(&ObjectRef::new(&request.name_any()).within(&namespace))
-        .is_some_and(|cached| {
-            cached.uid() == request.uid() && cached.meta().deletion_timestamp.is_none()
-        })
+    still_cached(&RequestKey::of(request), request.meta().uid.as_deref(), ctx)
+        .is_some_and(|cached| cached.meta().deletion_timestamp.is_none())
 }
 
 /// A request whose namespace is being deleted: it is about to go too, so it keeps no metric

@@ -520,6 +520,7 @@ def test_default_args_and_env(chart):
         "--policy-mode=enforce",
         "--aws-qps=10",
         "--aws-burst=20",
+        "--stall-timeout=15m",
     ]
     variables = env(docs)
     assert variables["RUST_LOG"]["value"] == "info"
@@ -539,6 +540,7 @@ def test_values_reach_the_container(chart):
             "logLevel": "info,embed_url_operator=debug",
             "logFormat": "json",
             "concurrency": 4,
+            "livenessProbe": {"stallTimeout": "30m"},
             "extraEnv": [{"name": "AWS_STS_REGIONAL_ENDPOINTS", "value": "regional"}],
             "extraArgs": ["--http-addr=[::]:8080"],
         },
@@ -550,6 +552,7 @@ def test_values_reach_the_container(chart):
     argv = args(docs)
     assert "--log-format=json" in argv
     assert "--concurrency=4" in argv
+    assert "--stall-timeout=30m" in argv
     assert argv[-1] == "--http-addr=[::]:8080"
 
 
@@ -760,6 +763,9 @@ def test_schema_accepts_defaults_and_value_sets(chart):
         pytest.param({"leaderElection": {"leaseDuration": "500ms"}}, id="leaseDuration-under-a-second"),
         pytest.param({"leaderElection": {"leaseDuration": "0s"}}, id="leaseDuration-zero"),
         pytest.param({"leaderElection": {"leaseDuration": ""}}, id="leaseDuration-empty"),
+        pytest.param({"livenessProbe": {"stallTimeout": 900}}, id="stallTimeout-int"),
+        pytest.param({"livenessProbe": {"stallTimeout": "15 minutes"}}, id="stallTimeout-words"),
+        pytest.param({"livenessProbe": {"stallTimeout": ""}}, id="stallTimeout-empty"),
         pytest.param({"serviceMonitor": {"interval": "1.5m"}}, id="serviceMonitor-interval-fraction"),
         pytest.param({"serviceMonitor": {"scrapeTimeout": "10sec"}}, id="serviceMonitor-scrapeTimeout-unit"),
         pytest.param({"image": {"pullPolicy": "Sometimes"}}, id="pullPolicy-enum"),
@@ -790,6 +796,8 @@ def test_schema_rejects_bad_values(chart, values):
         pytest.param({"leaderElection": {"leaseDuration": "15s"}}, id="leaseDuration-15s"),
         pytest.param({"leaderElection": {"leaseDuration": "1m30s"}}, id="leaseDuration-1m30s"),
         pytest.param({"leaderElection": {"leaseDuration": "1s"}}, id="leaseDuration-1s"),
+        pytest.param({"livenessProbe": {"stallTimeout": "0s"}}, id="stallTimeout-off"),
+        pytest.param({"livenessProbe": {"stallTimeout": "1h30m"}}, id="stallTimeout-1h30m"),
         pytest.param({"serviceMonitor": {"interval": "1m30s", "scrapeTimeout": "500ms"}}, id="serviceMonitor-durations"),
         pytest.param({"awsRateLimit": {"qps": 0}}, id="qps-off"),
         pytest.param({"awsRateLimit": {"qps": 0.5}}, id="qps-fraction"),

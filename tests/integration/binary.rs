@@ -508,6 +508,20 @@ fn the_binary_refuses_a_lease_shorter_than_a_second() {
 }
 
 #[test]
+fn the_binary_refuses_a_stall_timeout_a_healthy_api_call_could_reach() {
+    for args in [
+        &["run", "--stall-timeout=30s"][..],
+        &["--api-timeout=2m", "--stall-timeout=2m"][..],
+    ] {
+        let stderr = refused_arguments(args);
+        assert!(
+            stderr.contains("--stall-timeout") && stderr.contains("--api-timeout"),
+            "{args:?}: {stderr}"
+        );
+    }
+}
+
+#[test]
 fn the_binary_refuses_a_rate_limit_it_cannot_keep() {
     for qps in ["1e-20", "NaN", "inf", "-1"] {
         let stderr = refused_arguments(&["run", &format!("--aws-qps={qps}")]);
