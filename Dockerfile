@@ -14,10 +14,14 @@
 
 # ---- build ------------------------------------------------------------------
 FROM rust:1-bookworm AS builder
+# One build cache per platform, each used by one build at a time: a multi-platform
+# build runs the platforms' builds at once, and a shared target/ would mix their
+# artifacts (and the binary copied out of it).
+ARG TARGETPLATFORM
 WORKDIR /src
 COPY . .
-RUN --mount=type=cache,target=/usr/local/cargo/registry \
-    --mount=type=cache,target=/src/target \
+RUN --mount=type=cache,target=/usr/local/cargo/registry,sharing=locked \
+    --mount=type=cache,target=/src/target,id=embed-url-operator-target-$TARGETPLATFORM,sharing=locked \
     cargo build --release --locked --bin embed-url-operator \
     && cp target/release/embed-url-operator /embed-url-operator
 

@@ -25,8 +25,9 @@ pub const RATE_LIMITED_CONDITION: &str = "RateLimited";
 
 /// Pattern of a Go/Kubernetes duration as accepted by `refreshBefore` (for example `150s`, `2m30s`).
 pub const DURATION_PATTERN: &str = r"^([0-9]+(\.[0-9]+)?(ms|s|m|h))+$";
-/// Pattern of an AWS region name such as `us-east-1` or `us-gov-west-1`.
-pub const REGION_PATTERN: &str = r"^[a-z]{2}(-[a-z]+)+-[0-9]+$";
+/// Pattern of an AWS region name such as `us-east-1`, `us-gov-west-1` or, in the AWS European
+/// Sovereign Cloud, `eusc-de-east-1` (a partition prefix of up to four letters).
+pub const REGION_PATTERN: &str = r"^[a-z]{2,4}(-[a-z]+)+-[0-9]+$";
 /// Pattern of a DNS-1123 subdomain, the rule for Secret names.
 pub const SECRET_NAME_PATTERN: &str =
     r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$";

@@ -611,8 +611,10 @@ mod tests {
             resolve_region(&valid, Some("us-west-2"), Some("us-east-1")).unwrap(),
             "eu-west-1"
         );
-        spec.region = Some("us-gov-west-1".into());
-        assert!(check(&spec).is_ok());
+        for region in ["us-gov-west-1", "cn-northwest-1", "eusc-de-east-1"] {
+            spec.region = Some(region.into());
+            assert!(check(&spec).is_ok(), "{region}");
+        }
         spec.region = Some("Europe".into());
         assert_eq!(field_of(&spec), "spec.region");
         // The schema's length bound holds for specs that bypassed it.

@@ -441,8 +441,10 @@ def test_leader_election(chart, values, on):
             if set(rule["verbs"]) & {"get", "update"}:
                 assert rule["resourceNames"] == [FULLNAME]
     else:
-        # A rolling update would run two active pods, both minting every URL.
-        assert strategy == {"type": "Recreate"}
+        # A rolling update would run two active pods, both minting every URL. The null clears
+        # the rollingUpdate the API server defaulted while an earlier release had leader
+        # election on; Recreate with it still set is refused, failing the upgrade.
+        assert strategy == {"type": "Recreate", "rollingUpdate": None}
         assert not [a for a in argv if a.startswith("--lease") or a == "--leader-election"]
         assert lease_perms == {}
         assert lease_rules == []
@@ -628,6 +630,11 @@ def test_existing_service_account(chart):
     assert granted(docs) == {None: CLUSTER_WIDE_PERMISSIONS}
     docs = render(chart, {"serviceAccount": {"name": "custom"}})
     assert one(docs, "ServiceAccount")["metadata"]["name"] == "custom" == sa_name(docs)
+    # Not the namespace's `default` ServiceAccount by omission: the RBAC reads Secrets, and
+    # every other pod in the namespace runs as `default`.
+    with pytest.raises(helm.HelmRenderError, match="serviceAccount.name"):
+        render(chart, {"serviceAccount": {"create": False}})
+    assert sa_name(render(chart, {"serviceAccount": {"create": False, "name": "default"}})) == "default"
 
 
 def test_metrics_service(chart):
@@ -687,6 +694,15 @@ def test_network_policy(chart):
     assert {(53, "UDP"), (53, "TCP"), (443, "TCP")} <= egress_ports
     pod_identity = [r for r in policy["egress"] if "to" in r]
     assert pod_identity[0]["to"][0] == {"ipBlock": {"cidr": "169.254.170.23/32"}}
+    # Instance metadata (the node role's credentials) only when asked for.
+    assert not any(
+        "169.254.169.254/32" in str(rule) for rule in policy["egress"]
+    )
+    metadata_values = {"networkPolicy": {**values["networkPolicy"], "allowInstanceMetadata": True}}
+    policy_with_metadata = one(render(chart, metadata_values), "NetworkPolicy")["spec"]
+    [metadata] = [r for r in policy_with_metadata["egress"] if {"ipBlock": {"cidr": "169.254.169.254/32"}} in r.get("to", [])]
+    assert metadata["to"][1] == {"ipBlock": {"cidr": "fd00:ec2::254/128"}}
+    assert metadata["ports"] == [{"port": 80, "protocol": "TCP"}]
 
     extra = {"ports": [{"port": 6443, "protocol": "TCP"}]}
     policy = one(
@@ -797,6 +813,7 @@ def test_schema_rejects_bad_values(chart, values):
         pytest.param({"leaderElection": {"leaseDuration": "1m30s"}}, id="leaseDuration-1m30s"),
         pytest.param({"leaderElection": {"leaseDuration": "1s"}}, id="leaseDuration-1s"),
         pytest.param({"livenessProbe": {"stallTimeout": "0s"}}, id="stallTimeout-off"),
+        pytest.param({"aws": {"region": "eusc-de-east-1"}}, id="aws-region-sovereign-cloud"),
         pytest.param({"livenessProbe": {"stallTimeout": "1h30m"}}, id="stallTimeout-1h30m"),
         pytest.param({"serviceMonitor": {"interval": "1m30s", "scrapeTimeout": "500ms"}}, id="serviceMonitor-durations"),
         pytest.param({"awsRateLimit": {"qps": 0}}, id="qps-off"),

@@ -74,8 +74,10 @@ Name of the ServiceAccount the operator runs as.
 {{- define "embed-url-operator.serviceAccountName" -}}
 {{- if .Values.serviceAccount.create }}
 {{- default (include "embed-url-operator.fullname" .) .Values.serviceAccount.name }}
+{{- else if .Values.serviceAccount.name }}
+{{- .Values.serviceAccount.name }}
 {{- else }}
-{{- default "default" .Values.serviceAccount.name }}
+{{- fail "serviceAccount.create is false: set serviceAccount.name to the existing ServiceAccount the operator runs as (the chart binds its RBAC, which reads Secrets, to it; it will not bind that to the namespace's `default` ServiceAccount, which every other pod there uses)" }}
 {{- end }}
 {{- end }}
 
