@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import helm_python as helm
+import promql_parser
 import pytest
 import yaml
 
@@ -80,6 +81,7 @@ VALUE_SETS: dict[str, tuple[dict[str, Any], Counter]] = {
         kinds(ClusterRole=3, ClusterRoleBinding=1, Role=2, RoleBinding=2),
     ),
     "service-monitor": ({"serviceMonitor": {"enabled": True}}, kinds(ServiceMonitor=1)),
+    "prometheus-rule": ({"prometheusRule": {"enabled": True}}, kinds(PrometheusRule=1)),
     "replicas-2": ({"replicas": 2}, kinds(Role=1, RoleBinding=1)),
     "network-policy": (
         {
@@ -635,6 +637,47 @@ def test_existing_service_account(chart):
     with pytest.raises(helm.HelmRenderError, match="serviceAccount.name"):
         render(chart, {"serviceAccount": {"create": False}})
     assert sa_name(render(chart, {"serviceAccount": {"create": False, "name": "default"}})) == "default"
+
+
+def test_prometheus_rule(chart):
+    assert of_kind(render(chart), "PrometheusRule") == []
+    docs = render(chart, {"prometheusRule": {"enabled": True, "labels": {"release": "prom"}}})
+    rule = one(docs, "PrometheusRule")
+    assert rule["metadata"]["namespace"] == NAMESPACE
+    assert rule["metadata"]["labels"]["release"] == "prom"
+    rules = {r["alert"]: r for group in rule["spec"]["groups"] for r in group["rules"]}
+    assert set(rules) == {
+        "EmbedUrlAboutToLapse",
+        "EmbedUrlRequestNotReady",
+        "EmbedUrlOperatorFallingBehind",
+        "EmbedUrlAwsRateLimitTooLow",
+        "EmbedUrlOperatorDown",
+    }
+    # Every expression parses as PromQL and names only metrics the README documents (the
+    # operator's metrics table), so a renamed metric cannot leave an alert that never fires.
+    documented = set(re.findall(r"^\| `(embedurl_[a-z_]+)`", (REPO_ROOT / "README.md").read_text(), re.M))
+    assert "embedurl_ready" in documented
+    for name, alert in rules.items():
+        promql_parser.parse(alert["expr"])
+        for metric in re.findall(r"embedurl_[a-z_]+", alert["expr"]):
+            assert metric in documented, (name, metric)
+        assert alert["labels"]["severity"] in {"critical", "warning"}
+    # Prometheus, not Helm, fills in the alert's labels.
+    assert "{{ $labels.namespace }}/{{ $labels.name }}" in rules["EmbedUrlAboutToLapse"]["annotations"]["description"]
+    # The operator-down alert looks for the job the chart's ServiceMonitor produces: its
+    # jobLabel names the Service label whose value becomes `job`.
+    monitor_docs = render(chart, {"serviceMonitor": {"enabled": True}})
+    job_label = one(monitor_docs, "ServiceMonitor")["spec"]["jobLabel"]
+    job = one(monitor_docs, "Service")["metadata"]["labels"][job_label]
+    assert rules["EmbedUrlOperatorDown"]["expr"] == f'absent(up{{job="{job}", namespace="{NAMESPACE}"}} == 1)'
+    docs = render(chart, {"prometheusRule": {"enabled": True, "job": "kubernetes-pods", "fallingBehindFor": "30m"}})
+    rules = {r["alert"]: r for group in one(docs, "PrometheusRule")["spec"]["groups"] for r in group["rules"]}
+    assert 'job="kubernetes-pods"' in rules["EmbedUrlOperatorDown"]["expr"]
+    assert rules["EmbedUrlOperatorFallingBehind"]["for"] == "30m"
+    with pytest.raises(helm.HelmValuesError):
+        chart.validate_schema({"prometheusRule": {"fallingBehindFor": "ten minutes"}})
+    with pytest.raises(helm.HelmValuesError):
+        chart.validate_schema({"prometheusRule": {"job": 'a"b'}})
 
 
 def test_metrics_service(chart):
