@@ -432,7 +432,8 @@ def test_leader_election(chart, values, on):
     strategy = one(docs, "Deployment")["spec"].get("strategy")
     if on:
         # The new pod stands by until the old one hands the Lease over.
-        assert strategy is None
+        # Written out (Kubernetes' defaults), so that a later switch to Recreate removes it.
+        assert strategy == {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": "25%", "maxUnavailable": "25%"}}
         assert "--leader-election" in argv
         assert f"--lease-name={FULLNAME}" in argv
         assert "--lease-duration=15s" in argv
