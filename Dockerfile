@@ -20,7 +20,7 @@ FROM rust:1-bookworm AS builder
 ARG TARGETPLATFORM
 WORKDIR /src
 COPY . .
-RUN --mount=type=cache,target=/usr/local/cargo/registry,sharing=locked \
+RUN --mount=type=cache,target=/usr/local/cargo/registry,id=embed-url-operator-registry-$TARGETPLATFORM,sharing=locked \
     --mount=type=cache,target=/src/target,id=embed-url-operator-target-$TARGETPLATFORM,sharing=locked \
     cargo build --release --locked --bin embed-url-operator \
     && cp target/release/embed-url-operator /embed-url-operator

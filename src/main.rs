@@ -228,11 +228,14 @@ fn print_crds(output_dir: Option<&std::path::Path>) -> ExitCode {
 
 /// Settings that are each valid but do not fit together, refused before anything starts.
 fn check_settings(args: &RunArgs) -> Result<(), String> {
-    if !args.stall_timeout.is_zero() && args.stall_timeout <= args.api_timeout {
+    // A reconcile makes a few API calls in a row (read, Secret, status), each allowed up to
+    // --api-timeout before its answer starts.
+    let slowest_healthy_reconcile = args.api_timeout.saturating_mul(3);
+    if !args.stall_timeout.is_zero() && args.stall_timeout <= slowest_healthy_reconcile {
         return Err(format!(
-            "--stall-timeout ({:?}) must be longer than --api-timeout ({:?}): a reconcile waiting \
-             on one healthy API call would count as a stall and restart the operator; use e.g. \
-             15m, or 0s to turn the check off",
+            "--stall-timeout ({:?}) must be longer than three times --api-timeout ({:?}): a \
+             reconcile waiting on a few slow but healthy API calls would count as a stall and \
+             restart the operator; use e.g. 15m, or 0s to turn the check off",
             args.stall_timeout, args.api_timeout
         ));
     }

@@ -149,7 +149,7 @@ pub async fn apply_status_of(
             error = %refusal.message,
             "the EmbedUrlRequest CRD in the cluster is older than this operator: status \
              fields it does not declare are left out until it is upgraded with \
-             `kubectl apply --server-side -f crds/` (from this operator's release)"
+             `kubectl apply --server-side --force-conflicts -f crds/` (from this operator's release)"
         );
     });
     let mut trimmed = serde_json::to_value(&body).map_err(|source| Error::Serialize {

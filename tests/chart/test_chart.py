@@ -81,7 +81,10 @@ VALUE_SETS: dict[str, tuple[dict[str, Any], Counter]] = {
         kinds(ClusterRole=3, ClusterRoleBinding=1, Role=2, RoleBinding=2),
     ),
     "service-monitor": ({"serviceMonitor": {"enabled": True}}, kinds(ServiceMonitor=1)),
-    "prometheus-rule": ({"prometheusRule": {"enabled": True}}, kinds(PrometheusRule=1)),
+    "prometheus-rule": (
+        {"serviceMonitor": {"enabled": True}, "prometheusRule": {"enabled": True}},
+        kinds(ServiceMonitor=1, PrometheusRule=1),
+    ),
     "replicas-2": ({"replicas": 2}, kinds(Role=1, RoleBinding=1)),
     "network-policy": (
         {
@@ -637,12 +640,17 @@ def test_existing_service_account(chart):
     # every other pod in the namespace runs as `default`.
     with pytest.raises(helm.HelmRenderError, match="serviceAccount.name"):
         render(chart, {"serviceAccount": {"create": False}})
+    # Without the chart's RBAC nothing is granted to it: `default` as before.
+    assert sa_name(render(chart, {"serviceAccount": {"create": False}, "rbac": {"create": False}})) == "default"
     assert sa_name(render(chart, {"serviceAccount": {"create": False, "name": "default"}})) == "default"
 
 
 def test_prometheus_rule(chart):
     assert of_kind(render(chart), "PrometheusRule") == []
-    docs = render(chart, {"prometheusRule": {"enabled": True, "labels": {"release": "prom"}}})
+    docs = render(
+        chart,
+        {"serviceMonitor": {"enabled": True}, "prometheusRule": {"enabled": True, "labels": {"release": "prom"}}},
+    )
     rule = one(docs, "PrometheusRule")
     assert rule["metadata"]["namespace"] == NAMESPACE
     assert rule["metadata"]["labels"]["release"] == "prom"
@@ -665,18 +673,34 @@ def test_prometheus_rule(chart):
         assert alert["labels"]["severity"] in {"critical", "warning"}
     # Prometheus, not Helm, fills in the alert's labels.
     assert "{{ $labels.namespace }}/{{ $labels.name }}" in rules["EmbedUrlAboutToLapse"]["annotations"]["description"]
-    # The operator-down alert looks for the job the chart's ServiceMonitor produces: its
-    # jobLabel names the Service label whose value becomes `job`.
-    monitor_docs = render(chart, {"serviceMonitor": {"enabled": True}})
-    job_label = one(monitor_docs, "ServiceMonitor")["spec"]["jobLabel"]
-    job = one(monitor_docs, "Service")["metadata"]["labels"][job_label]
-    assert rules["EmbedUrlOperatorDown"]["expr"] == f'absent(up{{job="{job}", namespace="{NAMESPACE}"}} == 1)'
+    # The lapse alert fires at once: with a `for`, it would come only after the URL lapsed.
+    assert "for" not in rules["EmbedUrlAboutToLapse"]
+    # The operator-wide alerts look at this release's target: the job the chart's
+    # ServiceMonitor produces (its jobLabel names the Service label whose value becomes `job`)
+    # in the release namespace; another release's operator does not count.
+    job_label = one(docs, "ServiceMonitor")["spec"]["jobLabel"]
+    job = one(docs, "Service")["metadata"]["labels"][job_label]
+    target = f'job="{job}", namespace="{NAMESPACE}"'
+    assert rules["EmbedUrlOperatorDown"]["expr"] == f"absent(up{{{target}}} == 1)"
+    assert rules["EmbedUrlOperatorDown"]["labels"]["namespace"] == NAMESPACE
+    assert f"embedurl_reconciles_due{{{target}}}" in rules["EmbedUrlOperatorFallingBehind"]["expr"]
+    assert rules["EmbedUrlAwsRateLimitTooLow"]["expr"].count(target) == 2
+    # A scrape job of the user's own is matched by its name alone.
     docs = render(chart, {"prometheusRule": {"enabled": True, "job": "kubernetes-pods", "fallingBehindFor": "30m"}})
     rules = {r["alert"]: r for group in one(docs, "PrometheusRule")["spec"]["groups"] for r in group["rules"]}
-    assert 'job="kubernetes-pods"' in rules["EmbedUrlOperatorDown"]["expr"]
+    assert rules["EmbedUrlOperatorDown"]["expr"] == 'absent(up{job="kubernetes-pods"} == 1)'
     assert rules["EmbedUrlOperatorFallingBehind"]["for"] == "30m"
-    with pytest.raises(helm.HelmValuesError):
-        chart.validate_schema({"prometheusRule": {"fallingBehindFor": "ten minutes"}})
+    # A job name YAML would read as a comment stays part of the expression.
+    docs = render(chart, {"prometheusRule": {"enabled": True, "job": "pods #1"}})
+    rules = {r["alert"]: r for group in one(docs, "PrometheusRule")["spec"]["groups"] for r in group["rules"]}
+    assert rules["EmbedUrlOperatorFallingBehind"]["expr"] == 'embedurl_reconciles_due{job="pods #1"} > 0'
+    # Without anything scraping the operator the down alert would fire for ever.
+    with pytest.raises(helm.HelmRenderError, match="serviceMonitor.enabled"):
+        render(chart, {"prometheusRule": {"enabled": True}})
+    for bad in ["ten minutes", "5m10m", "1.5h"]:
+        with pytest.raises(helm.HelmValuesError):
+            chart.validate_schema({"prometheusRule": {"fallingBehindFor": bad}})
+    chart.validate_schema({"prometheusRule": {"fallingBehindFor": "1h30m"}})
     with pytest.raises(helm.HelmValuesError):
         chart.validate_schema({"prometheusRule": {"job": 'a"b'}})
 

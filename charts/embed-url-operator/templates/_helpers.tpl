@@ -76,6 +76,8 @@ Name of the ServiceAccount the operator runs as.
 {{- default (include "embed-url-operator.fullname" .) .Values.serviceAccount.name }}
 {{- else if .Values.serviceAccount.name }}
 {{- .Values.serviceAccount.name }}
+{{- else if not .Values.rbac.create }}
+{{- "default" }}
 {{- else }}
 {{- fail "serviceAccount.create is false: set serviceAccount.name to the existing ServiceAccount the operator runs as (the chart binds its RBAC, which reads Secrets, to it; it will not bind that to the namespace's `default` ServiceAccount, which every other pod there uses)" }}
 {{- end }}
