@@ -105,6 +105,13 @@ impl FailureCounts {
             .retain(|(namespace, name), _| !in_scope(namespace) || exists(namespace, name));
     }
 
+    #[cfg(test)]
+    fn count(&self, namespace: &str, name: &str) -> Option<u32> {
+        self.lock()
+            .get(&(namespace.to_string(), name.to_string()))
+            .copied()
+    }
+
     pub fn forget(&self, namespace: &str, name: &str) {
         let mut counts = self.lock();
         if !counts.is_empty() {
@@ -1061,7 +1068,110 @@ async fn waiting_status(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::guard::Guarded;
+    use kube::runtime::reflector::{self, store::Writer};
+    use kube::runtime::watcher;
     use serde_json::json;
+
+    /// A context whose API server refuses every connection, so that a reconcile fails at its
+    /// first read (the Secret's metadata), with its caches listed and permissive policies.
+    fn failing_context() -> (Arc<Context>, Writer<CachedRequest>) {
+        let config = kube::Config::new("http://127.0.0.1:1".parse().unwrap());
+        let client = kube::Client::try_from(config).unwrap();
+        let aws = aws_config::SdkConfig::builder()
+            .behavior_version(aws_config::BehaviorVersion::latest())
+            .region(aws_config::Region::new("us-east-1"))
+            .build();
+        let (requests, writer) = reflector::store();
+        let context = Context {
+            client,
+            aws: Arc::new(AwsClients::new(aws)),
+            settings: Settings {
+                windows: UseByWindows::documented(),
+                default_region: Some("us-east-1".into()),
+                policy_mode: PolicyMode::Permissive,
+            },
+            reporter: Reporter {
+                controller: "test".into(),
+                instance: None,
+            },
+            secrets: Arc::default(),
+            requests,
+            policies: reflector::store().0,
+            namespaces: reflector::store().0,
+            policies_listed: Arc::new(AtomicBool::new(true)),
+            namespaces_listed: Arc::new(AtomicBool::new(true)),
+            queue: Arc::new(WorkQueue::new(1, Box::new(|_| 0))),
+            rate_limits: Arc::new(RateLimits::unlimited()),
+            metrics: Arc::new(Metrics::new()),
+            failures: Arc::default(),
+        };
+        (Arc::new(context), writer)
+    }
+
+    fn cached(request: &EmbedUrlRequest) -> CachedRequest {
+        Guarded(Ok(request.clone()))
+    }
+
+    /// Starts `request` through the queue, as the dispatcher does, and runs its reconcile;
+    /// `meanwhile` runs once the reconcile holds its slot.
+    async fn reconcile_once(
+        ctx: &Arc<Context>,
+        request: &EmbedUrlRequest,
+        meanwhile: impl FnOnce(),
+    ) {
+        ctx.queue.schedule_now(&RequestKey::of(request));
+        let running = ctx.queue.next(|_| {}).await;
+        meanwhile();
+        reconcile(Arc::new(cached(request)), ctx.clone(), running).await;
+    }
+
+    #[tokio::test]
+    async fn a_reconcile_of_a_request_deleted_meanwhile_leaves_no_failure_count_behind() {
+        let (ctx, mut writer) = failing_context();
+        let request: EmbedUrlRequest = serde_json::from_value(json!({
+            "apiVersion": "embedurl.io/v1alpha1",
+            "kind": "EmbedUrlRequest",
+            "metadata": {"name": "sales", "namespace": "analytics", "uid": "uid-1", "generation": 1},
+            "spec": {"quickSight": {"awsAccountId": "111122223333", "entryPoint": "/start"}},
+        }))
+        .unwrap();
+        writer.apply_watcher_event(&watcher::Event::Apply(cached(&request)));
+
+        // Still there: the failure is counted, for the retry's backoff.
+        reconcile_once(&ctx, &request, || {}).await;
+        assert_eq!(ctx.failures.count("analytics", "sales"), Some(1));
+        reconcile_once(&ctx, &request, || {}).await;
+        assert_eq!(ctx.failures.count("analytics", "sales"), Some(2));
+
+        // Deleted while the reconcile ran, the watch's clean-up coming first: the reconcile's own
+        // failure is not left behind (it would set the backoff of a request re-created under
+        // the same name).
+        ctx.failures.forget("analytics", "sales");
+        reconcile_once(&ctx, &request, || {
+            ctx.queue.forget(&RequestKey::of(&request))
+        })
+        .await;
+        assert_eq!(ctx.failures.count("analytics", "sales"), None);
+
+        // Gone from the cache without a deletion reaching the queue (a relist no longer shows
+        // it): the same.
+        reconcile_once(&ctx, &request, || {}).await;
+        assert_eq!(ctx.failures.count("analytics", "sales"), Some(1));
+        writer.apply_watcher_event(&watcher::Event::Delete(cached(&request)));
+        ctx.failures.forget("analytics", "sales");
+        reconcile_once(&ctx, &request, || {}).await;
+        assert_eq!(ctx.failures.count("analytics", "sales"), None);
+
+        // Re-created under the same name (another uid): the old object's reconcile cleans up.
+        let mut successor = request.clone();
+        successor.metadata.uid = Some("uid-2".into());
+        writer.apply_watcher_event(&watcher::Event::Apply(cached(&successor)));
+        reconcile_once(&ctx, &request, || {}).await;
+        assert_eq!(ctx.failures.count("analytics", "sales"), None);
+        reconcile_once(&ctx, &successor, || {}).await;
+        assert_eq!(ctx.failures.count("analytics", "sales"), Some(1));
+    }
 
     #[test]
     fn a_mint_is_as_urgent_as_the_status_says_not_as_the_secret_says() {
