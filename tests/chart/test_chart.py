@@ -645,6 +645,12 @@ def test_existing_service_account(chart):
     assert sa_name(render(chart, {"serviceAccount": {"create": False, "name": "default"}})) == "default"
 
 
+def alerts(docs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The PrometheusRule's alerting rules by name."""
+    groups = one(docs, "PrometheusRule")["spec"]["groups"]
+    return {rule["alert"]: rule for group in groups for rule in group["rules"]}
+
+
 def test_prometheus_rule(chart):
     assert of_kind(render(chart), "PrometheusRule") == []
     docs = render(
@@ -654,7 +660,7 @@ def test_prometheus_rule(chart):
     rule = one(docs, "PrometheusRule")
     assert rule["metadata"]["namespace"] == NAMESPACE
     assert rule["metadata"]["labels"]["release"] == "prom"
-    rules = {r["alert"]: r for group in rule["spec"]["groups"] for r in group["rules"]}
+    rules = alerts(docs)
     assert set(rules) == {
         "EmbedUrlAboutToLapse",
         "EmbedUrlRequestNotReady",
@@ -687,12 +693,12 @@ def test_prometheus_rule(chart):
     assert rules["EmbedUrlAwsRateLimitTooLow"]["expr"].count(target) == 2
     # A scrape job of the user's own is matched by its name alone.
     docs = render(chart, {"prometheusRule": {"enabled": True, "job": "kubernetes-pods", "fallingBehindFor": "30m"}})
-    rules = {r["alert"]: r for group in one(docs, "PrometheusRule")["spec"]["groups"] for r in group["rules"]}
+    rules = alerts(docs)
     assert rules["EmbedUrlOperatorDown"]["expr"] == 'absent(up{job="kubernetes-pods"} == 1)'
     assert rules["EmbedUrlOperatorFallingBehind"]["for"] == "30m"
     # A job name YAML would read as a comment stays part of the expression.
     docs = render(chart, {"prometheusRule": {"enabled": True, "job": "pods #1"}})
-    rules = {r["alert"]: r for group in one(docs, "PrometheusRule")["spec"]["groups"] for r in group["rules"]}
+    rules = alerts(docs)
     assert rules["EmbedUrlOperatorFallingBehind"]["expr"] == 'embedurl_reconciles_due{job="pods #1"} > 0'
     # Without anything scraping the operator the down alert would fire for ever.
     with pytest.raises(helm.HelmRenderError, match="serviceMonitor.enabled"):
