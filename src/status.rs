@@ -29,6 +29,32 @@ pub mod reasons {
     pub const DEMAND_EXCEEDS_RATE_LIMIT: &str = "DemandExceedsRateLimit";
     /// `RateLimited=False`: the last refresh went out without a noticeable wait.
     pub const WITHIN_RATE_LIMIT: &str = "WithinRateLimit";
+
+    use crate::providers::AwsErrorKind;
+
+    /// Every reason the `Ready` condition can give.
+    pub const READY: [&str; 10] = [
+        URL_READY,
+        INVALID_SPEC,
+        SECRET_CONFLICT,
+        SUSPENDED,
+        NOT_PERMITTED,
+        ASSUME_ROLE_FAILED,
+        SECRET_WRITE_FAILED,
+        AwsErrorKind::Throttled.reason(),
+        AwsErrorKind::Unavailable.reason(),
+        AwsErrorKind::Rejected.reason(),
+    ];
+
+    /// `reason` as one of [`READY`], for a metric label: a fixed set, whatever a status read
+    /// from the cluster says (`Other` for a reason this version does not give).
+    pub fn ready_label(reason: &str) -> &'static str {
+        READY
+            .iter()
+            .find(|known| **known == reason)
+            .copied()
+            .unwrap_or("Other")
+    }
 }
 
 pub fn refresh_request(request: &EmbedUrlRequest) -> Option<&str> {
@@ -489,6 +515,15 @@ pub fn failed_status(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ready_reasons_become_a_fixed_set_of_metric_labels() {
+        assert_eq!(reasons::ready_label("Suspended"), reasons::SUSPENDED);
+        assert_eq!(reasons::ready_label("AwsThrottled"), "AwsThrottled");
+        assert_eq!(reasons::ready_label("SomethingNew"), "Other");
+        assert_eq!(reasons::ready_label(""), "Other");
+        assert!(!reasons::READY.contains(&reasons::DEMAND_EXCEEDS_RATE_LIMIT));
+    }
 
     #[test]
     fn an_event_note_fits_the_api_servers_limit_in_bytes() {

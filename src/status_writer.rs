@@ -11,6 +11,7 @@ use crate::reconciler::Context;
 use crate::schedule;
 use crate::secret::FIELD_MANAGER;
 use crate::status::{self, reasons};
+use crate::telemetry::Ready;
 use crate::work_queue::RequestKey;
 use kube::api::{Patch, PatchParams};
 use kube::{Resource, ResourceExt};
@@ -86,7 +87,11 @@ pub fn publish_schedule(ctx: &Context, request: &EmbedUrlRequest, status: &Embed
         ctx.metrics.forget_request(namespace, name);
         return;
     };
-    let ready = status.ready().is_some_and(|c| c.status == "True");
+    let condition = status.ready();
+    let ready = Ready {
+        is_true: condition.is_some_and(|c| c.status == "True"),
+        reason: reasons::ready_label(condition.map_or("", |c| c.reason.as_str())),
+    };
     ctx.metrics.set_schedule(
         namespace,
         name,

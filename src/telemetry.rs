@@ -283,7 +283,7 @@ impl Metrics {
         service: Service,
         url_expiry: Option<Timestamp>,
         next_refresh: Option<Timestamp>,
-        ready: bool,
+        ready: Ready,
     ) {
         let values = RequestValues {
             service,
@@ -353,7 +353,17 @@ struct RequestValues {
     service: Service,
     url_expiry: Option<f64>,
     next_refresh: Option<f64>,
-    ready: bool,
+    ready: Ready,
+}
+
+/// A request's `Ready` condition, as `embedurl_ready` exports it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Ready {
+    /// The condition's status is `True`.
+    pub is_true: bool,
+    /// The condition's reason, one of a fixed set (`status::reasons::READY`), so that alerts can
+    /// leave out requests halted on purpose (`Suspended`) without a series per reason.
+    pub reason: &'static str,
 }
 
 impl RequestSeries {
@@ -364,25 +374,34 @@ impl RequestSeries {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// Encodes one family: `value` picks the series' value of a request (`None`: no series).
+    /// Encodes one family: `value` picks the series' value of a request (`None`: no series),
+    /// `with_reason` adds the `Ready` condition's reason as a label.
     fn encode_family<N: EncodeGaugeValue>(
         &self,
         encoder: &mut DescriptorEncoder,
         name: &str,
         help: &str,
+        with_reason: bool,
         value: impl Fn(&RequestValues) -> Option<N>,
     ) -> Result<(), std::fmt::Error> {
         let mut family = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
         for (namespace, names) in self.lock().iter() {
             for (request, values) in names {
-                if let Some(value) = value(values) {
-                    let labels = [
-                        ("namespace", &**namespace),
-                        ("name", &**request),
-                        ("service", values.service.name()),
-                    ];
-                    ConstGauge::new(value).encode(family.encode_family(&labels)?)?;
-                }
+                let Some(value) = value(values) else {
+                    continue;
+                };
+                let labels = [
+                    ("namespace", &**namespace),
+                    ("name", &**request),
+                    ("service", values.service.name()),
+                    ("reason", values.ready.reason),
+                ];
+                let labels = if with_reason {
+                    &labels[..]
+                } else {
+                    &labels[..3]
+                };
+                ConstGauge::new(value).encode(family.encode_family(&labels)?)?;
             }
         }
         Ok(())
@@ -395,19 +414,22 @@ impl Collector for RequestSeries {
             &mut encoder,
             "url_expiry_timestamp_seconds",
             "Use-by time of the URL in each request's Secret (Unix seconds)",
+            false,
             |v| v.url_expiry,
         )?;
         self.encode_family(
             &mut encoder,
             "next_refresh_timestamp_seconds",
             "When each request is next refreshed or retried (Unix seconds)",
+            false,
             |v| v.next_refresh,
         )?;
         self.encode_family(
             &mut encoder,
             "ready",
-            "1 when the request's Secret holds a usable URL, else 0",
-            |v| Some(i64::from(v.ready)),
+            "1 when the request's Secret holds a usable URL, else 0; reason: its Ready condition's",
+            true,
+            |v| Some(i64::from(v.ready.is_true)),
         )
     }
 }
@@ -526,7 +548,7 @@ mod tests {
             Service::QuickSight,
             Some(t),
             Some(t),
-            true,
+            READY,
         );
         let text = metrics.encode();
         assert!(text.contains("embedurl_reconciles_total 1"), "{text}");
@@ -554,20 +576,31 @@ mod tests {
         assert!(!metrics.encode().contains("name=\"sales\""));
     }
 
+    const READY: Ready = Ready {
+        is_true: true,
+        reason: "UrlReady",
+    };
+
     #[test]
     fn per_request_series_follow_the_latest_schedule() {
         let metrics = Metrics::new();
         let t: Timestamp = "2026-11-22T10:05:00Z".parse().unwrap();
-        metrics.set_schedule("a", "one", Service::QuickSight, Some(t), Some(t), true);
-        metrics.set_schedule("a", "two", Service::QBusiness, Some(t), Some(t), true);
+        metrics.set_schedule("a", "one", Service::QuickSight, Some(t), Some(t), READY);
+        metrics.set_schedule("a", "two", Service::QBusiness, Some(t), Some(t), READY);
         // The spec moved to another service and the URL is gone: one series set, no stale ones.
-        metrics.set_schedule("a", "one", Service::Flink, None, Some(t), false);
+        let throttled = Ready {
+            is_true: false,
+            reason: "AwsThrottled",
+        };
+        metrics.set_schedule("a", "one", Service::Flink, None, Some(t), throttled);
         let text = metrics.encode();
         assert!(text.contains("# TYPE embedurl_ready gauge"), "{text}");
         assert!(
-            text.contains("embedurl_ready{namespace=\"a\",name=\"one\",service=\"Flink\"} 0\n"),
+            text.contains("embedurl_ready{namespace=\"a\",name=\"one\",service=\"Flink\",reason=\"AwsThrottled\"} 0\n"),
             "{text}"
         );
+        // Only `embedurl_ready` has the reason.
+        assert_eq!(text.matches("reason=\"AwsThrottled\"").count(), 1, "{text}");
         assert!(
             text.contains("embedurl_next_refresh_timestamp_seconds{namespace=\"a\",name=\"one\",service=\"Flink\"} 1795341900.0"),
             "{text}"
@@ -578,7 +611,7 @@ mod tests {
             "{text}"
         );
         assert!(
-            text.contains("embedurl_ready{namespace=\"a\",name=\"two\",service=\"QBusiness\"} 1\n"),
+            text.contains("embedurl_ready{namespace=\"a\",name=\"two\",service=\"QBusiness\",reason=\"UrlReady\"} 1\n"),
             "{text}"
         );
         metrics.forget_request("a", "one");

@@ -22,7 +22,7 @@ impl AwsErrorKind {
     }
 
     /// The `Ready` condition reason for this kind of failure.
-    pub fn reason(self) -> &'static str {
+    pub const fn reason(self) -> &'static str {
         match self {
             AwsErrorKind::Throttled => "AwsThrottled",
             AwsErrorKind::Unavailable => "AwsUnavailable",

@@ -677,6 +677,14 @@ def test_prometheus_rule(chart):
         for metric in re.findall(r"embedurl_[a-z_]+", alert["expr"]):
             assert metric in documented, (name, metric)
         assert alert["labels"]["severity"] in {"critical", "warning"}
+    # The per-request alerts are the README's, word for word.
+    readme = (REPO_ROOT / "README.md").read_text()
+    for name in ["EmbedUrlAboutToLapse", "EmbedUrlRequestNotReady"]:
+        assert f"`{rules[name]['expr']}`" in readme, name
+    # A suspended request is not ready on purpose; a change of reason is still the same alert.
+    not_ready = rules["EmbedUrlRequestNotReady"]["expr"]
+    assert 'embedurl_ready{reason!="Suspended"}' in not_ready
+    assert not_ready.startswith("max without (reason) (")
     # Prometheus, not Helm, fills in the alert's labels.
     assert "{{ $labels.namespace }}/{{ $labels.name }}" in rules["EmbedUrlAboutToLapse"]["annotations"]["description"]
     # The lapse alert fires at once: with a `for`, it would come only after the URL lapsed.

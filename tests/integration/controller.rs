@@ -160,7 +160,7 @@ async fn each_service_mints_into_its_secret() {
         "{metrics}"
     );
     assert!(metrics.contains(
-        r#"embedurl_ready{namespace="analytics",name="console",service="QuickSight"} 1"#
+        r#"embedurl_ready{namespace="analytics",name="console",service="QuickSight",reason="UrlReady"} 1"#
     ));
 }
 
@@ -809,8 +809,16 @@ async fn suspend_stops_refreshing() {
         "the Secret stays as it is"
     );
     assert!(h.status("console").next_refresh_time.is_none());
-    // The metrics follow: not ready, nothing planned; the last URL's use-by time stays.
+    // The metrics follow: not ready (on purpose, as the reason says, so that an alert can leave
+    // it out), nothing planned; the last URL's use-by time stays.
     assert_eq!(request_metric(&h, "ready", "console").as_deref(), Some("0"));
+    assert!(
+        h.metrics().encode().contains(&format!(
+            r#"embedurl_ready{{namespace="{NS}",name="console",service="QuickSight",reason="Suspended"}} 0"#
+        )),
+        "{}",
+        h.metrics().encode()
+    );
     assert_eq!(
         request_metric(&h, "next_refresh_timestamp_seconds", "console"),
         None
