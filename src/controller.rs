@@ -59,7 +59,7 @@ pub struct Readiness {
     /// Set once the policy watch and each scope's namespace watch have listed: until then
     /// requests wait rather than be judged without the policies.
     listed: Vec<Arc<AtomicBool>>,
-    /// The policies, for the region a policy gives the requests it serves.
+    /// The policies, for the region and the role a policy gives the requests it serves.
     policies: Option<Store<EmbedUrlPolicy>>,
 }
 
@@ -90,21 +90,23 @@ impl Readiness {
                         None => continue,
                     },
                 };
-                // As validation resolves it: the request's, the serving policy's, the operator's.
-                let policy_region;
-                let region = match spec.region.as_deref() {
-                    Some(region) => region,
-                    None => {
-                        policy_region = self.policy_region(request);
-                        policy_region
-                            .as_deref()
-                            .or(settings.default_region.as_deref())
-                            .unwrap_or_default()
-                    }
-                };
+                // As the reconcile resolves them: the region is the request's, the serving
+                // policy's or the operator's; the identity the policy's role, or the operator's.
+                let policy = self.serving_policy(request);
+                let policy_aws = policy.as_ref().and_then(|p| p.spec.aws.as_ref());
+                let region = spec
+                    .region
+                    .as_deref()
+                    .or(policy_aws.and_then(|aws| aws.region.as_deref()))
+                    .or(settings.default_region.as_deref())
+                    .unwrap_or_default();
+                let identity = policy_aws
+                    .and_then(|aws| aws.role_arn.as_deref())
+                    .unwrap_or_default();
                 demand.add(&Refreshing {
                     service,
                     region,
+                    identity,
                     refresh_before,
                     window,
                 });
@@ -113,11 +115,10 @@ impl Readiness {
         demand
     }
 
-    /// The `aws.region` of the policy that last served `request` (its `status.policy`).
-    fn policy_region(&self, request: &EmbedUrlRequest) -> Option<String> {
+    /// The policy that last served `request` (its `status.policy`).
+    fn serving_policy(&self, request: &EmbedUrlRequest) -> Option<Arc<EmbedUrlPolicy>> {
         let name = request.status.as_ref()?.policy.as_deref()?;
-        let policy = self.policies.as_ref()?.get(&ObjectRef::new(name))?;
-        policy.spec.aws.as_ref()?.region.clone()
+        self.policies.as_ref()?.get(&ObjectRef::new(name))
     }
 
     /// Waits until every watch has listed once.
@@ -504,8 +505,8 @@ fn covers(scope: &Option<String>, namespace: &str) -> bool {
 /// Every 30 s, compares the AWS call rate the current requests need with the configured rate,
 /// exports both, and warns when the configuration cannot keep up (refreshes would queue behind
 /// the rate limit and URLs could lapse). The need is each request's `1 / (window - 1.1 x
-/// refreshBefore)`, summed per (service, region), and the busiest region counts: an upper bound
-/// for each (service, region, identity) bucket in it, identities not being told apart here.
+/// refreshBefore)`, summed per rate-limit bucket (service, region, identity), and the busiest
+/// bucket of each service counts: the limit applies to each bucket alone.
 async fn watch_capacity(
     readiness: Readiness,
     config: ControllerConfig,
@@ -517,13 +518,16 @@ async fn watch_capacity(
     loop {
         let demand = readiness.demand(&config.settings);
         for service in [Service::QuickSight, Service::QBusiness, Service::Flink] {
-            let (needed, region) = demand.busiest(service);
+            let (needed, bucket) = demand.busiest(service);
             metrics.set_rate_capacity(service, needed, config.aws_rate);
             let short = config.aws_rate > 0.0 && needed > config.aws_rate;
             if short && warned.insert(service) {
+                let (region, identity) = bucket.unwrap_or_default();
                 warn!(
                     service = service.name(),
-                    region = region.unwrap_or_default(),
+                    region,
+                    // A role ARN names no secret; empty for the operator's own identity.
+                    identity,
                     needed_calls_per_second = needed,
                     configured_calls_per_second = config.aws_rate,
                     "the AWS rate limit cannot keep up with this many requests: raise --aws-qps or URLs may lapse"

@@ -359,19 +359,20 @@ pub fn delayed_refresh(waited_in_line: bool, late_by: Duration, refresh_before: 
 /// What one request asks of the rate limit, for [`Demand`].
 pub struct Refreshing<'a> {
     pub service: Service,
-    /// The region it is served in (its own, else the operator's default).
+    /// The region it is served in (its own, its policy's, else the operator's default).
     pub region: &'a str,
+    /// The role its policy assumes, or empty for the operator's own identity.
+    pub identity: &'a str,
     /// Its `refreshBefore` (the default when unset), and its service's use-by window.
     pub refresh_before: Duration,
     pub window: Duration,
 }
 
-/// Calls per second the requests need, per service and region: each refreshes every
-/// `window - refreshBefore` (with `refreshBefore` at most 90 % of the window, as the schedule
-/// counts it, and the jitter's 10 % on top). A bucket is per (service, region, identity), so
-/// a region's need is an upper bound for each of its buckets: all identities summed.
+/// Calls per second the requests need, per rate-limit bucket (service, region, identity):
+/// each refreshes every `window - refreshBefore` (with `refreshBefore` at most 90 % of the
+/// window, as the schedule counts it, and the jitter's 10 % on top).
 #[derive(Default)]
-pub struct Demand(HashMap<(Service, String), f64>);
+pub struct Demand(HashMap<(Service, String, String), f64>);
 
 impl Demand {
     pub fn add(&mut self, request: &Refreshing<'_>) {
@@ -388,20 +389,22 @@ impl Demand {
         } else {
             1.0 / interval.as_secs_f64()
         };
-        *self
-            .0
-            .entry((request.service, request.region.to_string()))
-            .or_default() += rate;
+        let bucket = (
+            request.service,
+            request.region.to_string(),
+            request.identity.to_string(),
+        );
+        *self.0.entry(bucket).or_default() += rate;
     }
 
-    /// The need of the busiest region of `service`, and that region.
-    pub fn busiest(&self, service: Service) -> (f64, Option<&str>) {
+    /// The need of the busiest bucket of `service`, and that bucket's region and identity.
+    pub fn busiest(&self, service: Service) -> (f64, Option<(&str, &str)>) {
         self.0
             .iter()
-            .filter(|((s, _), _)| *s == service)
+            .filter(|((s, _, _), _)| *s == service)
             .max_by(|a, b| a.1.total_cmp(b.1))
-            .map_or((0.0, None), |((_, region), rate)| {
-                (*rate, Some(region.as_str()))
+            .map_or((0.0, None), |((_, region, identity), rate)| {
+                (*rate, Some((region.as_str(), identity.as_str())))
             })
     }
 }
@@ -669,11 +672,12 @@ mod tests {
     }
 
     #[test]
-    fn demand_counts_each_requests_refresh_interval_per_region() {
+    fn demand_counts_each_requests_refresh_interval_per_bucket() {
         let window = Duration::from_secs(300);
         let request = |region, refresh_before: u64| Refreshing {
             service: Service::QuickSight,
             region,
+            identity: "",
             refresh_before: Duration::from_secs(refresh_before),
             window,
         };
@@ -682,9 +686,9 @@ mod tests {
         for _ in 0..27 {
             demand.add(&request("us-east-1", 150));
         }
-        let (rate, region) = demand.busiest(Service::QuickSight);
+        let (rate, bucket) = demand.busiest(Service::QuickSight);
         assert!((rate - 0.2).abs() < 1e-9, "{rate}");
-        assert_eq!(region, Some("us-east-1"));
+        assert_eq!(bucket, Some(("us-east-1", "")));
         // A request refreshing 4 min ahead needs more than twice as much.
         let mut eager = Demand::default();
         eager.add(&request("us-east-1", 240));
@@ -694,7 +698,21 @@ mod tests {
         for _ in 0..10 {
             demand.add(&request("eu-west-1", 150));
         }
-        assert_eq!(demand.busiest(Service::QuickSight).1, Some("us-east-1"));
+        assert_eq!(
+            demand.busiest(Service::QuickSight).1,
+            Some(("us-east-1", ""))
+        );
+        // So is another identity in the same region: twenty requests under a role need more
+        // than the twenty-seven under the operator's own identity only if counted together.
+        for _ in 0..20 {
+            demand.add(&Refreshing {
+                identity: "arn:aws:iam::111122223333:role/embed",
+                ..request("us-east-1", 150)
+            });
+        }
+        let (rate, bucket) = demand.busiest(Service::QuickSight);
+        assert!((rate - 0.2).abs() < 1e-9, "{rate}");
+        assert_eq!(bucket, Some(("us-east-1", "")));
         assert_eq!(demand.busiest(Service::Flink), (0.0, None));
     }
 }

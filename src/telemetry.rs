@@ -182,7 +182,7 @@ impl Metrics {
         let required_rate = Family::<ServiceLabels, Gauge<f64, AtomicU64>>::default();
         registry.register(
             "aws_required_calls_per_second",
-            "Mint calls per second the current requests need, in the busiest region of the service (each request: 1 / (window - 1.1 x refreshBefore), its soonest refresh interval)",
+            "Mint calls per second the current requests need, in the busiest rate-limit bucket (region and IAM identity) of the service (each request: 1 / (window - 1.1 x refreshBefore), its soonest refresh interval)",
             required_rate.clone(),
         );
         let configured_rate = Gauge::<f64, AtomicU64>::default();

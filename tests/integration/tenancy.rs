@@ -268,6 +268,58 @@ async fn the_need_for_aws_calls_counts_the_region_a_policy_gives() {
 }
 
 #[tokio::test]
+async fn the_need_for_aws_calls_counts_each_identity_apart() {
+    let mut h = Harness::new_without_operator(Duration::from_secs(10)).await;
+    h.policy_mode = PolicyMode::Enforce;
+    // First by name: the role's policy serves the viewers named `role-*`; the other policy,
+    // without a role (the operator's own identity), serves the rest.
+    let mut with_role = policy_with_role();
+    with_role.metadata.name = Some("a-with-role".into());
+    with_role.spec.quick_sight.as_mut().unwrap().user_arns =
+        vec!["arn:aws:quicksight:*:111122223333:user/default/role-*".into()];
+    apply_policy(&h, &with_role).await;
+    apply_policy(&h, &viewer_policy("b-own-identity")).await;
+    h.start_operator().await;
+    // Six requests under the role, four under the operator's identity, all in one region,
+    // each refreshing every 4.5 s at the most (10 s window, refreshBefore 5 s plus its 10 %
+    // of jitter). The limit applies to each identity alone: the busiest needs 6 / 4.5 calls/s,
+    // not the region's 10 / 4.5.
+    let viewer = |user: &str| {
+        let mut spec = quick_sight();
+        spec.quick_sight.as_mut().unwrap().user_arn = Some(format!(
+            "arn:aws:quicksight:us-east-1:111122223333:user/default/{user}"
+        ));
+        spec
+    };
+    for i in 0..6 {
+        h.create(&format!("role-{i}"), viewer(&format!("role-{i}")))
+            .await;
+    }
+    for i in 0..4 {
+        h.create(&format!("own-{i}"), viewer("alice")).await;
+    }
+    for i in 0..6 {
+        reason_of(&h, &format!("role-{i}"), "UrlReady").await;
+        assert_eq!(
+            h.status(&format!("role-{i}")).policy.as_deref(),
+            Some("a-with-role")
+        );
+    }
+    for i in 0..4 {
+        reason_of(&h, &format!("own-{i}"), "UrlReady").await;
+        assert_eq!(
+            h.status(&format!("own-{i}")).policy.as_deref(),
+            Some("b-own-identity")
+        );
+    }
+    // The need is computed when the caches have synced (then every 30 s): restart.
+    h.stop_operator().await;
+    h.start_operator().await;
+    let need = h.quick_sight_need().await;
+    assert!((need - 6.0 / 4.5).abs() < 1e-6, "{need}");
+}
+
+#[tokio::test]
 async fn a_namespace_selector_selects_by_label() {
     let h = Harness::start_with(WINDOW, PolicyMode::Enforce).await;
     let mut by_label = viewer_policy("by-label");
