@@ -14,6 +14,7 @@ use crate::secret_cache::SecretCache;
 use crate::telemetry::Metrics;
 use crate::validation;
 use crate::work_queue::{Liveness, RequestKey, Urgency, WorkQueue};
+use futures::future::BoxFuture;
 use futures::{FutureExt, StreamExt, future};
 use jiff::Timestamp;
 use k8s_openapi::api::core::v1::{Namespace, Secret};
@@ -379,20 +380,26 @@ pub fn run(
         // Guarded: when this future is dropped rather than run to its end (a leader that lost
         // its Lease aborts it), its helpers and the reconciles in flight stop with it.
         let _capacity = AbortOnDrop(tokio::spawn(capacity));
-        let mut watches: Vec<AbortOnDrop> = watches
-            .into_iter()
-            .map(|watch| AbortOnDrop(tokio::spawn(watch)))
-            .collect();
-        tokio::select! {
-            () = dispatcher => {}
-            // The watches only end by panicking. Without one, requests are judged against
-            // caches that no longer change and their changes are missed: stop the process
-            // (Kubernetes restarts it) rather than stay Ready.
-            (ended, _, _) = future::select_all(watches.iter_mut().map(|watch| &mut watch.0)) => {
-                reraise_panic(ended);
-            }
-        }
+        supervise(dispatcher, watches).await;
     })
+}
+
+/// Runs `dispatcher` until it ends, and each watch as a task of its own meanwhile. Dropped
+/// before that, it aborts the watches.
+async fn supervise(dispatcher: impl Future<Output = ()>, watches: Vec<BoxFuture<'static, ()>>) {
+    let mut watches: Vec<AbortOnDrop> = watches
+        .into_iter()
+        .map(|watch| AbortOnDrop(tokio::spawn(watch)))
+        .collect();
+    tokio::select! {
+        () = dispatcher => {}
+        // The watches only end by panicking. Without one, requests are judged against
+        // caches that no longer change and their changes are missed: stop the process
+        // (Kubernetes restarts it) rather than stay Ready.
+        (ended, _, _) = future::select_all(watches.iter_mut().map(|watch| &mut watch.0)) => {
+            reraise_panic(ended);
+        }
+    }
 }
 
 /// A spawned task that is aborted when this handle is dropped (a plain `JoinHandle` detaches).
@@ -714,6 +721,47 @@ mod tests {
     use kube::core::ObjectMeta;
     use kube::core::error_boundary::InvalidObject;
     use watcher::Event::{Apply, Delete, Init, InitApply, InitDone};
+
+    #[tokio::test]
+    async fn a_watch_that_panics_stops_the_controllers_with_its_panic() {
+        // A dispatcher that would run for ever, a quiet watch, and one that dies.
+        let quiet_dropped = Arc::new(AtomicBool::new(false));
+        struct SetOnDrop(Arc<AtomicBool>);
+        impl Drop for SetOnDrop {
+            fn drop(&mut self) {
+                self.0.store(true, Ordering::SeqCst);
+            }
+        }
+        let guard = SetOnDrop(quiet_dropped.clone());
+        let quiet = async move {
+            let _guard = guard;
+            future::pending::<()>().await;
+        };
+        let dying = async {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            panic!("policy watch died");
+        };
+        let supervised = tokio::spawn(supervise(
+            future::pending(),
+            vec![quiet.boxed(), dying.boxed()],
+        ));
+        let ended = tokio::time::timeout(Duration::from_secs(5), supervised)
+            .await
+            .expect("the controllers stop");
+        let panic = ended.expect_err("by panicking").into_panic();
+        assert_eq!(panic.downcast_ref::<&str>(), Some(&"policy watch died"));
+        // The other watch went with it (aborted: dropped when the runtime next gets to it).
+        for _ in 0..100 {
+            if quiet_dropped.load(Ordering::SeqCst) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        assert!(
+            quiet_dropped.load(Ordering::SeqCst),
+            "the quiet watch runs on"
+        );
+    }
 
     #[tokio::test]
     async fn the_dispatcher_drops_requests_it_has_no_object_for_freeing_their_slot_and_stops() {
