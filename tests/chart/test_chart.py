@@ -699,6 +699,18 @@ def test_prometheus_rule(chart):
     assert rules["EmbedUrlOperatorDown"]["labels"]["namespace"] == NAMESPACE
     assert f"embedurl_reconciles_due{{{target}}}" in rules["EmbedUrlOperatorFallingBehind"]["expr"]
     assert rules["EmbedUrlAwsRateLimitTooLow"]["expr"].count(target) == 2
+    # No runbook unless its URL is given; then each alert links to its section of docs/runbook.md.
+    assert not any("runbook_url" in alert["annotations"] for alert in rules.values())
+    base = "https://git.example.com/platform/embed-url-operator/blob/main/docs/runbook.md"
+    linked = alerts(render(chart, {"serviceMonitor": {"enabled": True}, "prometheusRule": {"enabled": True, "runbookUrl": base}}))
+    runbook = (REPO_ROOT / "docs" / "runbook.md").read_text()
+    sections = {heading.lower() for heading in re.findall(r"^## (\w+)$", runbook, re.M)}
+    assert sections == {name.lower() for name in linked}
+    for name, alert in linked.items():
+        assert alert["annotations"]["runbook_url"] == f"{base}#{name.lower()}"
+    for bad in ["git.example.com/runbook.md", f"{base}#section", 'https://a"b']:
+        with pytest.raises(helm.HelmValuesError):
+            chart.validate_schema({"prometheusRule": {"runbookUrl": bad}})
     # A scrape job of the user's own is matched by its name alone.
     docs = render(chart, {"prometheusRule": {"enabled": True, "job": "kubernetes-pods", "fallingBehindFor": "30m"}})
     rules = alerts(docs)
