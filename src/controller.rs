@@ -479,7 +479,9 @@ async fn dispatch(
         // A request no longer cached (deleted, the deletion perhaps missed during a watch gap)
         // is not reconciled; dropping `running` frees its slot.
         if let Some((request, context)) = cached {
-            reconciles.spawn(reconciler::reconcile(request, context, running));
+            // Boxed: a reconcile's future is several KiB (every await point's state), and a
+            // task moves its future by value as it is spawned, finishes and is reaped.
+            reconciles.spawn(Box::pin(reconciler::reconcile(request, context, running)));
         }
     }
     debug!(
