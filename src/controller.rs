@@ -11,6 +11,7 @@ use crate::ratelimit::{Demand, RateLimits, Refreshing};
 use crate::reconciler::{self, Context, FailureCounts, Settings};
 use crate::secret::MANAGED_SECRETS_SELECTOR;
 use crate::secret_cache::SecretCache;
+use crate::status::reasons;
 use crate::telemetry::Metrics;
 use crate::validation;
 use crate::work_queue::{Liveness, RequestKey, Urgency, WorkQueue};
@@ -65,7 +66,8 @@ pub struct Readiness {
 }
 
 impl Readiness {
-    /// What the readable, not suspended requests the caches hold ask of the AWS rate limit.
+    /// What the readable requests the caches hold ask of the AWS rate limit: those the operator
+    /// refreshes (not suspended, and not halted as not permitted, in conflict or invalid).
     fn demand(&self, settings: &Settings) -> Demand {
         let mut demand = Demand::default();
         for (requests, _) in &self.stores {
@@ -80,7 +82,12 @@ impl Readiness {
                     (None, None, Some(_)) => Service::Flink,
                     _ => continue,
                 };
-                if spec.suspend == Some(true) {
+                let halted = request
+                    .status
+                    .as_ref()
+                    .and_then(|status| status.ready())
+                    .is_some_and(|ready| reasons::HALTED.contains(&ready.reason.as_str()));
+                if spec.suspend == Some(true) || halted {
                     continue;
                 }
                 let window = settings.windows.for_service(service);
@@ -535,8 +542,12 @@ async fn watch_capacity(
                 warn!(
                     service = service.name(),
                     region,
-                    // A role ARN names no secret; empty for the operator's own identity.
-                    identity,
+                    // A role ARN names no secret.
+                    identity = if identity.is_empty() {
+                        "the operator's own"
+                    } else {
+                        identity
+                    },
                     needed_calls_per_second = needed,
                     configured_calls_per_second = config.aws_rate,
                     "the AWS rate limit cannot keep up with this many requests: raise --aws-qps or URLs may lapse"

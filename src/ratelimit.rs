@@ -702,8 +702,9 @@ mod tests {
             demand.busiest(Service::QuickSight).1,
             Some(("us-east-1", ""))
         );
-        // So is another identity in the same region: twenty requests under a role need more
-        // than the twenty-seven under the operator's own identity only if counted together.
+        // So is another identity in the same region: twenty requests under a role are a bucket
+        // of their own, and the twenty-seven under the operator's own identity stay the busiest
+        // (counted together, the region's forty-seven would be).
         for _ in 0..20 {
             demand.add(&Refreshing {
                 identity: "arn:aws:iam::111122223333:role/embed",

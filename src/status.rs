@@ -46,14 +46,24 @@ pub mod reasons {
         AwsErrorKind::Rejected.reason(),
     ];
 
-    /// `reason` as one of [`READY`], for a metric label: a fixed set, whatever a status read
-    /// from the cluster says (`Other` for a reason this version does not give).
-    pub fn ready_label(reason: &str) -> &'static str {
-        READY
-            .iter()
-            .find(|known| **known == reason)
-            .copied()
-            .unwrap_or("Other")
+    /// The `Ready` reasons of requests the operator does not refresh: they make no AWS calls.
+    pub const HALTED: [&str; 4] = [SUSPENDED, NOT_PERMITTED, SECRET_CONFLICT, INVALID_SPEC];
+
+    /// A `Ready` reason as one of [`READY`] (or `Other`, for one this version does not give): a
+    /// fixed set of metric label values, kept in one byte per request.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub struct ReadyReason(u8);
+
+    impl ReadyReason {
+        pub fn of(reason: &str) -> Self {
+            let index = READY.iter().position(|known| *known == reason);
+            // READY has ten entries; its length stands for `Other`.
+            ReadyReason(index.unwrap_or(READY.len()) as u8)
+        }
+
+        pub fn as_str(self) -> &'static str {
+            READY.get(usize::from(self.0)).copied().unwrap_or("Other")
+        }
     }
 }
 
@@ -83,6 +93,8 @@ pub fn ready(
     generation: Option<i64>,
     now: Timestamp,
 ) -> Condition {
+    // Alerts and the metric's label match on the known set: a new reason belongs in it.
+    debug_assert!(reasons::READY.contains(&reason), "{reason} not in READY");
     condition(
         READY_CONDITION,
         previous,
@@ -518,11 +530,14 @@ mod tests {
 
     #[test]
     fn ready_reasons_become_a_fixed_set_of_metric_labels() {
-        assert_eq!(reasons::ready_label("Suspended"), reasons::SUSPENDED);
-        assert_eq!(reasons::ready_label("AwsThrottled"), "AwsThrottled");
-        assert_eq!(reasons::ready_label("SomethingNew"), "Other");
-        assert_eq!(reasons::ready_label(""), "Other");
-        assert!(!reasons::READY.contains(&reasons::DEMAND_EXCEEDS_RATE_LIMIT));
+        use reasons::ReadyReason;
+        for reason in reasons::READY {
+            assert_eq!(ReadyReason::of(reason).as_str(), reason);
+        }
+        assert_eq!(ReadyReason::of("Suspended").as_str(), reasons::SUSPENDED);
+        assert_eq!(ReadyReason::of("SomethingNew").as_str(), "Other");
+        assert_eq!(ReadyReason::of("").as_str(), "Other");
+        assert!(reasons::HALTED.iter().all(|r| reasons::READY.contains(r)));
     }
 
     #[test]

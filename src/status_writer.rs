@@ -90,7 +90,7 @@ pub fn publish_schedule(ctx: &Context, request: &EmbedUrlRequest, status: &Embed
     let condition = status.ready();
     let ready = Ready {
         is_true: condition.is_some_and(|c| c.status == "True"),
-        reason: reasons::ready_label(condition.map_or("", |c| c.reason.as_str())),
+        reason: reasons::ReadyReason::of(condition.map_or("", |c| c.reason.as_str())),
     };
     ctx.metrics.set_schedule(
         namespace,

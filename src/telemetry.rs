@@ -4,6 +4,7 @@
 //! namespace, name, service, operation, outcome and error reason.
 
 use crate::providers::{AwsCallError, AwsErrorKind, Service};
+use crate::status::reasons::ReadyReason;
 use jiff::Timestamp;
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{
@@ -363,7 +364,7 @@ pub struct Ready {
     pub is_true: bool,
     /// The condition's reason, one of a fixed set (`status::reasons::READY`), so that alerts can
     /// leave out requests halted on purpose (`Suspended`) without a series per reason.
-    pub reason: &'static str,
+    pub reason: ReadyReason,
 }
 
 impl RequestSeries {
@@ -394,7 +395,7 @@ impl RequestSeries {
                     ("namespace", &**namespace),
                     ("name", &**request),
                     ("service", values.service.name()),
-                    ("reason", values.ready.reason),
+                    ("reason", values.ready.reason.as_str()),
                 ];
                 let labels = if with_reason {
                     &labels[..]
@@ -548,7 +549,7 @@ mod tests {
             Service::QuickSight,
             Some(t),
             Some(t),
-            READY,
+            ready(),
         );
         let text = metrics.encode();
         assert!(text.contains("embedurl_reconciles_total 1"), "{text}");
@@ -576,21 +577,23 @@ mod tests {
         assert!(!metrics.encode().contains("name=\"sales\""));
     }
 
-    const READY: Ready = Ready {
-        is_true: true,
-        reason: "UrlReady",
-    };
+    fn ready() -> Ready {
+        Ready {
+            is_true: true,
+            reason: ReadyReason::of("UrlReady"),
+        }
+    }
 
     #[test]
     fn per_request_series_follow_the_latest_schedule() {
         let metrics = Metrics::new();
         let t: Timestamp = "2026-11-22T10:05:00Z".parse().unwrap();
-        metrics.set_schedule("a", "one", Service::QuickSight, Some(t), Some(t), READY);
-        metrics.set_schedule("a", "two", Service::QBusiness, Some(t), Some(t), READY);
+        metrics.set_schedule("a", "one", Service::QuickSight, Some(t), Some(t), ready());
+        metrics.set_schedule("a", "two", Service::QBusiness, Some(t), Some(t), ready());
         // The spec moved to another service and the URL is gone: one series set, no stale ones.
         let throttled = Ready {
             is_true: false,
-            reason: "AwsThrottled",
+            reason: ReadyReason::of("AwsThrottled"),
         };
         metrics.set_schedule("a", "one", Service::Flink, None, Some(t), throttled);
         let text = metrics.encode();

@@ -1021,7 +1021,7 @@ async fn no_more_aws_calls_are_in_flight_than_the_concurrency() {
 }
 
 #[tokio::test]
-async fn the_need_for_aws_calls_is_exported_per_busiest_region() {
+async fn the_need_for_aws_calls_is_exported_for_the_busiest_bucket() {
     let mut h = Harness::start(Duration::from_secs(10)).await;
     h.stop_operator().await;
     h.aws_rate = 1.0;

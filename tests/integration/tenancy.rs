@@ -312,6 +312,16 @@ async fn the_need_for_aws_calls_counts_each_identity_apart() {
             Some("b-own-identity")
         );
     }
+    // Requests no policy allows make no calls, and count nowhere (with no policy in their
+    // status, they would count under the operator's identity: seven, the busiest).
+    for i in 0..3 {
+        let mut elsewhere = quick_sight();
+        let spec = elsewhere.quick_sight.as_mut().unwrap();
+        spec.aws_account_id = "999999999999".into();
+        spec.user_arn = Some("arn:aws:quicksight:us-east-1:999999999999:user/default/eve".into());
+        h.create(&format!("refused-{i}"), elsewhere).await;
+        reason_of(&h, &format!("refused-{i}"), "NotPermitted").await;
+    }
     // The need is computed when the caches have synced (then every 30 s): restart.
     h.stop_operator().await;
     h.start_operator().await;
